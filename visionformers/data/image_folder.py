@@ -1,0 +1,150 @@
+"""A user's own images: a torchvision ``ImageFolder`` tree (class subfolders) or one flat folder.
+
+Layouts
+- class folders: ``root/<class>/**/<image>``; classes are the sorted subfolder names, labels their indices
+  (as torchvision's ImageFolder). Images lying directly in ``root`` are then ignored (counted in a warning).
+- flat: images directly in ``root`` (not recursive) and no subfolder holding images; unconditional, every
+  label is -1 (an int rather than None, so torch's default_collate still batches it).
+
+Captions, first match wins: the JSON-lines ``captions_file`` (see ``visionformers.data.captions``), then a
+``<image stem>.txt`` file beside the image, then the class name with "_" read as a space (class folders)
+or "" (flat).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from visionformers._validate import check_choice, fail
+from visionformers.data.captions import load_captions, read_sidecar_caption
+from visionformers.data.transforms import diffusion_train_transform
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+CHECKS = ("verify", "load", "none")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _images_under(folder: str) -> list[str]:
+    """Every image file below ``folder``, sorted, following the same walk as torchvision's ImageFolder."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    return found
+
+
+def find_images(root: str) -> tuple[list[str], list[int], list[str], int]:
+    """(paths, labels, classes, ignored top-level images) for ``root``; see the module docstring for layouts."""
+    entries = sorted(os.listdir(root))
+    top_images = [os.path.join(root, e) for e in entries if _is_image(e) and os.path.isfile(os.path.join(root, e))]
+    subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e)) and not e.startswith(".")]
+    per_class = {d: _images_under(os.path.join(root, d)) for d in subdirs}
+    classes = [d for d in subdirs if per_class[d]]
+    if classes:
+        paths = [p for c in classes for p in per_class[c]]
+        labels = [i for i, c in enumerate(classes) for _ in per_class[c]]
+        return paths, labels, classes, len(top_images)
+    return top_images, [-1] * len(top_images), [], 0
+
+
+def _readable(path: str, check: str) -> bool:
+    """Cheap integrity check: PIL's verify() reads the header and, for PNG, every chunk's CRC."""
+    if check == "none":
+        return True
+    try:
+        with Image.open(path) as im:
+            im.verify() if check == "verify" else im.load()
+        return True
+    except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for broken files
+        return False
+
+
+class ImageFolderDataset(Dataset):
+    """User images as a map-style dataset of {"pixel_values", "label", "caption"} dicts."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        captions_file: str | os.PathLike | None = None,
+        channels: int = 3,
+        interpolation: str = "bilinear",
+        transform: Callable | None = None,
+        check: str = "verify",
+    ):
+        """
+        :param root: a folder in one of the two layouts of the module docstring.
+        :param resolution: output height = width (short side resized, then a square crop).
+        :param center_crop: center crop; False takes a random crop (training).
+        :param random_flip: horizontal flip with probability 1/2.
+        :param captions_file: optional JSON-lines file of {"file_name", "text"} rows, paths relative to root.
+        :param channels: 3 (PIL "RGB") or 1 (PIL "L").
+        :param transform: optional callable on the PIL image replacing the default
+            resize/crop/flip/[-1, 1] pipeline (e.g. ``classification_train_transform``).
+        :param check: construction-time integrity check: "verify" (PIL verify, cheap), "load" (full decode,
+            slow but catches truncated JPEGs), "none". Failing files are skipped with one warning.
+        """
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"root={root!r} is not an existing folder")
+        check_choice("channels", channels, (1, 3))
+        check_choice("check", check, CHECKS)
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            fail("resolution", resolution, "a positive int (pixels)")
+        paths, labels, self.classes, ignored = find_images(root)
+        if not paths:
+            raise ValueError(
+                f"root={root!r} holds no images; expected files with extensions {list(IMG_EXTENSIONS)} directly "
+                "in it (flat layout) or in class subfolders"
+            )
+        ok = [_readable(p, check) for p in paths]
+        bad = [p for p, good in zip(paths, ok) if not good]
+        self.root, self.channels = root, channels
+        self.paths = [p for p, good in zip(paths, ok) if good]
+        self.labels = [lab for lab, good in zip(labels, ok) if good]
+        self.num_skipped = len(bad)
+        notes = []
+        if bad:
+            shown = ", ".join(os.path.relpath(p, root) for p in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            notes.append(f"skipped {len(bad)} unreadable or truncated image(s) ({shown})")
+        if ignored:
+            notes.append(f"ignored {ignored} image(s) directly in root (class-folder layout uses subfolders only)")
+        if notes:
+            warnings.warn(f"ImageFolderDataset({root!r}): " + "; ".join(notes), stacklevel=2)
+        if not self.paths:
+            raise ValueError(f"root={root!r}: all {len(bad)} images failed the {check!r} check")
+        self.captions = load_captions(captions_file) if captions_file is not None else {}
+        self.transform = transform or diffusion_train_transform(resolution, center_crop, random_flip, interpolation)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def caption(self, index: int) -> str:
+        """The caption of item ``index`` (see the module docstring for the order of sources)."""
+        path = self.paths[index]
+        rel = os.path.relpath(path, self.root).replace(os.sep, "/")
+        if rel in self.captions:
+            return self.captions[rel]
+        sidecar = read_sidecar_caption(path)
+        if sidecar is not None:
+            return sidecar
+        label = self.labels[index]
+        return self.classes[label].replace("_", " ") if label >= 0 else ""
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB" if self.channels == 3 else "L")
+        except OSError as e:  # a file that passed "verify" yet fails to decode (e.g. a truncated JPEG)
+            raise OSError(f"cannot decode image {path!r} ({e}); build the dataset with check='load' to skip it") from e
+        return {"pixel_values": self.transform(image), "label": self.labels[index], "caption": self.caption(index)}

@@ -1,0 +1,216 @@
+"""save_pretrained / from_pretrained: a model directory is ``config.json`` + ``model.safetensors``.
+
+The config names the model class and every config field, so loading needs nothing else. Files are
+written to a temporary name and renamed into place, so a killed process never leaves a half file
+under the final name. Weights are safetensors: loading runs no pickle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from visionformers.registry import model_classes
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / accelerate (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
+            model = model.module
+        else:
+            return model
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Save tensors as safetensors atomically; tensors sharing storage (tied weights) are saved once."""
+    path = Path(path)
+    seen, tensors = {}, {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        if key is not None and key in seen:
+            continue  # tied to seen[key]; the model re-ties on load
+        if key is not None:
+            seen[key] = k
+        tensors[k] = v.detach().contiguous().cpu()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, empty, truncated or foreign file is a clear error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"weights file {str(path)!r} is empty; expected a safetensors file")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"weights file {str(path)!r} is not a readable safetensors file ({e})") from None
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _coerce(value, hint, name: str, source: str):
+    """JSON value -> the config field's type (lists back to tuples), or a ValueError naming the field."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name, source)
+            except ValueError:
+                continue
+        raise ValueError(f"{source}: field {name!r}={value!r} has the wrong type; expected {hint}")
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{source}: field {name!r}={value!r} has the wrong type; expected a list")
+        if args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise ValueError(f"{source}: field {name!r}={value!r} needs {len(args)} items")
+            return tuple(_coerce(v, a, name, source) for v, a in zip(value, args))
+        inner = args[0] if args else typing.Any
+        return tuple(_coerce(v, inner, name, source) for v in value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{source}: field {name!r}={value!r} has the wrong type; expected a list")
+        return [_coerce(v, args[0] if args else typing.Any, name, source) for v in value]
+    if hint is typing.Any or hint is None or origin is typing.Literal:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or (isinstance(hint, type) and not isinstance(value, hint)):
+        raise ValueError(f"{source}: field {name!r}={value!r} has the wrong type; expected {getattr(hint, '__name__', hint)}")
+    return value
+
+
+def config_from_dict(config_cls: type, data: dict, source: str = "config"):
+    """Rebuild a frozen config dataclass, rejecting unknown keys and wrong types with the field named."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object of config fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(config_cls)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown} for {config_cls.__name__}; accepted: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], k, source) for k, v in data.items()}
+    return config_cls(**kwargs)
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for a registered model (wrappers are stripped)."""
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        raise ValueError(f"model={type(model).__name__} has no dataclass `config`; only visionformers models can be saved")
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_state_dict(model.state_dict(), out / WEIGHTS_NAME, metadata={"format": "pt"})
+    meta = {"architecture": type(model).__name__, "format_version": FORMAT_VERSION, "config": config_to_dict(config)}
+    atomic_write_bytes(out / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    return out
+
+
+def read_config(directory: str | os.PathLike):
+    """Parse ``config.json`` -> (model class, config instance); errors name the file and the problem."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {str(directory)!r} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing; a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "architecture" not in meta or "config" not in meta:
+        raise ValueError(f"{str(path)!r} lacks the keys 'architecture' and 'config'; was it written by save_pretrained?")
+    classes = model_classes()
+    arch = meta["architecture"]
+    if arch not in classes:
+        raise ValueError(f"{str(path)!r}: architecture={arch!r} is unknown; accepted: {sorted(classes)}")
+    cls, config_cls = classes[arch]
+    return cls, config_from_dict(config_cls, meta["config"], source=str(path))
+
+
+def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu", **overrides) -> nn.Module:
+    """Rebuild a model saved by ``save_pretrained``; ``overrides`` change config fields (e.g. ``img_size``).
+
+    A model may define ``adapt_state_dict(state_dict, source_config)`` to adapt weights to changed
+    fields (ViT resamples its position table when ``img_size`` differs).
+    """
+    from visionformers.registry import replace_config
+
+    cls, config = read_config(directory)
+    saved_config = config
+    if overrides:
+        config = replace_config(config, overrides)
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(weights)!r} is missing: the model directory has a config but no weights")
+    state = load_state_dict(weights, device=device)
+    model = cls(config)
+    if hasattr(model, "adapt_state_dict"):
+        state = model.adapt_state_dict(state, saved_config)
+    load_into(model, state, source=str(weights))
+    return model.to(device)
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state_dict") -> None:
+    """``load_state_dict(strict)`` that tolerates only tied duplicates and names mismatches clearly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    tied_ok = {k for k in missing if any(own[k].data_ptr() == own[j].data_ptr() for j in state if j in own)}
+    missing = [k for k in missing if k not in tied_ok]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{source} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatch {wrong[:5]}"
+        )
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,164 @@
+"""The one transformer block, used by ViT, Swin, DiT, the UNet's attention and every text model."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from visionformers._validate import check_choice, fail
+from visionformers.nn.attention import Attention, DifferentialAttention, KVCache, LinearAttention
+from visionformers.nn.drop import DropPath
+from visionformers.nn.mlp import Mlp
+from visionformers.nn.norm import AdaLNModulation, make_norm, modulate
+
+__all__ = ["LayerScale", "TransformerBlock", "ATTENTION_TYPES"]
+
+ATTENTION_TYPES = {"softmax": Attention, "linear": LinearAttention, "differential": DifferentialAttention}
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned residual scale initialised small (Touvron et al. 2021, CaiT, eq. 5)."""
+
+    def __init__(self, dim: int, init_value: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class TransformerBlock(nn.Module):
+    """Attention + MLP with residuals: pre- or post-norm, optional cross-attention, adaLN-Zero conditioning.
+
+    Pre-norm (GPT-2, ViT): x + attn(norm(x)). Post-norm (BERT, GPT-1, the original Transformer):
+    norm(x + attn(x)). With ``cond_dim`` the norms are modulated by a conditioning vector and every
+    residual branch is gated, zero-initialised (adaLN-Zero, Peebles & Xie 2023, sec. 3.2).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        mlp_hidden_dim: int | None = None,  # overrides mlp_ratio (BERT 3072, T5 d_ff)
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        attn_scale: float | None = None,
+        attn_type: str = "softmax",  # "softmax", "linear" or "differential"
+        window_size: int | None = None,  # sliding-window attention
+        layer_index: int = 0,  # depth, for differential attention's lambda_init
+        mlp_act: str = "gelu",
+        mlp_bias: bool = True,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-6,
+        norm_bias: bool = True,
+        pre_norm: bool = True,
+        cross_attention: bool = False,
+        context_dim: int | None = None,  # width of the cross-attention context (default: dim)
+        cond_dim: int | None = None,  # adaLN-Zero conditioning width (DiT); None: plain norms
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float | None = None,
+        is_causal: bool = False,
+    ):
+        super().__init__()
+        check_choice("attn_type", attn_type, ATTENTION_TYPES)
+        if cond_dim is not None and not pre_norm:
+            fail("pre_norm", pre_norm, "True when cond_dim is set (adaLN-Zero modulates pre-norms)")
+        self.pre_norm, self.is_causal, self.cond_dim = pre_norm, is_causal, cond_dim
+        self.grad_checkpointing = False
+        affine = cond_dim is None  # adaLN supplies scale and shift
+        norm_kw = dict(eps=norm_eps, affine=affine, bias=norm_bias) if norm == "layernorm" else dict(eps=norm_eps, affine=affine)
+        attn_kw = dict(
+            num_kv_heads=num_kv_heads, head_dim=head_dim, qkv_bias=qkv_bias, qk_norm=qk_norm,
+            attn_drop=attn_drop, proj_drop=proj_drop, proj_bias=proj_bias, scale=attn_scale,
+        )
+        attn_cls = ATTENTION_TYPES[attn_type]
+        extra = dict(layer_index=layer_index) if attn_type == "differential" else {}
+        self.norm1 = make_norm(norm, dim, **norm_kw)
+        self.attn = attn_cls(dim, num_heads, window_size=window_size, **attn_kw, **extra)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if cross_attention:
+            self.norm_cross = make_norm(norm, dim, **norm_kw)
+            self.cross_attn = Attention(dim, num_heads, context_dim=context_dim or dim, **attn_kw)
+            self.ls_cross = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        else:
+            self.norm_cross = self.cross_attn = self.ls_cross = None
+        self.norm2 = make_norm(norm, dim, **norm_kw)
+        hidden = mlp_hidden_dim or int(dim * mlp_ratio)
+        self.mlp = Mlp(dim, hidden, act=mlp_act, bias=mlp_bias, drop=proj_drop)
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.adaLN = AdaLNModulation(cond_dim, dim, 6) if cond_dim is not None else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        context_bias: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cross_kv_cache: KVCache | None = None,
+        partition: tuple[Callable, Callable] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim).
+
+        ``mask``/``bias``/``rope`` go to self-attention; ``context``/``context_mask``/``context_bias`` to
+        cross-attention; ``cond`` (B, cond_dim) drives adaLN-Zero. ``partition`` = (split, merge) wraps only
+        the self-attention call, e.g. Swin's window partition: split(norm1(x)) -> windows -> merge.
+        """
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None:
+            return checkpoint(
+                self._forward, x, mask, bias, rope, context, context_mask, context_bias, cond, None, None, partition,
+                use_reentrant=False,
+            )
+        return self._forward(x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache, partition)
+
+    def _self_attention(self, h, mask, bias, rope, kv_cache, partition):
+        if partition is not None:
+            split, merge = partition
+            return merge(self.attn(split(h), mask=mask, bias=bias, is_causal=self.is_causal, rope=rope))
+        return self.attn(h, mask=mask, bias=bias, is_causal=self.is_causal, rope=rope, kv_cache=kv_cache)
+
+    def _forward(self, x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache, partition):
+        if self.adaLN is not None:
+            if cond is None:
+                fail("cond", None, f"a (B, {self.cond_dim}) conditioning tensor for this adaLN block")
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond)  # each (B, dim)
+            h = self._self_attention(modulate(self.norm1(x), shift1, scale1), mask, bias, rope, kv_cache, partition)
+            x = x + self.drop_path(gate1.unsqueeze(1) * h)
+            x = self._cross(x, context, context_mask, context_bias, cross_kv_cache)
+            h = self.mlp(modulate(self.norm2(x), shift2, scale2))
+            return x + self.drop_path(gate2.unsqueeze(1) * h)
+        if self.pre_norm:
+            x = x + self.drop_path(self.ls1(self._self_attention(self.norm1(x), mask, bias, rope, kv_cache, partition)))
+            x = self._cross(x, context, context_mask, context_bias, cross_kv_cache)
+            return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = self.norm1(x + self.drop_path(self.ls1(self._self_attention(x, mask, bias, rope, kv_cache, partition))))
+        x = self._cross(x, context, context_mask, context_bias, cross_kv_cache)
+        return self.norm2(x + self.drop_path(self.ls2(self.mlp(x))))
+
+    def _cross(self, x, context, context_mask, context_bias, cross_kv_cache):
+        if self.cross_attn is None:
+            if context is not None:
+                fail("context", context, "None for a block built without cross_attention")
+            return x
+        if context is None and (cross_kv_cache is None or not cross_kv_cache.filled):
+            fail("context", None, "a (B, M, context_dim) tensor for a block with cross-attention")
+        if self.pre_norm:
+            h = self.cross_attn(self.norm_cross(x), context, mask=context_mask, bias=context_bias, kv_cache=cross_kv_cache)
+            return x + self.drop_path(self.ls_cross(h))
+        h = self.cross_attn(x, context, mask=context_mask, bias=context_bias, kv_cache=cross_kv_cache)
+        return self.norm_cross(x + self.drop_path(self.ls_cross(h)))

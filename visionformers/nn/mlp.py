@@ -1,0 +1,54 @@
+"""The one MLP: Linear -> activation -> Linear, with gated variants (SwiGLU, GEGLU; Shazeer 2020)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visionformers._validate import check_choice
+
+__all__ = ["Mlp", "ACTIVATIONS", "activation"]
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh")
+_GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Elementwise activation by name; "gelu_tanh" is GPT-2's tanh approximation ("gelu_new")."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    return F.silu(x)
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward network; gated variants compute act(x W) * (x V) with one fused matmul."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        out_dim: int | None = None,
+        act: str = "gelu",
+        bias: bool = True,
+        drop: float = 0.0,
+    ):
+        super().__init__()
+        check_choice("act", act, ACTIVATIONS)
+        self.act, self.gated = act, act in _GATED
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim if self.gated else hidden_dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim, bias=bias)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., out_dim)."""
+        h = self.fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # fc1 rows: [gate; up]
+            h = activation(_GATED[self.act], gate) * up
+        else:
+            h = activation(self.act, h)
+        return self.drop(self.fc2(self.drop(h)))
