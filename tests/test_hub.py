@@ -1,0 +1,154 @@
+"""Registry and save/load: round trip, unknown names, untrusted or broken files."""
+import dataclasses
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import visionformers as vf
+from visionformers import hub, registry
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyConfig:
+    dim: int = 8
+    sizes: tuple[int, ...] = (2, 3)
+    scale: float = 1.0
+    act: str | None = None
+
+
+class TinyModel(nn.Module):
+    def __init__(self, config: TinyConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(10, config.dim)
+        self.head = nn.Linear(config.dim, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied: saved once, re-tied on load
+
+    def forward(self, ids):
+        return self.head(self.embed(ids)) * self.config.scale
+
+
+@pytest.fixture
+def tiny_registered(monkeypatch):
+    monkeypatch.setitem(registry.PRESETS, "tiny_test_model", (TinyModel, TinyConfig()))
+    return "tiny_test_model"
+
+
+def test_create_model_overrides_and_unknown_fields(tiny_registered):
+    m = vf.create_model(tiny_registered, dim=4, sizes=(1,))
+    assert m.config.dim == 4 and m.config.sizes == (1,)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['depth'\]"):
+        vf.create_model(tiny_registered, depth=3)
+    assert tiny_registered in vf.list_models("tiny_*")
+
+
+def test_unknown_name_suggests_close_ones(tiny_registered):
+    with pytest.raises(ValueError, match="tiny_test_model"):
+        vf.create_model("tiny_tst_model")
+
+
+def test_round_trip_with_tied_weights(tmp_path, tiny_registered):
+    m = vf.create_model(tiny_registered, scale=2.0)
+    vf.save_pretrained(m, tmp_path / "m")
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+    m2 = vf.from_pretrained(tmp_path / "m")
+    assert m2.config == m.config
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(m(ids), m2(ids))
+    assert m2.head.weight.data_ptr() == m2.embed.weight.data_ptr()
+
+
+def test_save_strips_compile_and_ddp_style_wrappers(tmp_path, tiny_registered):
+    m = vf.create_model(tiny_registered)
+
+    class Wrapper(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    vf.save_pretrained(Wrapper(m), tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["architecture"] == "TinyModel"
+
+
+def _saved(tmp_path, name):
+    m = vf.create_model(name)
+    return vf.save_pretrained(m, tmp_path / "m")
+
+
+def test_config_with_unknown_key_or_wrong_type(tmp_path, tiny_registered):
+    d = _saved(tmp_path, tiny_registered)
+    meta = json.loads((d / "config.json").read_text())
+    meta["config"]["depth"] = 3
+    (d / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"config.json.*unknown key\(s\) \['depth'\]"):
+        vf.from_pretrained(d)
+    del meta["config"]["depth"]
+    meta["config"]["dim"] = "eight"
+    (d / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="field 'dim'='eight' has the wrong type"):
+        vf.from_pretrained(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        vf.from_pretrained(d)
+
+
+def test_missing_directory_config_or_weights(tmp_path, tiny_registered):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vf.from_pretrained(tmp_path / "nowhere")
+    d = _saved(tmp_path, tiny_registered)
+    os.unlink(d / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        vf.from_pretrained(d)
+    os.unlink(d / "config.json")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        vf.from_pretrained(d)
+
+
+@pytest.mark.parametrize("corruption", ["empty", "truncated", "foreign"])
+def test_broken_weights_file_is_a_clear_error(tmp_path, tiny_registered, corruption):
+    d = _saved(tmp_path, tiny_registered)
+    w = d / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "foreign": b"PK\x03\x04 a zip file"}[corruption])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        vf.from_pretrained(d)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_pickle_payload_is_never_executed(tmp_path, tiny_registered, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = _saved(tmp_path, tiny_registered)
+    (d / "model.safetensors").write_bytes(pickle.dumps({"weight": _Exploit()}))
+    with pytest.raises(ValueError):
+        vf.from_pretrained(d)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hub.os, "replace", boom)
+    with pytest.raises(OSError):
+        hub.atomic_write_bytes(target, b"new contents")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_load_into_names_mismatches(tiny_registered):
+    m = vf.create_model(tiny_registered)
+    with pytest.raises(ValueError, match="unexpected"):
+        hub.load_into(m, {"embed.weight": torch.zeros(10, 8), "bogus": torch.zeros(1)})
+    with pytest.raises(ValueError, match="shape mismatch"):
+        hub.load_into(m, {"embed.weight": torch.zeros(11, 8)})
