@@ -38,7 +38,8 @@ def test_bf16_autocast_block_close_to_fp32():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = block(x, context=ctx, context_mask=mask)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref, atol=6e-2, rtol=5e-2)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 1e-2, rel  # bf16 keeps ~3 significant digits; the block as a whole stays within 1%
 
 
 def test_bf16_training_step_gives_finite_grads():

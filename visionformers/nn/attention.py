@@ -239,6 +239,7 @@ class Attention(nn.Module):
         else:
             self.q = nn.Linear(dim, q_dim, bias=qkv_bias)
             self.kv = nn.Linear(context_dim, 2 * kv_dim, bias=qkv_bias)
+        self.qk_norm, self.proj_drop_p = qk_norm, proj_drop
         self.q_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(self._out_heads_dim(), dim, bias=proj_bias)
@@ -254,20 +255,40 @@ class Attention(nn.Module):
     def _project(
         self, x: torch.Tensor, context: torch.Tensor | None, kv_cache: KVCache | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x (B, N, dim) -> q (B, N, H*D) and k, v (B, M, Hkv*D) flat (None when a cross cache is reused)."""
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        """x (B, N, dim) -> q (B, Hq, N, Dq) and k, v (B, Hkv', M, D) (None when a cross cache is reused)."""
+        b, n, _ = x.shape
+        hq, hk, d = self._q_heads(), self._kv_heads(), self.head_dim
+        dq = self.num_heads * d // hq
         if not self.is_cross:
             if context is not None:
                 fail("context", context, "None for a self-attention layer (build it with context_dim for cross-attention)")
-            return self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = self.q(x)
-        if kv_cache is not None and kv_cache.filled:
-            return q, None, None
-        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != self.context_dim:
-            fail("context", context, f"a (B, M, {self.context_dim}) tensor for this cross-attention layer")
-        if context.shape[0] not in (1, x.shape[0]):
-            fail("context", context, f"batch size 1 or {x.shape[0]} to match x")
-        k, v = self.kv(context).chunk(2, dim=-1)
+            qkv = self.qkv(x)  # (B, N, (H + 2 Hkv) * D)
+            if self.num_kv_heads == self.num_heads and hq == hk:
+                # one view for all three, as (3, B, H, N, D): no copies
+                q, k, v = qkv.view(b, n, 3, hq, dq).permute(2, 0, 3, 1, 4).unbind(0)
+                if dq != d:  # differential attention: v keeps full-width heads
+                    v = v.transpose(1, 2).reshape(b, n, self.num_heads, d).transpose(1, 2)
+                return q, k, v
+            q_dim, kv_dim = self.num_heads * d, self.num_kv_heads * d
+            q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+            m = n
+        else:
+            q = self.q(x)
+            if kv_cache is not None and kv_cache.filled:
+                return q.view(b, n, hq, dq).transpose(1, 2), None, None
+            if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != self.context_dim:
+                fail("context", context, f"a (B, M, {self.context_dim}) tensor for this cross-attention layer")
+            if context.shape[0] not in (1, b):
+                fail("context", context, f"batch size 1 or {b} to match x")
+            k, v = self.kv(context).chunk(2, dim=-1)  # each (B, M, Hkv * D)
+            b_ctx, m = context.shape[:2]
+            q = q.view(b, n, hq, dq).transpose(1, 2)  # (B, Hq, N, Dq)
+            k = k.reshape(b_ctx, m, hk, dq).transpose(1, 2)  # (B, Hkv', M, Dq)
+            v = v.reshape(b_ctx, m, self.num_kv_heads, d).transpose(1, 2)  # (B, Hkv, M, D)
+            return q, k, v
+        q = q.view(b, n, hq, dq).transpose(1, 2)  # (B, Hq, N, Dq)
+        k = k.view(b, m, hk, dq).transpose(1, 2)  # (B, Hkv', N, Dq)
+        v = v.view(b, m, self.num_kv_heads, d).transpose(1, 2)  # (B, Hkv, N, D)
         return q, k, v
 
     def forward(
@@ -292,12 +313,9 @@ class Attention(nn.Module):
             fail("x", x, f"a (B, N, {self.dim}) tensor")
         b, n, _ = x.shape
         q, k, v = self._project(x, context, kv_cache)
-        q = rearrange(q, "b n (h d) -> b h n d", h=self._q_heads())
-        if k is not None:
-            k = rearrange(k, "b m (h d) -> b h m d", h=self._kv_heads())
-            v = rearrange(v, "b m (h d) -> b h m d", h=self.num_kv_heads)
-            k = self.k_norm(k)
-        q = self.q_norm(q)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k) if k is not None else k
         if rope is not None:
             q = apply_rotary(q, *rope)
             k = apply_rotary(k, *rope) if not self.is_cross else k
@@ -321,8 +339,9 @@ class Attention(nn.Module):
                 fail("bias", bias, f"an additive float tensor broadcastable to (B, H, {n}, {nk})")
         dropout_p = self.attn_drop if self.training else 0.0
         out, weights = self._attend(q, k, v, mask, bias, is_causal, dropout_p, return_weights)
-        out = rearrange(out, "b h n d -> b n (h d)")
-        out = self.proj_drop(self.proj(out))
+        out = self.proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, H*D) -> (B, N, dim)
+        if self.proj_drop_p and self.training:
+            out = self.proj_drop(out)
         return (out, weights) if return_weights else out
 
     def _q_heads(self) -> int:
