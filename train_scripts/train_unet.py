@@ -1,0 +1,230 @@
+"""Train a diffusion UNet or DiT: `python train_scripts/train_unet.py` or `accelerate launch train_scripts/train_unet.py`.
+
+With no arguments: a class-conditional unet_tiny on the embedded 8x8 digits (upscaled to --resolution), samples
+in <output_dir>/samples.png and the EMA weights exported to <output_dir>/model for sample_scripts/sample_unet.py.
+Resume with --resume_from_checkpoint latest; the continuation is bit-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+import visionformers as vf
+from visionformers import data, diffusion, training
+from visionformers.training import checkpoint as ckpt
+from visionformers.training import logging as track
+from visionformers.training import pipeline, sampling
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="unet_tiny", help="any UNet or DiT preset (vf.list_models('unet*'), 'dit*')")
+    a("--conditioning", default="class", choices=pipeline.CONDITIONINGS)
+    a("--text_encoder", default="encoder_tiny", help="text preset for --conditioning text (frozen)")
+    a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
+    a("--prediction_type", default="eps", choices=diffusion.PREDICTION_TYPES)
+    a("--noise_schedule", default="cosine", choices=diffusion.SCHEDULES)
+    a("--num_train_timesteps", type=int, default=1000)
+    a("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (5.0 in the paper)")
+    a("--train_data_dir", default=None, help="an image folder; default: the embedded digits")
+    a("--captions_file", default=None, help="JSON-lines captions for --train_data_dir")
+    a("--resolution", type=int, default=16)
+    a("--center_crop", action=argparse.BooleanOptionalAction, default=True)
+    a("--random_flip", action="store_true")
+    a("--train_batch_size", type=int, default=64, help="per process")
+    a("--dataloader_num_workers", type=int, default=0)
+    a("--max_train_steps", type=int, default=3000)
+    a("--stop_after_steps", type=int, default=None, help="stop this process after N steps (checkpoint kept)")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--learning_rate", type=float, default=1e-3)
+    a("--lr_scheduler", default="cosine", choices=training.LR_SCHEDULES)
+    a("--lr_warmup_steps", type=int, default=100)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=0.0)
+    a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping (the norm is still checked)")
+    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 if supported")
+    a("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    a("--ema_max_decay", type=float, default=0.999)
+    a("--ema_power", type=float, default=3 / 4)
+    a("--seed", type=int, default=0)
+    a("--output_dir", default="outputs/train_unet")
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+    a("--sample_every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
+    a("--num_samples", type=int, default=40, help="images in each sample grid")
+    a("--sampler", default="ddim", choices=list(diffusion.SAMPLERS))
+    a("--num_inference_steps", type=int, default=40)
+    a("--guidance_scale", type=float, default=2.0)
+    a("--report_to", default="none", choices=track.REPORT_TO)
+    a("--tracker_project_name", default="visionformers")
+    a("--logging_steps", type=int, default=10)
+    a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
+    a("--debug_inject_nan_at", type=int, nargs="*", default=[], help="(testing) make the loss NaN at these steps")
+    return p.parse_args(argv)
+
+
+def build_dataset(args):
+    if args.train_data_dir is None:
+        ds = data.DigitsDataset("train", image_size=args.resolution, captions=args.conditioning == "text",
+                                random_captions=True)
+        return ds, len(ds.classes), ds.classes, 1
+    ds = data.ImageFolderDataset(args.train_data_dir, args.resolution, center_crop=args.center_crop,
+                                 random_flip=args.random_flip, captions_file=args.captions_file)
+    if args.conditioning == "class" and not ds.classes:
+        raise SystemExit(f"--conditioning class needs class subfolders in --train_data_dir={args.train_data_dir!r}")
+    return ds, len(ds.classes) or None, ds.classes or None, ds.channels
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision or pipeline.default_mixed_precision(),
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
+    track.setup_logging(accelerator.is_main_process)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    training.seed_everything(args.seed, rank)
+
+    dataset, num_classes, class_names, channels = build_dataset(args)
+    conditioner = pipeline.build_text_conditioner(args.text_encoder, device) if args.conditioning == "text" else None
+    overrides = dict(in_channels=channels, sample_size=args.resolution,
+                     num_classes=num_classes if args.conditioning == "class" else None)
+    if conditioner is not None:
+        overrides["context_dim"] = conditioner.context_dim
+    model = vf.create_model(args.model, **overrides)
+    settings = pipeline.diffusion_settings(args, overrides["num_classes"], class_names, channels,
+                                           overrides.get("context_dim"))
+    sched = pipeline.schedule_from(settings)
+    optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
+                                         (args.adam_beta1, args.adam_beta2))
+    lr_scheduler = training.build_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the lr schedule steps once per update, by us
+    ema = training.EMA(model, decay=args.ema_max_decay, power=args.ema_power) if args.use_ema else None
+    noise_gen = training.make_generator(args.seed, rank, 1, device=device)  # timesteps, noise, cfg dropout
+    stream = training.DataStream(dataset, args.train_batch_size, args.seed, world, rank, args.dataloader_num_workers)
+    guard = training.BadStepGuard(args.max_bad_steps, accelerator.mixed_precision, args.learning_rate)
+    state_objs = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
+                      generators={"noise": noise_gen}, accelerator=accelerator)
+
+    step, resumed_from = 0, ckpt.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resumed_from is not None:
+        saved = ckpt.load_checkpoint(resumed_from, **state_objs)["train_state"]
+        step, accelerator.step = saved["step"], saved["accumulation_step"]
+        stream.load_state_dict(saved["data"])
+        guard.load_state_dict(saved["bad_steps"])
+        accelerator.print(f"resumed from {resumed_from} at step {step}")
+    if accelerator.is_main_process:
+        ckpt.remove_stale(args.output_dir)
+    track.init_trackers(accelerator, args.tracker_project_name, vars(args), args.output_dir)
+
+    def save(at_step: int) -> None:
+        train_state = {"step": at_step, "accumulation_step": accelerator.step, "data": stream.state_dict(),
+                       "bad_steps": guard.state_dict()}
+        extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model)}
+        ckpt.save_checkpoint(args.output_dir, at_step, train_state=train_state, config=vars(args),
+                             total_limit=args.checkpoints_total_limit, keep=(resumed_from,), extra_files=extra,
+                             **state_objs)
+
+    def write_samples(name: str, at_step: int) -> None:
+        n_cls = num_classes if args.conditioning == "class" else None
+        labels = torch.arange(args.num_samples) % n_cls if n_cls else None
+        prompts = [data.digit_caption(int(i) % 10) for i in range(args.num_samples)] if conditioner else None
+        raw = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.store(raw), ema.copy_to(raw)
+        raw.eval()
+        images = sampling.sample_distributed(
+            raw, args.num_samples, 64,
+            lambda idx: pipeline.model_inputs(settings, conditioner, device, class_labels=labels[list(idx)]
+                                              if labels is not None else None,
+                                              prompts=[prompts[i] for i in idx] if prompts else None),
+            accelerator=accelerator, sched=sched, shape=(channels, args.resolution, args.resolution), seed=args.seed,
+            sampler=args.sampler, steps=args.num_inference_steps, prediction_type=args.prediction_type,
+            guidance_scale=args.guidance_scale if args.conditioning != "none" else 1.0, device=device)
+        raw.train()
+        if ema is not None:
+            ema.restore(raw)
+        if accelerator.is_main_process:
+            grid = sampling.make_grid(images, nrow=n_cls or None, upscale=max(1, 64 // args.resolution))
+            path = sampling.save_png(grid, os.path.join(args.output_dir, name))
+            track.log_image(accelerator, "samples", grid, at_step)
+            accelerator.print(f"step {at_step}: samples in {path}")
+
+    progress = tqdm(total=args.max_train_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    started, stop_at = step, min(args.max_train_steps, step + (args.stop_after_steps or args.max_train_steps))
+    loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
+    model.train()
+    try:
+        while step < stop_at:
+            bad = torch.zeros((), device=device)
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(stream)
+                with accelerator.accumulate(model):
+                    x0 = batch["pixel_values"].to(device, non_blocking=True)
+                    cond = {}
+                    if args.conditioning == "class":
+                        labels = batch["label"].to(device)
+                        cond["class_labels"] = pipeline.unconditional_dropout(labels, "class", args.cond_drop_prob,
+                                                                              num_classes, noise_gen)
+                    elif args.conditioning == "text":
+                        captions = pipeline.unconditional_dropout(batch["caption"], "text", args.cond_drop_prob,
+                                                                  None, noise_gen)
+                        with torch.no_grad():
+                            cond["context"], cond["context_mask"] = conditioner(captions)
+                    loss = diffusion.training_loss(model, x0, sched, args.prediction_type, args.snr_gamma,
+                                                   generator=noise_gen, **cond)
+                    if step + 1 in args.debug_inject_nan_at:
+                        loss = loss * float("nan")
+                    bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+                    accelerator.backward(loss)
+                    loss_sum, loss_count = loss_sum + loss.detach().nan_to_num(0.0), loss_count + 1
+            # One optimizer update per `gradient_accumulation_steps` micro-batches (accelerate's sync point).
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+            bad = accelerator.reduce(bad, "sum") if world > 1 else bad  # every process takes the same decision
+            is_bad = bool(bad > 0) or not math.isfinite(float(grad_norm))
+            if not is_bad or accelerator.scaler is not None:  # the fp16 scaler skips inf steps by itself
+                optimizer.step()
+                is_bad = is_bad or optimizer.step_was_skipped
+            if ema is not None and not is_bad:
+                ema.update(model)
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            step += 1
+            progress.update(1)
+            guard.update(is_bad, step)
+            if step % args.logging_steps == 0 or step == stop_at:
+                mean_loss = (accelerator.reduce(loss_sum, "mean") / max(1, loss_count)).item()
+                lr = lr_scheduler.get_last_lr()[0]
+                rate = (step - started) / max(1e-9, time.time() - t0)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", skipped=guard.total)
+                track.log_scalars(accelerator, {"train/loss": mean_loss, "train/lr": lr, "train/steps_per_s": rate,
+                                                "train/grad_norm": float(grad_norm), "train/skipped": guard.total},
+                                  step)
+                loss_sum, loss_count = torch.zeros((), device=device), 0
+            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at):
+                save(step)
+            if args.sample_every and step % args.sample_every == 0 and step < args.max_train_steps:
+                write_samples(f"samples/step-{step:06d}.png", step)
+    except training.TrainingDiverged as e:
+        accelerator.end_training()
+        raise SystemExit(f"error: {e}") from None
+    progress.close()
+    if step >= args.max_train_steps:
+        ckpt.export_pretrained(model, os.path.join(args.output_dir, "model"), ema=ema, accelerator=accelerator,
+                               extra_files={pipeline.DIFFUSION_FILE: settings})
+        write_samples("samples.png", step)
+        accelerator.print(f"done: {step} steps in {time.time() - t0:.0f} s; model in {args.output_dir}/model")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""Training checkpoints that a kill at any moment cannot corrupt, and that load without unpickling code.
+
+A checkpoint is a directory ``<output_dir>/checkpoint-<step>`` holding
+
+    model.safetensors       full model weights (gathered from DDP / FSDP)
+    ema.safetensors         EMA weights, when the run keeps an EMA
+    optimizer.safetensors   optimizer state keyed by parameter name; the non-tensor part as JSON metadata
+    scheduler.json          lr scheduler state (ints and floats)
+    scaler.json             fp16 grad-scaler state, when there is one
+    rng-<rank>.pt           every RNG state of process <rank>: tensors and ints, torch.load(weights_only=True)
+    state.json              step, data position, counters, run config, and the size of every file above
+
+It is written under ``.tmp-checkpoint-<step>``; ``state.json`` goes last and the directory is renamed into place
+only when every file is on disk, so a ``checkpoint-<step>`` directory is always complete. :func:`is_complete`
+re-checks the sizes recorded in ``state.json`` anyway (a copy made with another tool may be partial).
+Pruning renames a directory to ``.trash-...`` before deleting it, so a half-deleted checkpoint is never
+mistaken for a usable one.
+
+Multi-process runs: every process calls :func:`save_checkpoint` / :func:`load_checkpoint` (gathering FSDP
+shards is a collective); process 0 writes the shared files, each process its own RNG file. The output
+directory must be on a filesystem every process sees (as for ``accelerate``'s own ``save_state``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from visionformers._validate import fail
+from visionformers.hub import FORMAT_VERSION as HUB_FORMAT_VERSION
+from visionformers.hub import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write_bytes,
+    config_to_dict,
+    load_state_dict,
+    save_pretrained,
+    save_state_dict,
+    unwrap_model,
+)
+from visionformers.training.loop import capture_rng_state, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+STATE_NAME = "state.json"
+MODEL_FILE, EMA_FILE, OPTIMIZER_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors"
+SCHEDULER_FILE, SCALER_FILE = "scheduler.json", "scaler.json"
+FORMAT_VERSION = 1
+# Test hook: seconds to sleep after each file, so a kill can land in the middle of a checkpoint write.
+WRITE_DELAY_ENV = "VF_CHECKPOINT_WRITE_DELAY"
+_NAME_RE = re.compile(rf"^{re.escape(PREFIX)}(\d+)$")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.pt"
+
+
+# ---- finding checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step in a ``checkpoint-<step>`` name, else None (temporary and trashed directories give None)."""
+    m = _NAME_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """Parse ``state.json`` of a checkpoint; errors name the file."""
+    file = Path(path) / STATE_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} is missing: {str(path)!r} is not a complete checkpoint")
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(file)!r} is not valid JSON ({e})") from None
+    if not isinstance(state, dict) or "step" not in state or "files" not in state:
+        raise ValueError(f"{str(file)!r} lacks 'step' and 'files'; was it written by save_checkpoint?")
+    return state
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when ``state.json`` parses and every file it lists exists with the recorded size."""
+    path = Path(path)
+    try:
+        state = read_state(path)
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+    for name, size in state["files"].items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return False
+    return True
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete ``checkpoint-<step>`` directories of ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in output_dir.iterdir() if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None) if is_complete(p)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step; incomplete and temporary directories are ignored."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, spec: str | None) -> Path | None:
+    """``--resume_from_checkpoint`` -> a checkpoint directory, or None to start fresh.
+
+    ``"latest"``: the newest complete checkpoint in ``output_dir`` (None, with a log line, when there is none).
+    Otherwise a path, or a name inside ``output_dir``, that must be a complete checkpoint.
+    """
+    if spec is None or spec == "":
+        return None
+    if spec == "latest":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            logger.info("no complete checkpoint in %s; starting a new run", output_dir)
+        return found
+    path = Path(spec)
+    if not path.exists() and (Path(output_dir) / spec).exists():
+        path = Path(output_dir) / spec
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={spec!r} is not a directory (nor a name in "
+                                f"{str(output_dir)!r}); pass 'latest' or a checkpoint-<step> directory")
+    if not is_complete(path):
+        raise ValueError(f"resume_from_checkpoint={spec!r} is not a complete checkpoint (state.json missing or a "
+                         "file truncated); pass 'latest' to pick the newest complete one")
+    return path
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None,
+                      keep: tuple[str | os.PathLike | None, ...] = ()) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond ``total_limit``; never the newest one, nor any in ``keep``
+    (the checkpoint a run resumed from). Returns the removed paths."""
+    if total_limit is None:
+        return []
+    if isinstance(total_limit, bool) or not isinstance(total_limit, int) or total_limit < 1:
+        fail("total_limit", total_limit, "None or an int >= 1")
+    found = list_checkpoints(output_dir)
+    protected = {Path(k).resolve() for k in keep if k is not None}
+    if found:
+        protected.add(found[-1].resolve())
+    removable = [p for p in found if p.resolve() not in protected]
+    excess = len(found) - total_limit
+    removed = []
+    for p in removable[:max(0, excess)]:
+        trash = p.with_name(f"{TRASH_PREFIX}{p.name}")
+        os.replace(p, trash)  # atomic: from here on `latest` no longer sees it
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def remove_stale(output_dir: str | os.PathLike) -> None:
+    """Remove ``.tmp-*`` / ``.trash-*`` leftovers of a killed run (call on the main process, before saving)."""
+    output_dir = Path(output_dir)
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            if p.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ---- state dicts that work through DDP and FSDP -------------------------------------------------------
+
+
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    names = {"FullyShardedDataParallel", "FSDPModule"}
+    return any(c.__name__ in names for m in model.modules() for c in type(m).__mro__)
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU state dict with wrapper prefixes stripped; a collective under FSDP (other ranks may get {})."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict into a (possibly wrapped / sharded) model; every process passes the full dict."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=_is_fsdp(model), strict=True))
+
+
+def ema_state_dict(model: nn.Module, ema) -> dict[str, torch.Tensor]:
+    """Full EMA weights as a model state dict: swap the average in, gather, swap back (works when sharded)."""
+    ema.store(model)
+    ema.copy_to(model)
+    try:
+        return full_model_state_dict(model)
+    finally:
+        ema.restore(model)
+
+
+def _encode(value):
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def optimizer_to_safetensors(state: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """Name-keyed optimizer state -> (tensors, JSON skeleton). Tensors are referenced as {"__tensor__": key}."""
+    tensors, skeleton = {}, {"state": {}, "param_groups": _encode(state["param_groups"])}
+    for pname, pstate in state["state"].items():
+        entry = {}
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                name = f"{pname}/{key}"
+                tensors[name] = value.detach().cpu().contiguous()
+                entry[key] = {"__tensor__": name}
+            else:
+                entry[key] = _encode(value)
+        skeleton["state"][pname] = entry
+    return tensors, json.dumps(skeleton)
+
+
+def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], skeleton: str) -> dict:
+    data = json.loads(skeleton)
+    state = {
+        pname: {k: tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__" in v else _decode(v)
+                for k, v in entry.items()}
+        for pname, entry in data["state"].items()
+    }
+    return {"state": state, "param_groups": _decode(data["param_groups"])}
+
+
+def _optimizer_state(model: nn.Module, optimizer) -> dict:
+    return get_optimizer_state_dict(model, _inner_optimizer(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    set_optimizer_state_dict(model, _inner_optimizer(optimizer), state,
+                             options=StateDictOptions(full_state_dict=_is_fsdp(model)))
+
+
+# ---- save / load --------------------------------------------------------------------------------------
+
+
+class _Dist:
+    """Rank, world size and barrier of an ``accelerate.Accelerator`` (or a single process without one)."""
+
+    def __init__(self, accelerator=None):
+        self.acc = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.is_main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.acc is not None and self.world > 1:
+            self.acc.wait_for_everyone()
+
+
+def _pause() -> None:
+    delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer=None,
+    lr_scheduler=None,
+    ema=None,
+    scaler=None,
+    generators: dict[str, torch.Generator] | None = None,
+    train_state: dict | None = None,
+    config: dict | None = None,
+    accelerator=None,
+    total_limit: int | None = None,
+    keep: tuple[str | os.PathLike | None, ...] = (),
+    extra_files: dict[str, dict] | None = None,
+) -> Path:
+    """Write ``<output_dir>/checkpoint-<step>`` atomically (see the module docstring); every process calls it.
+
+    :param train_state: JSON-able loop state (data position, counters, accumulation step) returned by
+        :func:`load_checkpoint` on resume.
+    :param config: the run's arguments, stored for the record and for ``sample_unet.py``.
+    :param total_limit: keep at most this many checkpoints (never the newest, nor those in ``keep``).
+    :param extra_files: {file name: JSON-able dict} stored beside the state (e.g. the model's config.json).
+    """
+    dist = _Dist(accelerator)
+    output_dir = Path(output_dir)
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f"{TMP_PREFIX}{final.name}"
+    # Collectives first, on every process: FSDP gathers shards here.
+    model_sd = full_model_state_dict(model)
+    ema_sd = ema_state_dict(model, ema) if ema is not None else None
+    optim_sd = _optimizer_state(model, optimizer) if optimizer is not None else None
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    torch.save(capture_rng_state(generators), tmp / rng_file(dist.rank))
+    _pause()
+    if dist.is_main:
+        save_state_dict(model_sd, tmp / MODEL_FILE, metadata={"format": "pt"})
+        _pause()
+        if ema_sd is not None:
+            meta = {k: v for k, v in ema.state_dict().items() if k != "shadow"}
+            save_state_dict(ema_sd, tmp / EMA_FILE, metadata={"format": "pt", "ema": json.dumps(meta)})
+            _pause()
+        if optim_sd is not None:
+            tensors, skeleton = optimizer_to_safetensors(optim_sd)
+            save_state_dict(tensors, tmp / OPTIMIZER_FILE, metadata={"skeleton": skeleton})
+            _pause()
+        if lr_scheduler is not None:
+            _write_json(tmp / SCHEDULER_FILE, lr_scheduler.state_dict())
+        if scaler is not None:
+            _write_json(tmp / SCALER_FILE, scaler.state_dict())
+        for name, content in (extra_files or {}).items():
+            _write_json(tmp / name, content)
+    dist.barrier()  # every rank's RNG file is on disk
+    if dist.is_main:
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        state = {"format_version": FORMAT_VERSION, "step": int(step), "world_size": dist.world,
+                 "train_state": train_state or {}, "config": config or {}, "files": files,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _pause()
+        _write_json(tmp / STATE_NAME, state)
+        _fsync_dir(tmp)
+        if final.exists():  # e.g. a run resumed from an earlier step reaches this step again
+            old = output_dir / f"{TRASH_PREFIX}{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(output_dir)
+        prune_checkpoints(output_dir, total_limit, keep=(*keep, final))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer=None,
+    lr_scheduler=None,
+    ema=None,
+    scaler=None,
+    generators: dict[str, torch.Generator] | None = None,
+    accelerator=None,
+) -> dict:
+    """Restore everything :func:`save_checkpoint` wrote, into already prepared objects; returns state.json.
+
+    Call it after ``accelerator.prepare`` and after everything that draws random numbers at start-up, since it
+    restores the RNG states last. A run on another number of processes loads weights and optimizer exactly;
+    processes without an RNG file keep their fresh seeds (the run is then valid but not bit-identical).
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"checkpoint {str(path)!r} is incomplete or damaged (see its state.json 'files')")
+    dist = _Dist(accelerator)
+    state = read_state(path)
+    if ema is not None:
+        if not (path / EMA_FILE).is_file():
+            raise FileNotFoundError(f"{str(path / EMA_FILE)!r} is missing: the checkpoint was saved without EMA")
+        from safetensors import safe_open
+
+        with safe_open(str(path / EMA_FILE), "pt") as f:
+            meta = json.loads(f.metadata()["ema"])
+        # Load the average into the model, read it back as a fresh EMA would (local shards under FSDP).
+        load_model_state(model, load_state_dict(path / EMA_FILE))
+        fresh = type(ema)(model)
+        ema.load_state_dict({**meta, "shadow": dict(zip(fresh.names, fresh.shadow))})
+    load_model_state(model, load_state_dict(path / MODEL_FILE))
+    if optimizer is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(path / OPTIMIZER_FILE), "pt") as f:
+            skeleton = f.metadata()["skeleton"]
+        _load_optimizer_state(model, optimizer, optimizer_from_safetensors(load_state_dict(path / OPTIMIZER_FILE),
+                                                                           skeleton))
+    if lr_scheduler is not None:
+        # The schedule's shape (warm-up, total steps) comes from the current run's arguments, so a run can be
+        # extended; its position (last_epoch) and base lrs come from the checkpoint.
+        sched_state = json.loads((path / SCHEDULER_FILE).read_text())
+        if "lr_lambdas" in sched_state:
+            sched_state["lr_lambdas"] = [None] * len(sched_state["lr_lambdas"])
+        lr_scheduler.load_state_dict(sched_state)
+    if scaler is not None:
+        if (path / SCALER_FILE).is_file():
+            scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
+        else:
+            logger.warning("%s has no grad-scaler state (saved without fp16); the scaler starts fresh", path)
+    rng = path / rng_file(dist.rank)
+    if rng.is_file():
+        restore_rng_state(torch.load(rng, weights_only=True), generators)
+    else:
+        logger.warning("%s has no RNG state for process %d (saved with %d processes); this process keeps its "
+                       "fresh seed, so the run is not bit-identical to an uninterrupted one",
+                       path, dist.rank, state.get("world_size", 1))
+    return state
+
+
+def model_config_json(model: nn.Module) -> dict:
+    """The ``config.json`` content of ``save_pretrained`` for ``model``, so a checkpoint rebuilds its model."""
+    base = unwrap_model(model)
+    return {"architecture": type(base).__name__, "format_version": HUB_FORMAT_VERSION,
+            "config": config_to_dict(base.config)}
+
+
+# ---- the exported model -------------------------------------------------------------------------------
+
+
+def export_pretrained(model: nn.Module, save_directory: str | os.PathLike, ema=None, extra_files: dict | None = None,
+                      accelerator=None) -> Path:
+    """Write a ``from_pretrained`` directory (the EMA weights when given) atomically; every process calls it.
+
+    ``extra_files``: {name: JSON-able dict} written beside config.json (e.g. the diffusion settings). The
+    directory appears under its final name only when complete; an older export is replaced.
+    """
+    dist = _Dist(accelerator)
+    state = ema_state_dict(model, ema) if ema is not None else full_model_state_dict(model)
+    out = Path(save_directory)
+    if dist.is_main:
+        tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        base = unwrap_model(model)
+        with torch.device("meta"):  # an empty shell of the same class and config, filled with the full weights
+            shell = type(base)(base.config)
+        shell.load_state_dict(state, strict=True, assign=True)
+        save_pretrained(shell, tmp)
+        for name, data in (extra_files or {}).items():
+            _write_json(tmp / name, data)
+        _fsync_dir(tmp)
+        if out.exists():
+            old = out.with_name(f"{TRASH_PREFIX}{out.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    dist.barrier()
+    return out
+
+
+__all__ = [
+    "PREFIX", "STATE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "checkpoint_step", "read_state", "is_complete",
+    "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "prune_checkpoints", "remove_stale",
+    "full_model_state_dict", "load_model_state", "ema_state_dict", "optimizer_to_safetensors",
+    "optimizer_from_safetensors", "model_config_json", "save_checkpoint", "load_checkpoint", "export_pretrained",
+]

@@ -1,0 +1,86 @@
+"""Optimizer parameter groups and warm-up learning-rate schedules.
+
+The schedule is a plain callable object inside ``torch.optim.lr_scheduler.LambdaLR``: its state dict is ints,
+floats and strings, so a checkpoint stores it as JSON and reloads it exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from visionformers._validate import check_choice, fail
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed matrices / conv kernels, and undecayed biases, norm scales and embeddings' 1-D tables.
+
+    The usual rule (nanoGPT, timm): weight decay on tensors with >= 2 dims only, since decaying a bias or a
+    LayerNorm gain pulls it toward 0 rather than regularising a linear map. Frozen parameters are left out.
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str = "adamw",
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019), Adam or SGD with momentum 0.9 over :func:`param_groups`."""
+    check_choice("name", name, OPTIMIZERS)
+    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+        fail("learning_rate", learning_rate, "a number > 0")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        fail("weight_decay", weight_decay, "a number >= 0")
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        fail("model", type(model).__name__, "a model with at least one trainable parameter")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9)
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=learning_rate, betas=tuple(betas), eps=eps)
+
+
+class WarmupSchedule:
+    """lr multiplier at step s: linear warm-up 0 -> 1 over ``warmup_steps``, then constant, linear to 0, or
+    cosine to ``min_ratio`` (Loshchilov & Hutter 2017, SGDR eq. 5, one cycle without restarts) at ``total_steps``."""
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+        check_choice("kind", kind, LR_SCHEDULES)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            fail("warmup_steps", warmup_steps, "an int >= 0")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            fail("total_steps", total_steps, "an int >= 1")
+        if not 0 <= min_ratio <= 1:
+            fail("min_ratio", min_ratio, "a number in [0, 1]")
+        self.kind, self.warmup_steps, self.total_steps, self.min_ratio = kind, warmup_steps, total_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)  # never exactly 0: step 0 still learns a little
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.kind == "linear":
+            return 1.0 - (1.0 - self.min_ratio) * progress
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str = "cosine", warmup_steps: int = 0, total_steps: int = 1,
+    min_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` over a :class:`WarmupSchedule`; call ``.step()`` once per optimizer step (skipped or not)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(kind, warmup_steps, total_steps, min_ratio))

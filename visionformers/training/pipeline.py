@@ -1,0 +1,134 @@
+"""What ties a trained denoiser to its noise process and conditioning, for both train and sample scripts.
+
+An exported model directory (``save_pretrained``) or a training checkpoint holds, beside the weights,
+``diffusion.json``: the schedule, prediction type and conditioning the network was trained with, so sampling
+needs nothing but the directory. With text conditioning the frozen text encoder is saved in ``text_encoder/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visionformers._validate import check_choice, fail
+from visionformers.diffusion import NoiseSchedule
+from visionformers.hub import from_pretrained, load_into, load_state_dict, read_config
+
+DIFFUSION_FILE = "diffusion.json"
+TEXT_ENCODER_DIR = "text_encoder"
+CONDITIONINGS = ("none", "class", "text")
+
+
+def default_mixed_precision() -> str:
+    """bf16 where the accelerator has it (Ampere+ GPUs), else no: fp16 needs a grad scaler and can overflow."""
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"]  # `accelerate launch --mixed_precision` / config file
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def diffusion_settings(args, num_classes: int | None, class_names, channels: int, context_dim: int | None) -> dict:
+    """The JSON record of how a denoiser was trained (read back by :func:`load_denoiser`)."""
+    return {
+        "noise_schedule": args.noise_schedule,
+        "num_train_timesteps": args.num_train_timesteps,
+        "prediction_type": args.prediction_type,
+        "conditioning": args.conditioning,
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "text_encoder": args.text_encoder if args.conditioning == "text" else None,
+        "context_dim": context_dim,
+        "channels": channels,
+        "resolution": args.resolution,
+    }
+
+
+def schedule_from(settings: dict) -> NoiseSchedule:
+    return NoiseSchedule(settings["noise_schedule"], settings["num_train_timesteps"])
+
+
+def build_text_conditioner(preset: str, device: torch.device | str = "cpu"):
+    """A frozen text encoder (``visionformers.text.conditioning.TextConditioner``) in eval mode."""
+    from visionformers.text.conditioning import TextConditioner
+
+    cond = TextConditioner(preset).to(device).eval()
+    cond.requires_grad_(False)
+    return cond
+
+
+def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", use_ema: bool = True):
+    """(model in eval mode, diffusion settings, text conditioner or None) from an exported model directory
+    (``<output_dir>/model``) or a training checkpoint (``checkpoint-<step>``: the EMA weights when saved and
+    ``use_ema``, else the raw ones)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model path {str(path)!r} is not a directory; pass <output_dir>/model or a "
+                                "checkpoint-<step> directory")
+    settings_file = path / DIFFUSION_FILE
+    if not settings_file.is_file():
+        raise FileNotFoundError(f"{str(settings_file)!r} is missing: {str(path)!r} was not written by "
+                                "train_unet.py (it needs the schedule and conditioning the model was trained with)")
+    settings = json.loads(settings_file.read_text())
+    check_choice("conditioning", settings.get("conditioning"), CONDITIONINGS)
+    from visionformers.training.checkpoint import EMA_FILE, MODEL_FILE
+
+    if (path / MODEL_FILE).is_file() and (path / "state.json").is_file():  # a training checkpoint
+        cls, config = read_config(path)
+        model = cls(config)
+        weights = path / (EMA_FILE if use_ema and (path / EMA_FILE).is_file() else MODEL_FILE)
+        load_into(model, load_state_dict(weights), source=str(weights))
+        model = model.to(device)
+    else:
+        model = from_pretrained(path, device=device)
+    conditioner = None
+    if settings["conditioning"] == "text":
+        conditioner = build_text_conditioner(settings["text_encoder"], device)
+        enc_dir = path / TEXT_ENCODER_DIR
+        if enc_dir.is_dir():
+            conditioner.load_pretrained(enc_dir)
+    return model.eval(), settings, conditioner
+
+
+def model_inputs(settings: dict, conditioner, device, *, class_labels=None, prompts=None,
+                 negative_prompt: str = "") -> tuple[dict, dict | None]:
+    """(cond, uncond) keyword inputs of the denoiser for one batch; uncond is the null class or empty prompt."""
+    kind = settings["conditioning"]
+    if kind == "class":
+        if class_labels is None:
+            fail("class_labels", class_labels, f"class ids in [0, {settings['num_classes']}) for a class-conditional model")
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= settings["num_classes"]):
+            fail("class_labels", labels.tolist(), f"class ids in [0, {settings['num_classes']})")
+        null = torch.full_like(labels, settings["num_classes"])  # the learned null class of classifier-free guidance
+        return {"class_labels": labels}, {"class_labels": null}
+    if kind == "text":
+        if prompts is None:
+            fail("prompts", prompts, "a list of strings for a text-conditional model")
+        context, mask = conditioner(list(prompts))
+        ucontext, umask = conditioner([negative_prompt] * len(prompts))
+        return ({"context": context.to(device), "context_mask": mask.to(device)},
+                {"context": ucontext.to(device), "context_mask": umask.to(device)})
+    return {}, None
+
+
+def unconditional_dropout(labels_or_captions, kind: str, prob: float, num_classes: int | None,
+                          generator: torch.Generator):
+    """Classifier-free guidance training (Ho & Salimans 2022, Alg. 1): replace the condition by the null class
+    (class) or the empty prompt (text) with probability ``prob``, drawn from ``generator``."""
+    n = len(labels_or_captions)
+    drop = torch.rand(n, generator=generator, device=generator.device).cpu() < prob  # always drawn: RNG use is fixed
+    if kind == "class":
+        return torch.where(drop.to(labels_or_captions.device), torch.full_like(labels_or_captions, num_classes),
+                           labels_or_captions)
+    if kind == "text":
+        return ["" if d else c for d, c in zip(drop.tolist(), labels_or_captions)]
+    return labels_or_captions
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
