@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.num_images < 1 or args.batch_size < 1:
         raise SystemExit(f"--num_images={args.num_images} and --batch_size={args.batch_size} must be >= 1")
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=pipeline.force_cpu())
     device = accelerator.device
     model, settings, conditioner = pipeline.load_denoiser(args.model_path, device, use_ema=not args.no_ema)
     kind, n = settings["conditioning"], args.num_images

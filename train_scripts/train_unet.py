@@ -7,6 +7,7 @@ Resume with --resume_from_checkpoint latest; the continuation is bit-identical t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -27,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="unet_tiny", help="any UNet or DiT preset (vf.list_models('unet*'), 'dit*')")
+    a("--model_overrides", type=json.loads, default={}, help='JSON of config fields, e.g. \'{"dropout": 0.1}\'')
     a("--conditioning", default="class", choices=pipeline.CONDITIONINGS)
     a("--text_encoder", default="encoder_tiny", help="text preset for --conditioning text (frozen)")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
@@ -87,7 +89,8 @@ def build_dataset(args):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision or pipeline.default_mixed_precision(),
+    accelerator = Accelerator(cpu=pipeline.force_cpu(),
+                              mixed_precision=args.mixed_precision or pipeline.default_mixed_precision(),
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
     track.setup_logging(accelerator.is_main_process)
@@ -96,7 +99,7 @@ def main(argv=None) -> None:
 
     dataset, num_classes, class_names, channels = build_dataset(args)
     conditioner = pipeline.build_text_conditioner(args.text_encoder, device) if args.conditioning == "text" else None
-    overrides = dict(in_channels=channels, sample_size=args.resolution,
+    overrides = dict(args.model_overrides, in_channels=channels, sample_size=args.resolution,
                      num_classes=num_classes if args.conditioning == "class" else None)
     if conditioner is not None:
         overrides["context_dim"] = conditioner.context_dim

@@ -208,7 +208,8 @@ def ema_state_dict(model: nn.Module, ema) -> dict[str, torch.Tensor]:
     ema.store(model)
     ema.copy_to(model)
     try:
-        return full_model_state_dict(model)
+        # Copies: without a device move the state dict aliases the parameters that restore() overwrites.
+        return {k: v.clone() for k, v in full_model_state_dict(model).items()}
     finally:
         ema.restore(model)
 

@@ -31,6 +31,12 @@ def default_mixed_precision() -> str:
     return "no"
 
 
+def force_cpu() -> bool:
+    """True for a multi-process launch on a machine without CUDA: accelerate then needs ``cpu=True`` to use
+    gloo (``accelerate launch --multi_gpu --num_processes 2`` on CPUs), else every process would act as rank 0."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def diffusion_settings(args, num_classes: int | None, class_names, channels: int, context_dim: int | None) -> dict:
     """The JSON record of how a denoiser was trained (read back by :func:`load_denoiser`)."""
     return {
@@ -81,9 +87,9 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
         model = cls(config)
         weights = path / (EMA_FILE if use_ema and (path / EMA_FILE).is_file() else MODEL_FILE)
         load_into(model, load_state_dict(weights), source=str(weights))
-        model = model.to(device)
     else:
-        model = from_pretrained(path, device=device)
+        model = from_pretrained(path)  # loads on the CPU (safetensors rejects names like "cpu:0"), moved below
+    model = model.to(device)
     conditioner = None
     if settings["conditioning"] == "text":
         conditioner = build_text_conditioner(settings["text_encoder"], device)

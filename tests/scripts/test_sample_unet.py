@@ -1,0 +1,53 @@
+"""sample_unet.py: loads an export or a checkpoint, writes grid + per-image PNGs + settings; bad input is named.
+(1 vs 2 processes giving identical images is checked in test_train_unet.py, after a multi-process run.)"""
+import json
+
+import numpy as np
+import pytest
+from _unet_script_helpers import SAMPLE, TINY, TRAIN, load_script
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    load_script(TRAIN).main([*TINY, "--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", str(out)])
+    return out
+
+
+def _pngs(d):
+    return [np.asarray(Image.open(p)) for p in sorted((d / "images").glob("*.png"))]
+
+
+def test_export_and_checkpoint_ema_give_the_same_images(trained, tmp_path):
+    sample = load_script(SAMPLE)
+    args = ["--num_images", "3", "--num_inference_steps", "2", "--class_labels", "7", "--seed", "5"]
+    sample.main(["--model_path", str(trained / "model"), *args, "--output_dir", str(tmp_path / "a")])
+    sample.main(["--model_path", str(trained / "checkpoint-2"), *args, "--output_dir", str(tmp_path / "b")])
+    a, b = _pngs(tmp_path / "a"), _pngs(tmp_path / "b")
+    assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert a[0].shape == (8, 8)
+    record = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert [im["class_label"] for im in record["images"]] == [7, 7, 7]
+    assert [im["seed"] for im in record["images"]] == [5, 6, 7]
+    assert record["diffusion"]["conditioning"] == "class" and record["sampler"] == "ddim"
+    assert Image.open(tmp_path / "a" / "grid.png").size[0] > 8
+
+
+def test_raw_weights_differ_from_ema(trained, tmp_path):
+    sample = load_script(SAMPLE)
+    args = ["--model_path", str(trained / "checkpoint-2"), "--num_images", "2", "--num_inference_steps", "2"]
+    sample.main([*args, "--output_dir", str(tmp_path / "ema")])
+    sample.main([*args, "--output_dir", str(tmp_path / "raw"), "--no_ema"])
+    assert not all(np.array_equal(x, y) for x, y in zip(_pngs(tmp_path / "ema"), _pngs(tmp_path / "raw")))
+
+
+def test_bad_inputs_are_named(trained, tmp_path):
+    sample = load_script(SAMPLE)
+    with pytest.raises(ValueError, match="class_labels"):
+        sample.main(["--model_path", str(trained / "model"), "--class_labels", "12", "--num_images", "1",
+                     "--output_dir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="diffusion.json"):
+        sample.main(["--model_path", str(tmp_path), "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="model path"):
+        sample.main(["--model_path", str(tmp_path / "nope")])
