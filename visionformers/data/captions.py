@@ -15,7 +15,7 @@ import torch
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
-# {name} is the English word, {digit} the numeral. No template starts with "a {name}" so "eight" never
+# {name} is the English word, {digit} the numeral. No template has "a {name}", so "eight" never
 # becomes "a eight". Varied wording keeps a text encoder from keying on one fixed string.
 CAPTION_TEMPLATES = (
     "a handwritten {name}",
@@ -24,7 +24,7 @@ CAPTION_TEMPLATES = (
     "a handwritten digit {digit}",
     "the number {name}, written by hand",
     "a small grayscale image of the digit {digit}",
-    "a pen sketch of a {name}",
+    "a pen sketch of the number {name}",
     "digit {digit}",
 )
 
