@@ -64,5 +64,17 @@ def model_classes() -> dict[str, tuple[type[nn.Module], type]]:
 # ---- vision: Swin (vision/swin.py) ----
 
 # ---- diffusion networks: UNet (vision/unet.py), DiT (vision/dit.py) ----
+from visionformers.vision.dit import DiT, DiTConfig  # noqa: E402
+from visionformers.vision.unet import UNet, UNetConfig  # noqa: E402
+
+_DDPM_CIFAR10 = UNetConfig(sample_size=32, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1)
+register("unet_ddpm_cifar10", UNet, _DDPM_CIFAR10)  # Ho et al. 2020, appendix B: 35.7M parameters
+register("unet_tiny", UNet, dataclasses.replace(_DDPM_CIFAR10, in_channels=1, base_channels=32, channel_mults=(1, 2, 2), attention_resolutions=(8,), attention_head_dim=32, norm_groups=8, dropout=0.0, use_scale_shift_norm=True))  # digits 32x32, 1.7M
+_DIT_XL_2 = DiTConfig(sample_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16)
+register("dit_xl_2", DiT, _DIT_XL_2)  # Peebles & Xie 2023, table 1: 675M
+register("dit_l_2", DiT, dataclasses.replace(_DIT_XL_2, hidden_size=1024, depth=24, num_heads=16))  # 458M
+register("dit_b_2", DiT, dataclasses.replace(_DIT_XL_2, hidden_size=768, depth=12, num_heads=12))  # 130M
+register("dit_s_2", DiT, dataclasses.replace(_DIT_XL_2, hidden_size=384, depth=12, num_heads=6))  # 33M
+register("dit_tiny", DiT, DiTConfig(sample_size=32, in_channels=1, patch_size=4, hidden_size=128, depth=6, num_heads=4, num_classes=None, class_dropout_prob=0.0, learn_sigma=False))  # digits 32x32
 
 # ---- text: GPT, BERT, T5, encoder-decoder (text/) ----
