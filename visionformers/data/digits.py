@@ -105,8 +105,9 @@ class DigitsDataset(Dataset):
         :param interpolation: "bilinear", "bicubic" or "nearest" resize from 8x8.
         :param transform: optional callable on the (C, H, W) image in [0, 1] (e.g. a classification transform);
             its output is used as-is. Without it, "pixel_values" are scaled to [-1, 1].
-        :param generator: torch RNG for flips and random captions; None uses the global RNG (seeded per
-            DataLoader worker).
+        :param generator: torch RNG for flips and random captions; None uses the global RNG, which a DataLoader
+            seeds per worker. With num_workers > 0 leave it None: each worker would copy one generator state
+            and repeat the others' draws.
         """
         check_choice("split", split, SPLITS)
         if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= 4096:

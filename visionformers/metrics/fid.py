@@ -44,8 +44,8 @@ class MetricResult:
     std: float | None = None  # KID: std over subsets
 
     def __str__(self) -> str:
-        spread = f" +- {self.std:.6f}" if self.std is not None else ""
-        return f"{self.name}: {self.value:.6f}{spread} (real n={self.num_real}, fake n={self.num_fake})"
+        spread = f" +- {self.std:.6g}" if self.std is not None else ""  # 6 significant digits at any scale
+        return f"{self.name}: {self.value:.6g}{spread} (real n={self.num_real}, fake n={self.num_fake})"
 
 
 def extract_features(
