@@ -60,8 +60,27 @@ def model_classes() -> dict[str, tuple[type[nn.Module], type]]:
 # ---------------------------------------------------------------------------------------------
 
 # ---- vision: ViT (vision/vit.py) ----
+from visionformers.vision.vit import VisionTransformer, ViTConfig  # noqa: E402
+
+_VIT_B16 = ViTConfig()  # Dosovitskiy et al. 2021, table 1 (ViT-Base)
+register("vit_tiny_patch16_224", VisionTransformer, dataclasses.replace(_VIT_B16, embed_dim=192, num_heads=3))  # DeiT-Ti: 5.7M
+register("vit_small_patch16_224", VisionTransformer, dataclasses.replace(_VIT_B16, embed_dim=384, num_heads=6))  # DeiT-S: 22M
+register("vit_base_patch16_224", VisionTransformer, _VIT_B16)  # 86M
+register("vit_base_patch32_224", VisionTransformer, dataclasses.replace(_VIT_B16, patch_size=32))  # 88M
+register("vit_large_patch16_224", VisionTransformer, dataclasses.replace(_VIT_B16, embed_dim=1024, depth=24, num_heads=16))  # 304M
+register("vit_huge_patch14_224", VisionTransformer, dataclasses.replace(_VIT_B16, patch_size=14, embed_dim=1280, depth=32, num_heads=16))  # 632M
+register("vit_tiny_patch4_32", VisionTransformer, dataclasses.replace(_VIT_B16, img_size=32, patch_size=4, embed_dim=192, num_heads=3, num_classes=10))  # CIFAR-sized, 64 patches
+register("vit_small_patch4_32", VisionTransformer, dataclasses.replace(_VIT_B16, img_size=32, patch_size=4, embed_dim=384, num_heads=6, num_classes=10))
 
 # ---- vision: Swin (vision/swin.py) ----
+from visionformers.vision.swin import SwinConfig, SwinTransformer  # noqa: E402
+
+_SWIN_T = SwinConfig()  # Liu et al. 2021, sec. 3.3 (Swin-T, C=96, depths 2-2-6-2)
+register("swin_tiny_patch4_window7_224", SwinTransformer, _SWIN_T)  # 28M
+register("swin_small_patch4_window7_224", SwinTransformer, dataclasses.replace(_SWIN_T, depths=(2, 2, 18, 2), drop_path_rate=0.3))  # 50M
+register("swin_base_patch4_window7_224", SwinTransformer, dataclasses.replace(_SWIN_T, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5))  # 88M
+register("swin_large_patch4_window7_224", SwinTransformer, dataclasses.replace(_SWIN_T, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)))  # 197M
+register("swin_tiny_patch2_window4_32", SwinTransformer, dataclasses.replace(_SWIN_T, img_size=32, patch_size=2, window_size=4, num_classes=10, drop_path_rate=0.1))  # CIFAR-sized: grids 16, 8, 4, 2
 
 # ---- diffusion networks: UNet (vision/unet.py), DiT (vision/dit.py) ----
 from visionformers.vision.dit import DiT, DiTConfig  # noqa: E402
