@@ -7,6 +7,7 @@ Resume with --resume_from_checkpoint latest; the continuation is bit-identical t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 import visionformers as vf
-from visionformers import data, diffusion, training
+from visionformers import data, diffusion, registry, training
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import logging as track
 from visionformers.training import pipeline, sampling
@@ -99,7 +100,11 @@ def main(argv=None) -> None:
 
     dataset, num_classes, class_names, channels = build_dataset(args)
     conditioner = pipeline.build_text_conditioner(args.text_encoder, device) if args.conditioning == "text" else None
-    overrides = dict(args.model_overrides, in_channels=channels, sample_size=args.resolution,
+    # Our loss is L_simple and label dropout happens here (seeded): turn off a preset's learned variance / own dropout.
+    fields = {f.name for f in dataclasses.fields(registry.get_preset(args.model)[1])}
+    overrides = {k: v for k, v in {"learn_sigma": False, "class_dropout_prob": 0.0}.items() if k in fields}
+    overrides.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.model_overrides.items()})
+    overrides.update(in_channels=channels, sample_size=args.resolution,
                      num_classes=num_classes if args.conditioning == "class" else None)
     if conditioner is not None:
         overrides["context_dim"] = conditioner.context_dim
@@ -162,6 +167,8 @@ def main(argv=None) -> None:
             track.log_image(accelerator, "samples", grid, at_step)
             accelerator.print(f"step {at_step}: samples in {path}")
 
+    accelerator.print(f"training steps {step}..{args.max_train_steps} on {world} process(es), {device}, "
+                      f"mixed precision {accelerator.mixed_precision}")
     progress = tqdm(total=args.max_train_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     started, stop_at = step, min(args.max_train_steps, step + (args.stop_after_steps or args.max_train_steps))
     loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()

@@ -14,7 +14,7 @@ TRAIN = REPO / "train_scripts" / "train_unet.py"
 SAMPLE = REPO / "sample_scripts" / "sample_unet.py"
 # A few-thousand-parameter UNet on 8x8 digits: these tests check bookkeeping, not image quality.
 TINY = ["--model", "unet_tiny", "--model_overrides", '{"base_channels": 8, "channel_mults": [1, 2], '
-        '"num_res_blocks": 1, "attention_levels": [false, true], "num_heads": 1}',
+        '"num_res_blocks": 1, "attention_resolutions": [4], "attention_head_dim": 8, "norm_groups": 4}',
         "--resolution", "8", "--train_batch_size", "8", "--num_samples", "4", "--num_inference_steps", "2",
         "--lr_warmup_steps", "2", "--logging_steps", "2"]
 

@@ -4,8 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from _unet_script_helpers import SAMPLE, TINY, TRAIN, load_script
 from PIL import Image
+from safetensors.torch import load_file
+
+from visionformers.training import pipeline
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +38,14 @@ def test_export_and_checkpoint_ema_give_the_same_images(trained, tmp_path):
     assert Image.open(tmp_path / "a" / "grid.png").size[0] > 8
 
 
-def test_raw_weights_differ_from_ema(trained, tmp_path):
-    sample = load_script(SAMPLE)
-    args = ["--model_path", str(trained / "checkpoint-2"), "--num_images", "2", "--num_inference_steps", "2"]
-    sample.main([*args, "--output_dir", str(tmp_path / "ema")])
-    sample.main([*args, "--output_dir", str(tmp_path / "raw"), "--no_ema"])
-    assert not all(np.array_equal(x, y) for x, y in zip(_pngs(tmp_path / "ema"), _pngs(tmp_path / "raw")))
+def test_checkpoint_loads_ema_or_raw_weights(trained):
+    ema, _, _ = pipeline.load_denoiser(trained / "checkpoint-2")
+    raw, settings, _ = pipeline.load_denoiser(trained / "checkpoint-2", use_ema=False)
+    for name, files in (("ema", ema), ("model", raw)):
+        saved = load_file(str(trained / "checkpoint-2" / f"{name}.safetensors"))
+        assert all(torch.equal(v, saved[k]) for k, v in files.state_dict().items())
+    assert not all(torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters()))
+    assert settings["num_classes"] == 10 and settings["resolution"] == 8 and not ema.training
 
 
 def test_bad_inputs_are_named(trained, tmp_path):
