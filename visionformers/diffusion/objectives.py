@@ -1,0 +1,119 @@
+"""Training objective and the one place where eps / x0 / v predictions are converted into each other.
+
+With x_t = alpha x0 + sigma eps and alpha^2 + sigma^2 = 1 (VP), the three parametrisations are
+  eps, x0, and v = alpha eps - sigma x0   (Salimans & Ho 2022, Sec. 4 and App. D),
+and each pair (x_t, prediction) determines (x0, eps) linearly. The loss and every sampler go through
+:func:`predict_x0_eps` / :func:`prediction_target`, so a sign convention cannot drift between them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .._validate import check_choice, check_tensor, fail
+from .schedules import NoiseSchedule, _expand
+
+PREDICTION_TYPES = ("eps", "x0", "v")
+
+
+def predict_x0_eps(pred: Tensor, x_t: Tensor, alpha, sigma, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """(x0, eps) implied by a model prediction at x_t; alpha, sigma are floats or tensors broadcastable to x_t.
+
+    eps: x0 = (x_t - sigma eps) / alpha            (Ho et al. 2020, eq. 15)
+    x0:  eps = (x_t - alpha x0) / sigma
+    v:   x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v   (Salimans & Ho 2022, App. D)
+    """
+    if prediction_type == "eps":
+        return (x_t - sigma * pred) / alpha, pred
+    if prediction_type == "x0":
+        return pred, (x_t - alpha * pred) / sigma
+    if prediction_type == "v":
+        return alpha * x_t - sigma * pred, sigma * x_t + alpha * pred
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    raise AssertionError("unreachable")
+
+
+def prediction_target(x0: Tensor, eps: Tensor, alpha, sigma, prediction_type: str) -> Tensor:
+    """What a model of ``prediction_type`` should output for x_t = alpha x0 + sigma eps (inverse of predict_x0_eps)."""
+    if prediction_type == "eps":
+        return eps
+    if prediction_type == "x0":
+        return x0
+    if prediction_type == "v":
+        return alpha * eps - sigma * x0
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    raise AssertionError("unreachable")
+
+
+def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023) for an MSE on ``prediction_type``.
+
+    The paper weights the x0-space error by min(snr, gamma). Since |x0 err|^2 = |eps err|^2 / snr and
+    |x0 err|^2 = |v err|^2 / (1 + snr), the same weighting on the other targets is
+      x0: min(snr, gamma);  eps: min(snr, gamma) / snr = gamma / max(snr, gamma);  v: min(snr, gamma) / (snr + 1).
+    The eps form is written without a division by snr so that snr = 0 (zero terminal SNR) gives weight 1.
+    """
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "x0":
+        return snr.clamp(max=gamma)
+    if prediction_type == "eps":
+        return gamma / snr.clamp(min=gamma)
+    return snr.clamp(max=gamma) / (snr + 1)
+
+
+def training_loss(
+    model: Callable[..., Tensor],
+    x0: Tensor,
+    sched: NoiseSchedule,
+    prediction_type: str = "eps",
+    min_snr_gamma: float | None = None,
+    *,
+    offset_noise: float = 0.0,
+    generator: torch.Generator | None = None,
+    **cond,
+) -> Tensor:
+    """Denoising loss of Ho et al. 2020 (eq. 14, "L_simple") on the chosen target, as a scalar.
+
+    :param model: any callable ``(x_t, t, **cond) -> prediction`` with prediction shaped like x0; t is a
+        float tensor (B,) in training-step units [0, num_train_steps).
+    :param x0: clean data (B, ...) (images: (B, C, H, W)).
+    :param min_snr_gamma: None for uniform weighting, else gamma > 0 of Min-SNR-gamma (Hang et al. 2023; 5 in the paper).
+    :param offset_noise: std of a per-(sample, channel) constant added to the noise (Guttenberg 2023,
+        "Diffusion with offset noise"); lets the model change the mean brightness of an image. 0 disables it.
+    :param generator: draws t ~ U{0..T-1} and the noise; drawn on the generator's device, then moved to x0's.
+    """
+    check_tensor("x0", x0, floating=True)
+    if x0.ndim < 2 or x0.shape[0] == 0:
+        fail("x0", x0, "a non-empty batch (B, ...) with at least 2 dimensions")
+    if not isinstance(sched, NoiseSchedule):
+        fail("sched", type(sched).__name__, "a visionformers.diffusion.NoiseSchedule")
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if min_snr_gamma is not None and not (isinstance(min_snr_gamma, (int, float)) and min_snr_gamma > 0):
+        fail("min_snr_gamma", min_snr_gamma, "None or a number > 0 (5 in Hang et al. 2023)")
+    if not (isinstance(offset_noise, (int, float)) and offset_noise >= 0):
+        fail("offset_noise", offset_noise, "a number >= 0 (0.1 in Guttenberg 2023)")
+    if offset_noise > 0 and x0.ndim < 3:
+        fail("x0", x0, "a (B, C, ...) tensor when offset_noise > 0 (the offset is per channel)")
+
+    b, gen_device = x0.shape[0], generator.device if generator is not None else x0.device
+    t = torch.randint(0, sched.num_train_steps, (b,), generator=generator, device=gen_device).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    if offset_noise > 0:
+        offset_shape = (*x0.shape[:2], *([1] * (x0.ndim - 2)))  # (B, C, 1, 1): one constant per image channel
+        noise = noise + offset_noise * torch.randn(offset_shape, generator=generator, device=gen_device,
+                                                   dtype=x0.dtype).to(x0.device)
+
+    alpha, sigma = sched.alpha_sigma(t)  # (B,) each, exact table values for integer t
+    alpha_x, sigma_x = _expand(alpha, x0).to(x0.dtype), _expand(sigma, x0).to(x0.dtype)
+    x_t = alpha_x * x0 + sigma_x * noise
+    pred = model(x_t, t.float(), **cond)
+    if not isinstance(pred, Tensor) or pred.shape != x0.shape:
+        fail("model output", pred, f"a tensor shaped like x0 {tuple(x0.shape)}")
+
+    target = prediction_target(x0, noise, alpha_x, sigma_x, prediction_type)
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    if min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(alpha**2 / sigma**2, float(min_snr_gamma), prediction_type)
+    return per_sample.mean()

@@ -1,0 +1,156 @@
+"""Discrete variance-preserving noise schedules: q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I), t in [0, T).
+
+Notation used across ``visionformers.diffusion``:
+  alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t])   (alpha_t^2 + sigma_t^2 = 1)
+  snr(t) = alpha_t^2 / sigma_t^2
+  the variance-exploding ("Karras") sigma of the same noise level is sigma_t / alpha_t = sqrt(1 / snr(t)).
+Tables are built in float64 on the CPU once; device copies in float32 are cached on first use.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._validate import check_choice, check_tensor, fail
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+
+# Clamp for alphas_cumprod when it reaches exactly 0 (zero terminal SNR): the Karras sigma of the last step
+# becomes 2**12 instead of infinity, the same value diffusers' EulerDiscreteScheduler uses.
+_MIN_ALPHA_CUMPROD = 2.0**-24
+
+
+def linear_betas(num_train_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Linear betas of Ho et al. 2020 (Sec. 4: 1e-4 .. 0.02 over T=1000), rescaled by 1000/T as in
+    improved-DDPM (Nichol & Dhariwal 2021, ``get_named_beta_schedule``) so any T gives the same curve."""
+    scale = 1000.0 / num_train_steps
+    return torch.linspace(scale * beta_start, scale * beta_end, num_train_steps, dtype=torch.float64)
+
+
+def cosine_betas(num_train_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule of Nichol & Dhariwal 2021, eq. 17: alphas_cumprod(t) = f(t) / f(0),
+    f(t) = cos^2((t/T + s) / (1 + s) * pi/2), betas_t = 1 - alphas_cumprod(t+1)/alphas_cumprod(t) clipped at 0.999."""
+    t = torch.arange(num_train_steps + 1, dtype=torch.float64) / num_train_steps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def sigmoid_betas(
+    num_train_steps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
+) -> Tensor:
+    """Sigmoid schedule of Jabri et al. 2022 (RIN, Alg. 1 ``sigmoid_schedule``), discretised as in lucidrains'
+    denoising-diffusion-pytorch: alphas_cumprod(t) = (sigmoid(end/tau) - sigmoid((t/T (end - start) + start)/tau))
+    / (sigmoid(end/tau) - sigmoid(start/tau)), betas from consecutive ratios, clipped at 0.999."""
+    t = torch.arange(num_train_steps + 1, dtype=torch.float64) / num_train_steps
+    v_start, v_end = torch.tensor(start / tau, dtype=torch.float64).sigmoid(), torch.tensor(end / tau, dtype=torch.float64).sigmoid()
+    f = (v_end - ((t * (end - start) + start) / tau).sigmoid()) / (v_end - v_start)
+    f = f / f[0]
+    return (1 - f[1:] / f[:-1]).clamp(0, max_beta)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alphas_cumprod) so the last step has SNR exactly 0
+    while the first step keeps its value; betas are recovered from the rescaled cumulative product."""
+    alphas_bar_sqrt = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def _expand(v: Tensor, x: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) so a per-sample scalar broadcasts against x of any rank."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class NoiseSchedule:
+    """A discrete VP noise schedule ("linear", "cosine", "sigmoid") with q_sample, snr and sigma <-> t maps."""
+
+    def __init__(self, kind: str = "cosine", num_train_steps: int = 1000, *, zero_terminal_snr: bool = False):
+        check_choice("kind", kind, SCHEDULES)
+        if not isinstance(num_train_steps, int) or isinstance(num_train_steps, bool) or num_train_steps < 2:
+            fail("num_train_steps", num_train_steps, "an int >= 2")
+        self.kind = kind
+        self.num_train_steps = num_train_steps
+        self.zero_terminal_snr = bool(zero_terminal_snr)
+
+        betas = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}[kind](num_train_steps)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.betas = betas  # (T,) float64
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (T,) float64, alpha_t^2
+        # log of the Karras sigma, increasing in t; interpolated for fractional t (k-diffusion's DiscreteSchedule).
+        ab = self.alphas_cumprod.clamp(min=_MIN_ALPHA_CUMPROD)
+        self.log_sigmas = (0.5 * ((1 - ab) / ab).log())  # (T,) float64
+        self._device_tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return (f"NoiseSchedule({self.kind!r}, num_train_steps={self.num_train_steps}, "
+                f"zero_terminal_snr={self.zero_terminal_snr})")
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """float32 (alpha, sigma, log_sigma) tables on ``device``, copied once per device."""
+        if device not in self._device_tables:
+            ab = self.alphas_cumprod
+            tables = (ab.sqrt(), (1 - ab).sqrt(), self.log_sigmas)
+            self._device_tables[device] = tuple(v.float().to(device) for v in tables)
+        return self._device_tables[device]
+
+    # --- continuous-time view: Karras sigma <-> fractional t --------------------------------------------
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """Karras sigma at (fractional) t by linear interpolation of log sigma between integer steps."""
+        log_sigmas = self.log_sigmas.to(t.device) if t.dtype == torch.float64 else self._tables(t.device)[2]
+        return _interp(log_sigmas, t.to(log_sigmas.dtype)).exp()
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Inverse of :meth:`t_to_sigma`: fractional t in [0, T-1] (clamped outside the table), as in
+        k-diffusion's ``DiscreteSchedule.sigma_to_t`` and diffusers' ``_sigma_to_t``."""
+        log_sigmas = self.log_sigmas.to(device=sigma.device, dtype=sigma.dtype)
+        log_sigma = sigma.clamp(min=1e-10).log()
+        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, self.num_train_steps - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+        return low + w
+
+    # --- per-sample coefficients --------------------------------------------------------------------
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha_t, sigma_t), each shaped like t, float32 on t's device.
+
+        Integer t indexes the table exactly; floating t (as samplers pass to models) goes through the
+        log-sigma interpolation of :meth:`t_to_sigma`, so alpha = 1/sqrt(1 + sigma_K^2), sigma = sigma_K * alpha.
+        """
+        check_tensor("t", t)
+        if t.is_floating_point():
+            sigma_k = self.t_to_sigma(t.float())
+            alpha = (1 + sigma_k**2).rsqrt()
+            return alpha, sigma_k * alpha
+        alpha, sigma, _ = self._tables(t.device)
+        return alpha[t], sigma[t]
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio alpha_t^2 / sigma_t^2 (Kingma et al. 2021, eq. 2), float32 shaped like t."""
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha**2 / sigma**2
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = alpha_t x0 + sigma_t noise (Ho et al. 2020, eq. 4). x0, noise: (B, ...); t: (B,)."""
+        check_tensor("x0", x0, floating=True)
+        if noise.shape != x0.shape:
+            fail("noise", noise, f"a tensor shaped like x0 {tuple(x0.shape)}")
+        if t.shape != x0.shape[:1]:
+            fail("t", t, f"a tensor of shape (B,)=({x0.shape[0]},)")
+        alpha, sigma = self.alpha_sigma(t)
+        return _expand(alpha, x0).to(x0.dtype) * x0 + _expand(sigma, x0).to(x0.dtype) * noise
+
+
+def _interp(table: Tensor, t: Tensor) -> Tensor:
+    """Linear interpolation of a (T,) table at fractional positions t (clamped to [0, T-1])."""
+    last = table.shape[0] - 1
+    t = t.clamp(0, last)
+    low = t.floor().long().clamp(max=last - 1)
+    return torch.lerp(table[low], table[low + 1], t - low)
