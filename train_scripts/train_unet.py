@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--model", default="unet_tiny", help="any UNet or DiT preset (vf.list_models('unet*'), 'dit*')")
     a("--model_overrides", type=json.loads, default={}, help='JSON of config fields, e.g. \'{"dropout": 0.1}\'')
     a("--conditioning", default="class", choices=pipeline.CONDITIONINGS)
-    a("--text_encoder", default="encoder_tiny", help="text preset for --conditioning text (frozen)")
+    a("--text_encoder", default="t5_tiny_encoder", help="text preset for --conditioning text (frozen)")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
     a("--prediction_type", default="eps", choices=diffusion.PREDICTION_TYPES)
     a("--noise_schedule", default="cosine", choices=diffusion.SCHEDULES)
@@ -96,10 +96,11 @@ def main(argv=None) -> None:
                               log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
     track.setup_logging(accelerator.is_main_process)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    training.seed_everything(args.seed, rank)
+    training.seed_everything(args.seed)  # the same initial weights on every process, whatever the launcher
 
     dataset, num_classes, class_names, channels = build_dataset(args)
-    conditioner = pipeline.build_text_conditioner(args.text_encoder, device) if args.conditioning == "text" else None
+    conditioner = (pipeline.build_text_conditioner(args.text_encoder, device, args.seed)
+                   if args.conditioning == "text" else None)
     # Our loss is L_simple and label dropout happens here (seeded): turn off a preset's learned variance / own dropout.
     fields = {f.name for f in dataclasses.fields(registry.get_preset(args.model)[1])}
     overrides = {k: v for k, v in {"learn_sigma": False, "class_dropout_prob": 0.0}.items() if k in fields}
@@ -116,10 +117,12 @@ def main(argv=None) -> None:
                                          (args.adam_beta1, args.adam_beta2))
     lr_scheduler = training.build_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the lr schedule steps once per update, by us
+    training.seed_everything(args.seed, rank + 1)  # from here on each process has its own streams (dropout)
     ema = training.EMA(model, decay=args.ema_max_decay, power=args.ema_power) if args.use_ema else None
     noise_gen = training.make_generator(args.seed, rank, 1, device=device)  # timesteps, noise, cfg dropout
     stream = training.DataStream(dataset, args.train_batch_size, args.seed, world, rank, args.dataloader_num_workers)
     guard = training.BadStepGuard(args.max_bad_steps, accelerator.mixed_precision, args.learning_rate)
+    text_encoder = {pipeline.TEXT_ENCODER_DIR: conditioner.encoder} if conditioner is not None else None
     state_objs = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
                       generators={"noise": noise_gen}, accelerator=accelerator)
 
@@ -140,7 +143,7 @@ def main(argv=None) -> None:
         extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model)}
         ckpt.save_checkpoint(args.output_dir, at_step, train_state=train_state, config=vars(args),
                              total_limit=args.checkpoints_total_limit, keep=(resumed_from,), extra_files=extra,
-                             **state_objs)
+                             extra_models=text_encoder, **state_objs)
 
     def write_samples(name: str, at_step: int) -> None:
         n_cls = num_classes if args.conditioning == "class" else None
@@ -230,7 +233,7 @@ def main(argv=None) -> None:
     progress.close()
     if step >= args.max_train_steps:
         ckpt.export_pretrained(model, os.path.join(args.output_dir, "model"), ema=ema, accelerator=accelerator,
-                               extra_files={pipeline.DIFFUSION_FILE: settings})
+                               extra_files={pipeline.DIFFUSION_FILE: settings}, extra_models=text_encoder)
         write_samples("samples.png", step)
         accelerator.print(f"done: {step} steps in {time.time() - t0:.0f} s; model in {args.output_dir}/model")
     accelerator.end_training()

@@ -57,3 +57,20 @@ def test_bad_inputs_are_named(trained, tmp_path):
         sample.main(["--model_path", str(tmp_path), "--output_dir", str(tmp_path / "x")])
     with pytest.raises(FileNotFoundError, match="model path"):
         sample.main(["--model_path", str(tmp_path / "nope")])
+
+
+def test_text_conditioning_trains_exports_and_samples(tmp_path):
+    out = tmp_path / "text"
+    load_script(TRAIN).main([*TINY, "--max_train_steps", "2", "--checkpointing_steps", "2", "--conditioning", "text",
+                             "--output_dir", str(out)])
+    assert (out / "model" / "text_encoder" / "model.safetensors").is_file()
+    assert "text_encoder/model.safetensors" in json.loads((out / "checkpoint-2" / "state.json").read_text())["files"]
+    sample = load_script(SAMPLE)
+    args = ["--prompts", "the digit three", "7", "--num_images", "3", "--num_inference_steps", "2"]
+    sample.main(["--model_path", str(out / "model"), *args, "--output_dir", str(tmp_path / "a")])
+    sample.main(["--model_path", str(out / "checkpoint-2"), *args, "--output_dir", str(tmp_path / "b")])
+    assert all(np.array_equal(x, y) for x, y in zip(_pngs(tmp_path / "a"), _pngs(tmp_path / "b")))
+    record = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert [im["prompt"] for im in record["images"]] == ["the digit three", "7", "the digit three"]
+    with pytest.raises(SystemExit, match="prompts"):
+        sample.main(["--model_path", str(out / "model"), "--output_dir", str(tmp_path / "c")])

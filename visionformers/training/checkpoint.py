@@ -326,6 +326,7 @@ def save_checkpoint(
     total_limit: int | None = None,
     keep: tuple[str | os.PathLike | None, ...] = (),
     extra_files: dict[str, dict] | None = None,
+    extra_models: dict[str, nn.Module] | None = None,
 ) -> Path:
     """Write ``<output_dir>/checkpoint-<step>`` atomically (see the module docstring); every process calls it.
 
@@ -334,6 +335,7 @@ def save_checkpoint(
     :param config: the run's arguments, stored for the record and for ``sample_unet.py``.
     :param total_limit: keep at most this many checkpoints (never the newest, nor those in ``keep``).
     :param extra_files: {file name: JSON-able dict} stored beside the state (e.g. the model's config.json).
+    :param extra_models: {sub-directory: model} saved with ``save_pretrained`` (e.g. a frozen text encoder).
     """
     dist = _Dist(accelerator)
     output_dir = Path(output_dir)
@@ -367,9 +369,11 @@ def save_checkpoint(
             _write_json(tmp / SCALER_FILE, scaler.state_dict())
         for name, content in (extra_files or {}).items():
             _write_json(tmp / name, content)
+        for name, module in (extra_models or {}).items():
+            save_pretrained(module, tmp / name)
     dist.barrier()  # every rank's RNG file is on disk
     if dist.is_main:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         state = {"format_version": FORMAT_VERSION, "step": int(step), "world_size": dist.world,
                  "train_state": train_state or {}, "config": config or {}, "files": files,
                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -464,10 +468,11 @@ def model_config_json(model: nn.Module) -> dict:
 
 
 def export_pretrained(model: nn.Module, save_directory: str | os.PathLike, ema=None, extra_files: dict | None = None,
-                      accelerator=None) -> Path:
+                      accelerator=None, extra_models: dict[str, nn.Module] | None = None) -> Path:
     """Write a ``from_pretrained`` directory (the EMA weights when given) atomically; every process calls it.
 
-    ``extra_files``: {name: JSON-able dict} written beside config.json (e.g. the diffusion settings). The
+    ``extra_files``: {name: JSON-able dict} written beside config.json (e.g. the diffusion settings);
+    ``extra_models``: {sub-directory: model} saved with ``save_pretrained`` (e.g. a frozen text encoder). The
     directory appears under its final name only when complete; an older export is replaced.
     """
     dist = _Dist(accelerator)
@@ -483,6 +488,8 @@ def export_pretrained(model: nn.Module, save_directory: str | os.PathLike, ema=N
         save_pretrained(shell, tmp)
         for name, data in (extra_files or {}).items():
             _write_json(tmp / name, data)
+        for name, module in (extra_models or {}).items():
+            save_pretrained(module, tmp / name)
         _fsync_dir(tmp)
         if out.exists():
             old = out.with_name(f"{TRASH_PREFIX}{out.name}")

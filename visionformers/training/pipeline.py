@@ -57,13 +57,22 @@ def schedule_from(settings: dict) -> NoiseSchedule:
     return NoiseSchedule(settings["noise_schedule"], settings["num_train_timesteps"])
 
 
-def build_text_conditioner(preset: str, device: torch.device | str = "cpu"):
-    """A frozen text encoder (``visionformers.text.conditioning.TextConditioner``) in eval mode."""
-    from visionformers.text.conditioning import TextConditioner
+def build_text_conditioner(preset: str, device: torch.device | str = "cpu", seed: int = 0, encoder: nn.Module | None = None):
+    """A frozen text encoder (``visionformers.text.conditioning.TextConditioner``) in eval mode.
 
-    cond = TextConditioner(preset).to(device).eval()
-    cond.requires_grad_(False)
-    return cond
+    A new encoder is initialised from ``seed`` alone (not the per-process RNG), so every process of a run, and a
+    resumed run, gets the same weights; pass ``encoder`` to wrap saved weights instead.
+    """
+    from visionformers.text.conditioning import TextConditioner
+    from visionformers.training.loop import mix_seed
+
+    if encoder is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(seed, 0x7E47))
+            cond = TextConditioner(preset)
+    else:
+        cond = TextConditioner(encoder)
+    return cond.to(device).eval()
 
 
 def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", use_ema: bool = True):
@@ -92,10 +101,10 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
     model = model.to(device)
     conditioner = None
     if settings["conditioning"] == "text":
-        conditioner = build_text_conditioner(settings["text_encoder"], device)
         enc_dir = path / TEXT_ENCODER_DIR
-        if enc_dir.is_dir():
-            conditioner.load_pretrained(enc_dir)
+        if not enc_dir.is_dir():
+            raise FileNotFoundError(f"{str(enc_dir)!r} is missing: a text-conditional model needs its text encoder")
+        conditioner = build_text_conditioner(settings["text_encoder"], device, encoder=from_pretrained(enc_dir))
     return model.eval(), settings, conditioner
 
 
@@ -114,10 +123,11 @@ def model_inputs(settings: dict, conditioner, device, *, class_labels=None, prom
     if kind == "text":
         if prompts is None:
             fail("prompts", prompts, "a list of strings for a text-conditional model")
-        context, mask = conditioner(list(prompts))
-        ucontext, umask = conditioner([negative_prompt] * len(prompts))
-        return ({"context": context.to(device), "context_mask": mask.to(device)},
-                {"context": ucontext.to(device), "context_mask": umask.to(device)})
+        n = len(prompts)
+        # one batch, so both halves are padded to the same length (guidance concatenates them)
+        context, mask = conditioner(list(prompts) + [negative_prompt] * n)
+        context, mask = context.to(device), mask.to(device)
+        return ({"context": context[:n], "context_mask": mask[:n]}, {"context": context[n:], "context_mask": mask[n:]})
     return {}, None
 
 
@@ -133,8 +143,3 @@ def unconditional_dropout(labels_or_captions, kind: str, prob: float, num_classe
     if kind == "text":
         return ["" if d else c for d, c in zip(drop.tolist(), labels_or_captions)]
     return labels_or_captions
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    return module.eval()
