@@ -17,8 +17,8 @@ from .._validate import check_choice, check_tensor, fail
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 
-# Clamp for alphas_cumprod when it reaches exactly 0 (zero terminal SNR): the Karras sigma of the last step
-# becomes 2**12 instead of infinity, the same value diffusers' EulerDiscreteScheduler uses.
+# Stand-in for alphas_cumprod = 0 (zero terminal SNR) in the log-sigma table only: the Karras sigma of the last
+# step becomes 2**12 instead of infinity, the value diffusers' EulerDiscreteScheduler substitutes too.
 _MIN_ALPHA_CUMPROD = 2.0**-24
 
 
@@ -83,7 +83,7 @@ class NoiseSchedule:
         self.betas = betas  # (T,) float64
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (T,) float64, alpha_t^2
         # log of the Karras sigma, increasing in t; interpolated for fractional t (k-diffusion's DiscreteSchedule).
-        ab = self.alphas_cumprod.clamp(min=_MIN_ALPHA_CUMPROD)
+        ab = torch.where(self.alphas_cumprod > 0, self.alphas_cumprod, _MIN_ALPHA_CUMPROD)
         self.log_sigmas = (0.5 * ((1 - ab) / ab).log())  # (T,) float64
         self._device_tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
