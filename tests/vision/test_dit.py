@@ -215,3 +215,54 @@ def test_timestep_embedding_uses_dits_256_cos_sin_frequencies():
     mlp = model.t_embed
     expected = mlp.linear_2(torch.nn.functional.silu(mlp.linear_1(emb)))
     torch.testing.assert_close(model.t_embed(t), expected)
+
+
+def test_matches_diffusers_dit_transformer_2d():
+    """Parity with diffusers' DiTTransformer2DModel by weight conversion (random weights, class-conditional).
+
+    diffusers keeps a copy of the timestep/label embedder in every block; they are tied to block 0's here,
+    which is what a converted DiT checkpoint holds. Its port shifts the sinusoid frequencies by one
+    (``time_freq_shift=1``) and defaults to LayerNorm eps 1e-5 (set to DiT's 1e-6 here).
+    """
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ours = tiny_dit(in_channels=4, patch_size=2, sample_size=8, num_classes=5, learn_sigma=True,
+                    time_freq_shift=1.0).eval()
+    c = ours.config
+    ref = diffusers.DiTTransformer2DModel(
+        num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
+        out_channels=c.out_channels, num_layers=c.depth, sample_size=c.sample_size, patch_size=c.patch_size,
+        num_embeds_ada_norm=c.num_classes, norm_eps=1e-6,
+    ).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+        emb0 = ref.transformer_blocks[0].norm1.emb
+        for block in ref.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(emb0.state_dict())
+    sd = ref.state_dict()
+    e = "transformer_blocks.0.norm1.emb."
+    state = {
+        "patch_embed.proj.weight": sd["pos_embed.proj.weight"], "patch_embed.proj.bias": sd["pos_embed.proj.bias"],
+        "class_embed.weight": sd[e + "class_embedder.embedding_table.weight"],
+        "final_adaLN.linear.weight": sd["proj_out_1.weight"], "final_adaLN.linear.bias": sd["proj_out_1.bias"],
+        "head.weight": sd["proj_out_2.weight"], "head.bias": sd["proj_out_2.bias"],
+    }
+    for kind in ("weight", "bias"):
+        for i in (1, 2):
+            state[f"t_embed.linear_{i}.{kind}"] = sd[e + f"timestep_embedder.linear_{i}.{kind}"]
+        for i in range(c.depth):
+            b = f"transformer_blocks.{i}."
+            state[f"blocks.{i}.adaLN.linear.{kind}"] = sd[b + f"norm1.linear.{kind}"]
+            state[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([sd[b + f"attn1.to_{n}.{kind}"] for n in "qkv"])
+            state[f"blocks.{i}.attn.proj.{kind}"] = sd[b + f"attn1.to_out.0.{kind}"]
+            state[f"blocks.{i}.mlp.fc1.{kind}"] = sd[b + f"ff.net.0.proj.{kind}"]
+            state[f"blocks.{i}.mlp.fc2.{kind}"] = sd[b + f"ff.net.2.{kind}"]
+    ours.load_state_dict(state, strict=True)
+
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 870]), torch.tensor([4, 5])
+    with torch.no_grad():
+        expected = ref(x, timestep=t, class_labels=y).sample
+        got = ours(x, t, class_labels=y)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert expected.abs().mean() > 1e-2

@@ -37,6 +37,7 @@ class DiTConfig:
     learn_sigma: bool = True  # output 2x channels: the prediction, then the variance interpolation v
     context_dim: int | None = None  # width of a context sequence to cross-attend (text); None: no cross-attention
     freq_dim: int = 256  # sinusoidal features of t before the timestep MLP (DiT's frequency_embedding_size)
+    time_freq_shift: float = 0.0  # DiT divides log(10000) by freq_dim/2; diffusers' DiT port by freq_dim/2 - 1
 
     def __post_init__(self):
         for name in ("sample_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "freq_dim"):
@@ -72,7 +73,7 @@ class DiT(nn.Module):
         grid = self.patch_embed.grid_size
         # fixed, so a buffer outside the state dict: the table is recomputed, never trained or loaded
         self.register_buffer("pos_embed", sincos_2d(grid, d)[None], persistent=False)  # (1, N, D)
-        self.t_embed = TimestepEmbedding(d, freq_dim=c.freq_dim)  # DiT's [cos, sin] sinusoids + MLP
+        self.t_embed = TimestepEmbedding(d, freq_dim=c.freq_dim, freq_shift=c.time_freq_shift)  # [cos, sin] + MLP
         self.class_embed = nn.Embedding(c.num_classes + 1, d) if c.num_classes is not None else None
         self.blocks = nn.ModuleList(
             TransformerBlock(

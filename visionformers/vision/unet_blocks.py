@@ -103,8 +103,8 @@ class SpatialAttention(nn.Module):
         out = x.permute(0, 2, 3, 1).reshape(b, height * width, c) + self.attn(tokens)  # (B, H*W, C)
         if self.cross_attn is not None:
             out = out + self.cross_attn(self.norm_cross(out), context, mask=context_mask)
-        # (B, H*W, C) -> (B, C, H, W), laid out channels_last
-        return out.view(b, height, width, c).permute(0, 3, 1, 2)
+        out = out.view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, H, W) with channels_last strides
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()  # keep x's layout
 
 
 class Downsample(nn.Module):
