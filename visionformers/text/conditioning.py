@@ -1,0 +1,96 @@
+"""Text conditioning for diffusion: strings -> (context, context_mask) for cross-attention.
+
+Wraps a BERT, a T5 encoder (or full T5, whose encoder is used) or a GPT backbone with its tokenizer,
+as Imagen conditions on T5 (Saharia et al. 2022) and Stable Diffusion on CLIP's text transformer. The
+UNet / DiT take the result as ``model(x, t, context=context, context_mask=context_mask)``. An empty
+prompt encodes to its special tokens only, so the null prompt of classifier-free guidance is "".
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from visionformers._validate import fail
+from visionformers.text.bert import Bert
+from visionformers.text.gpt import GPT
+from visionformers.text.t5 import T5, T5Encoder
+from visionformers.text.tokenizer import ByteTokenizer, Tokenizer
+
+__all__ = ["TextConditioner"]
+
+BACKBONES = (Bert, T5Encoder, T5, GPT)
+
+
+class TextConditioner(nn.Module):
+    """Tokenise a batch of prompts and encode them into (B, L, context_dim) states with a (B, L) mask."""
+
+    def __init__(
+        self,
+        encoder: nn.Module | str = "t5_tiny_encoder",
+        tokenizer: Tokenizer | None = None,
+        *,
+        max_length: int = 77,  # prompts are cut to this many tokens (CLIP's 77), keeping the final <eos>
+        freeze: bool = True,  # frozen: eval mode, no gradients; False trains jointly with the diffusion model
+        pad_to_max_length: bool = False,  # fixed (B, max_length) context instead of the longest prompt's length
+        **overrides,  # config overrides when ``encoder`` is a preset name
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        if isinstance(encoder, str):
+            from visionformers.registry import create_model
+
+            encoder = create_model(encoder, **overrides)
+        elif overrides:
+            fail("overrides", sorted(overrides), "none unless `encoder` is a preset name")
+        if not isinstance(encoder, BACKBONES):
+            fail("encoder", type(encoder).__name__, f"a preset name or one of {[c.__name__ for c in BACKBONES]}")
+        vocab = encoder.config.vocab_size
+        if self.tokenizer.vocab_size > vocab:
+            fail("tokenizer", f"vocab_size={self.tokenizer.vocab_size}", f"at most the encoder's vocab_size={vocab}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            fail("max_length", max_length, "an integer >= 2")
+        if isinstance(encoder, GPT) and max_length > encoder.config.max_len:
+            fail("max_length", max_length, f"at most the GPT's max_len={encoder.config.max_len}")
+        if isinstance(encoder, Bert) and max_length > encoder.config.max_len:
+            fail("max_length", max_length, f"at most the BERT's max_len={encoder.config.max_len}")
+        self.encoder, self.max_length, self.frozen, self.pad_to_max_length = encoder, max_length, freeze, pad_to_max_length
+        if freeze:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    @property
+    def context_dim(self) -> int:
+        """Width C of the context: set the UNet / DiT ``context_dim`` to this."""
+        return self.encoder.config.dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    def train(self, mode: bool = True) -> TextConditioner:
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()  # a frozen encoder never runs dropout
+        return self
+
+    def tokenize(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """-> {"input_ids", "attention_mask"} (B, L) on the encoder's device."""
+        padding = "max_length" if self.pad_to_max_length else "longest"
+        return self.tokenizer(prompts, max_length=self.max_length, padding=padding, device=self.device)
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids + mask -> (B, L, C) states."""
+        if isinstance(self.encoder, GPT):
+            return self.encoder.forward_features(input_ids)  # causal: right padding never reaches real tokens
+        return self.encoder.forward_features(input_ids, attention_mask)
+
+    def forward(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (B strings; "" is the null prompt) -> (context (B, L, C), context_mask (B, L) bool, True = token)."""
+        tokens = self.tokenize(prompts)
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            context = self.encode_ids(ids, mask)
+        # padded positions carry no meaning: zero them so a consumer that ignores the mask sees no garbage
+        return context * mask[..., None].to(context.dtype), mask
