@@ -97,3 +97,41 @@ register("dit_s_2", DiT, dataclasses.replace(_DIT_XL_2, hidden_size=384, depth=1
 register("dit_tiny", DiT, DiTConfig(sample_size=32, in_channels=1, patch_size=4, hidden_size=128, depth=6, num_heads=4, num_classes=None, class_dropout_prob=0.0, learn_sigma=False))  # digits 32x32
 
 # ---- text: GPT, BERT, T5, encoder-decoder (text/) ----
+from visionformers.text.bert import Bert, BertConfig, BertForMaskedLM, BertForSequenceClassification  # noqa: E402
+from visionformers.text.gpt import GPT, GPTConfig  # noqa: E402
+from visionformers.text.seq2seq import EncoderClassifier, EncoderConfig, Seq2SeqConfig, Seq2SeqTransformer  # noqa: E402
+from visionformers.text.t5 import T5, T5Config, T5Encoder  # noqa: E402
+
+_BYTES = dict(vocab_size=261)  # tiny presets read ByteTokenizer ids (bytes + 5 specials), no files needed
+_GPT2 = GPTConfig()
+register("gpt2", GPT, _GPT2)  # Radford et al. 2019: 124M (HF gpt2: 124,439,808)
+register("gpt2_medium", GPT, dataclasses.replace(_GPT2, dim=1024, depth=24, num_heads=16))  # 355M
+register("gpt2_large", GPT, dataclasses.replace(_GPT2, dim=1280, depth=36, num_heads=20))  # 774M
+register("gpt2_xl", GPT, dataclasses.replace(_GPT2, dim=1600, depth=48, num_heads=25))  # 1.56B ("1.5B")
+register("gpt_small", GPT, dataclasses.replace(_GPT2, vocab_size=40478, max_len=512, pre_norm=False, eos_token_id=None))  # GPT-1 (Radford et al. 2018): 117M, post-norm
+register("gpt_tiny", GPT, dataclasses.replace(_GPT2, **_BYTES, max_len=256, dim=64, depth=2, num_heads=4, eos_token_id=258))
+_BERT_BASE = BertConfig()
+register("bert_base", Bert, _BERT_BASE)  # Devlin et al. 2019: 110M
+register("bert_large", Bert, dataclasses.replace(_BERT_BASE, dim=1024, depth=24, num_heads=16, mlp_hidden_dim=4096))  # "340M" (HF: 335M)
+register("bert_tiny", Bert, dataclasses.replace(_BERT_BASE, **_BYTES, max_len=256, dim=64, depth=2, num_heads=4, mlp_hidden_dim=256))
+register("bert_base_mlm", BertForMaskedLM, _BERT_BASE)
+register("bert_large_mlm", BertForMaskedLM, PRESETS["bert_large"][1])
+register("bert_tiny_mlm", BertForMaskedLM, PRESETS["bert_tiny"][1])
+register("bert_base_cls", BertForSequenceClassification, _BERT_BASE)
+register("bert_large_cls", BertForSequenceClassification, PRESETS["bert_large"][1])
+register("bert_tiny_cls", BertForSequenceClassification, PRESETS["bert_tiny"][1])
+_T5_SMALL = T5Config()
+register("t5_small", T5, _T5_SMALL)  # Raffel et al. 2020: 60M
+register("t5_base", T5, dataclasses.replace(_T5_SMALL, dim=768, mlp_hidden_dim=3072, depth=12, decoder_depth=12, num_heads=12))  # 220M
+register("t5_large", T5, dataclasses.replace(_T5_SMALL, dim=1024, mlp_hidden_dim=4096, depth=24, decoder_depth=24, num_heads=16))  # "770M" (HF: 738M)
+register("t5_xl", T5, dataclasses.replace(_T5_SMALL, dim=1024, head_dim=128, mlp_hidden_dim=16384, depth=24, decoder_depth=24, num_heads=32))  # T5-3B: "3B" (HF: 2.85B)
+register("t5_tiny", T5, dataclasses.replace(_T5_SMALL, **_BYTES, dim=64, head_dim=16, mlp_hidden_dim=128, depth=2, decoder_depth=2, num_heads=4, pad_token_id=256, eos_token_id=258, decoder_start_token_id=257))
+register("t5_tiny_encoder", T5Encoder, PRESETS["t5_tiny"][1])  # the encoder alone, for text conditioning
+register("t5_small_encoder", T5Encoder, PRESETS["t5_small"][1])
+register("t5_base_encoder", T5Encoder, PRESETS["t5_base"][1])
+register("t5_large_encoder", T5Encoder, PRESETS["t5_large"][1])
+register("t5_xl_encoder", T5Encoder, PRESETS["t5_xl"][1])
+_VASWANI_BASE = Seq2SeqConfig()
+register("transformer_base", Seq2SeqTransformer, _VASWANI_BASE)  # Vaswani et al. 2017, table 3 "base": 65M
+register("transformer_tiny", Seq2SeqTransformer, dataclasses.replace(_VASWANI_BASE, **_BYTES, dim=64, num_heads=4, encoder_depth=2, decoder_depth=2, mlp_hidden_dim=256, max_len=256))
+register("encoder_tiny", EncoderClassifier, EncoderConfig(dim=64, num_heads=4, depth=2, mlp_hidden_dim=256, max_len=256))
