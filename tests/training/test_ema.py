@@ -25,7 +25,8 @@ def test_warmup_decay_equals_formula():
         expected = 0.0 if k <= 0 else min(max(1 - (1 + k / 2.0) ** -0.75, 0.1), 0.999)
         assert ema.get_decay(step) == pytest.approx(expected, abs=1e-15)
     plain = EMA(_net(), decay=0.99, warmup=False)
-    assert [plain.get_decay(s) for s in (1, 2, 11)] == pytest.approx([0.0, 2 / 11, 11 / 20])  # (1 + k) / (10 + k), k = step - 1
+    # (1 + k) / (10 + k), k = step - 1
+    assert [plain.get_decay(s) for s in (1, 2, 11)] == pytest.approx([0.0, 2 / 11, 11 / 20])
     assert plain.get_decay(10**6) == 0.99
 
 

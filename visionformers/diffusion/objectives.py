@@ -79,7 +79,8 @@ def training_loss(
     :param model: any callable ``(x_t, t, **cond) -> prediction`` with prediction shaped like x0; t is a
         float tensor (B,) in training-step units [0, num_train_steps).
     :param x0: clean data (B, ...) (images: (B, C, H, W)).
-    :param min_snr_gamma: None for uniform weighting, else gamma > 0 of Min-SNR-gamma (Hang et al. 2023; 5 in the paper).
+    :param min_snr_gamma: None for uniform weighting, else gamma > 0 of Min-SNR-gamma (Hang et al. 2023;
+        5 in the paper).
     :param offset_noise: std of a per-(sample, channel) constant added to the noise (Guttenberg 2023,
         "Diffusion with offset noise"); lets the model change the mean brightness of an image. 0 disables it.
     :param generator: draws t ~ U{0..T-1} and the noise; drawn on the generator's device, then moved to x0's.

@@ -259,7 +259,9 @@ def sample(
     :param steps: number of sampler steps (model calls, except heun: 2 steps - 1).
     :param guidance_scale: classifier-free guidance weight w; 1 = plain conditional model. w != 1 needs ``uncond``,
         the keyword inputs that replace ``cond`` in the unconditional pass (see ``guidance.py``).
-    :param generator: seeds the starting noise and, for ddpm / ddim with eta > 0, the per-step noise.
+    :param generator: seeds the starting noise and, for ddpm / ddim with eta > 0, the per-step noise. Noise is
+        drawn on the generator's device, so a CPU generator gives the same images on any device (at the cost of
+        a host-to-device copy per stochastic step; a generator on the sampling device avoids it).
     :param device: where x lives; default: the model's parameters, else a conditioning tensor, else the generator's.
     :returns: float32 tensor of ``shape`` in the data scale (e.g. [-1, 1] images).
     The model is called in float32; wrap it (``torch.autocast``) for reduced-precision inference.

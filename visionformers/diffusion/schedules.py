@@ -44,7 +44,8 @@ def sigmoid_betas(
     denoising-diffusion-pytorch: alphas_cumprod(t) = (sigmoid(end/tau) - sigmoid((t/T (end - start) + start)/tau))
     / (sigmoid(end/tau) - sigmoid(start/tau)), betas from consecutive ratios, clipped at 0.999."""
     t = torch.arange(num_train_steps + 1, dtype=torch.float64) / num_train_steps
-    v_start, v_end = torch.tensor(start / tau, dtype=torch.float64).sigmoid(), torch.tensor(end / tau, dtype=torch.float64).sigmoid()
+    v_start = torch.tensor(start / tau, dtype=torch.float64).sigmoid()
+    v_end = torch.tensor(end / tau, dtype=torch.float64).sigmoid()
     f = (v_end - ((t * (end - start) + start) / tau).sigmoid()) / (v_end - v_start)
     f = f / f[0]
     return (1 - f[1:] / f[:-1]).clamp(0, max_beta)
