@@ -15,7 +15,7 @@ import sys
 import time
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 import visionformers as vf
@@ -148,30 +148,36 @@ def main(argv=None) -> None:
     def write_samples(name: str, at_step: int) -> None:
         n_cls = num_classes if args.conditioning == "class" else None
         labels = torch.arange(args.num_samples) % n_cls if n_cls else None
-        prompts = [data.digit_caption(int(i) % 10) for i in range(args.num_samples)] if conditioner else None
-        raw = accelerator.unwrap_model(model)
+        prompts = [data.digit_caption(i % 10) for i in range(args.num_samples)] if conditioner else None
+
+        def inputs(idx):
+            return pipeline.model_inputs(settings, conditioner, device,
+                                         class_labels=labels[list(idx)] if labels is not None else None,
+                                         prompts=[prompts[i] for i in idx] if prompts else None)
+
+        # FSDP: every process runs the sharded model (a forward is a collective); else the plain module
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        net = model if fsdp else accelerator.unwrap_model(model)
         if ema is not None:
-            ema.store(raw), ema.copy_to(raw)
-        raw.eval()
+            ema.store(net)
+            ema.copy_to(net)
+        net.eval()
         images = sampling.sample_distributed(
-            raw, args.num_samples, 64,
-            lambda idx: pipeline.model_inputs(settings, conditioner, device, class_labels=labels[list(idx)]
-                                              if labels is not None else None,
-                                              prompts=[prompts[i] for i in idx] if prompts else None),
-            accelerator=accelerator, sched=sched, shape=(channels, args.resolution, args.resolution), seed=args.seed,
-            sampler=args.sampler, steps=args.num_inference_steps, prediction_type=args.prediction_type,
-            guidance_scale=args.guidance_scale if args.conditioning != "none" else 1.0, device=device)
-        raw.train()
+            net, args.num_samples, 64, inputs, accelerator=accelerator, collective_model=fsdp, sched=sched,
+            shape=(channels, args.resolution, args.resolution), seed=args.seed, sampler=args.sampler,
+            steps=args.num_inference_steps, prediction_type=args.prediction_type, device=device,
+            guidance_scale=args.guidance_scale if args.conditioning != "none" else 1.0)
+        net.train()
         if ema is not None:
-            ema.restore(raw)
+            ema.restore(net)
         if accelerator.is_main_process:
             grid = sampling.make_grid(images, nrow=n_cls or None, upscale=max(1, 64 // args.resolution))
             path = sampling.save_png(grid, os.path.join(args.output_dir, name))
             track.log_image(accelerator, "samples", grid, at_step)
             accelerator.print(f"step {at_step}: samples in {path}")
 
-    accelerator.print(f"training steps {step}..{args.max_train_steps} on {world} process(es), {device}, "
-                      f"mixed precision {accelerator.mixed_precision}")
+    accelerator.print(f"training steps {step}..{args.max_train_steps} on {world} process(es) "
+                      f"({accelerator.distributed_type.value}, {device}), mixed precision {accelerator.mixed_precision}")
     progress = tqdm(total=args.max_train_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     started, stop_at = step, min(args.max_train_steps, step + (args.stop_after_steps or args.max_train_steps))
     loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()

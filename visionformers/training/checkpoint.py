@@ -457,10 +457,18 @@ def load_checkpoint(
     return state
 
 
+def _model_class(model: nn.Module) -> type[nn.Module]:
+    """The registered class of ``model``: FSDP2 swaps in a subclass (``FSDPUNet``) whose name is not registered."""
+    from visionformers.registry import model_classes
+
+    known = model_classes()
+    return next((c for c in type(model).__mro__ if c.__name__ in known), type(model))
+
+
 def model_config_json(model: nn.Module) -> dict:
     """The ``config.json`` content of ``save_pretrained`` for ``model``, so a checkpoint rebuilds its model."""
     base = unwrap_model(model)
-    return {"architecture": type(base).__name__, "format_version": HUB_FORMAT_VERSION,
+    return {"architecture": _model_class(base).__name__, "format_version": HUB_FORMAT_VERSION,
             "config": config_to_dict(base.config)}
 
 
@@ -483,7 +491,7 @@ def export_pretrained(model: nn.Module, save_directory: str | os.PathLike, ema=N
         shutil.rmtree(tmp, ignore_errors=True)
         base = unwrap_model(model)
         with torch.device("meta"):  # an empty shell of the same class and config, filled with the full weights
-            shell = type(base)(base.config)
+            shell = _model_class(base)(base.config)
         shell.load_state_dict(state, strict=True, assign=True)
         save_pretrained(shell, tmp)
         for name, data in (extra_files or {}).items():

@@ -23,6 +23,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``torch._foreach_copy_``, or one copy per tensor where the fused op has no rule (FSDP2 DTensor parameters)."""
+    try:
+        torch._foreach_copy_(dst, src)
+    except NotImplementedError:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
 class EMA:
     """Shadow copy of a model's parameters, updated as ema <- decay * ema + (1 - decay) * param."""
 
@@ -93,12 +102,12 @@ class EMA:
             torch._foreach_lerp_(list(s), list(p), weight)  # s += (1 - decay) (p - s): one fused kernel per group
         if frozen:
             s, p = zip(*frozen)
-            torch._foreach_copy_(list(s), list(p))
+            _foreach_copy(list(s), list(p))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged parameters into ``model`` (call :meth:`store` first to get the training ones back)."""
-        torch._foreach_copy_([p.data for p in self._params(model)], self.shadow)
+        _foreach_copy([p.data for p in self._params(model)], self.shadow)
 
     @torch.no_grad()
     def store(self, model: nn.Module) -> None:
@@ -110,7 +119,7 @@ class EMA:
         """Put back the parameters saved by :meth:`store` (and free the copy)."""
         if self._stored is None:
             raise RuntimeError("EMA.restore called without a matching EMA.store")
-        torch._foreach_copy_([p.data for p in self._params(model)], self._stored)
+        _foreach_copy([p.data for p in self._params(model)], self._stored)
         self._stored = None
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "EMA":
