@@ -1,0 +1,43 @@
+"""Short runs of the text examples (the full runs are documented in their docstrings)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_number_to_words():
+    words = load("seq2seq_numbers").number_to_words
+    assert words(0) == "zero" and words(15) == "fifteen" and words(40) == "forty"
+    assert words(1204) == "one thousand two hundred four"
+    assert words(9999) == "nine thousand nine hundred ninety nine"
+    assert words(3010) == "three thousand ten" and words(700) == "seven hundred"
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "byte"])
+def test_seq2seq_numbers_short_run(tokenizer):
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+    example = load("seq2seq_numbers")
+    result = example.main(["--steps", "20", "--max_number", "300", "--num_test", "20", "--dim", "32", "--batch_size", "16",
+                           "--tokenizer", tokenizer, "--log_every", "0"])
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["loss"] < 6.0
+    train, test = example.make_splits(300, 20, 0)
+    assert not set(train) & set(test)
+
+
+def test_text_classification_short_run():
+    pytest.importorskip("tokenizers")
+    example = load("text_classification")
+    result = example.main(["--steps", "20", "--num_train", "400", "--num_test", "50", "--dim", "32", "--log_every", "0"])
+    assert 0.0 <= result["accuracy"] <= 1.0
+    train, test = example.make_data(400, 50, 0)
+    assert not {t for t, _ in train} & {t for t, _ in test}
