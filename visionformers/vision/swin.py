@@ -14,14 +14,14 @@ Inputs that are not a multiple of the window are padded timm-style (roll, then z
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from visionformers._validate import check_choice, check_image, fail
+from visionformers._validate import check_image, fail
 from visionformers.nn import PatchEmbed, TransformerBlock, WindowRelativeBias
 
 __all__ = ["SwinConfig", "SwinTransformer", "PatchMerging", "window_layout", "SwinPlan"]
@@ -267,6 +267,8 @@ def _with_zero_token(x: torch.Tensor) -> torch.Tensor:
 
 # ---- modules ----------------------------------------------------------------------------------------
 
+_BIAS_CACHE_BYTES = 32 * 2**20  # largest per-block tiled bias kept between inference calls (Swin-T, batch 8: 15 MB)
+
 
 class PatchMerging(nn.Module):
     """2x2 neighbours concatenated (x0, x1, x2, x3 order), LayerNorm, linear 4C -> 2C (Liu et al. sec. 3.1)."""
@@ -298,14 +300,16 @@ class SwinStage(nn.Module):
         self.table_window = table_window
         self._bias_cache: dict = {}
 
-    def block_bias(self, j: int, plan: BlockPlan) -> torch.Tensor:
-        """Relative bias + shift mask of block j: (1, H, N, N) or (nW, H, N, N), -inf across regions.
+    def block_bias(self, j: int, plan: BlockPlan, batch: int) -> torch.Tensor:
+        """Relative bias + shift mask of block j for SDPA: (1, H, N, N), or (B*nW, H, N, N) when shifted
+        (-inf across regions; window w of image i is row i*nW + w).
 
-        Input-independent: in inference (no grad) the sum is cached until the table changes.
+        Input-independent: in inference (no grad) it is cached until the table changes; the per-batch
+        tiling only up to _BIAS_CACHE_BYTES (it grows with the batch).
         """
         rb = self.rel_bias[j]
         cacheable = not self.training and not torch.is_grad_enabled()
-        key = (id(plan), rb.table.data_ptr(), rb.table._version, rb.table.dtype)
+        key = (id(plan), rb.table.data_ptr(), rb.table._version, rb.table.dtype, batch)
         if cacheable:
             hit = self._bias_cache.get(j)
             if hit is not None and hit[0] == key:
@@ -318,7 +322,9 @@ class SwinStage(nn.Module):
         bias = bias.unsqueeze(0)  # (1, H, N, N)
         if plan.mask is not None:
             bias = bias.masked_fill(~plan.mask, float("-inf"))  # (nW, H, N, N)
-        if cacheable:
+            # SDPA broadcasts a mask over the batch only as a whole: tile it to (B*nW, H, N, N)
+            bias = bias.repeat(batch, 1, 1, 1)
+        if cacheable and bias.numel() * bias.element_size() <= _BIAS_CACHE_BYTES:
             self._bias_cache[j] = (key, bias)
         return bias
 
@@ -332,9 +338,7 @@ class SwinStage(nn.Module):
             if bp.gather is not None:
                 x = _take(x, bp.gather)
             b = x.shape[0]
-            bias = self.block_bias(j, bp)
-            if bias.shape[0] > 1:
-                bias = bias.repeat(b, 1, 1, 1)  # (B*nW, H, N, N): window w of image i is row i*nW + w
+            bias = self.block_bias(j, bp, b)
             n = bp.window[0] * bp.window[1]
             if bp.split is None:  # stream in this block's window order: the partition is a view
                 split = lambda h, n=n: h.view(-1, n, h.shape[-1])  # (B*nW, N, C)  # noqa: E731
@@ -356,8 +360,9 @@ class SwinTransformer(nn.Module):
         self.dims = [c.embed_dim * 2**i for i in range(num_stages)]
         self.num_features = self.dims[-1]
         # output="nchw": the plan gathers the conv output straight into window order; the norm follows
+        # (padding to the patch is done here, only when needed: PatchEmbed's pad copies even when it adds nothing)
         self.patch_embed = PatchEmbed(
-            c.img_size, c.patch_size, c.in_chans, c.embed_dim, output="nchw", strict_img_size=False, pad=True,
+            c.img_size, c.patch_size, c.in_chans, c.embed_dim, output="nchw", strict_img_size=False, pad=False,
             norm=nn.LayerNorm(c.embed_dim, eps=c.norm_eps) if c.patch_norm else None,
         )
         # a stage's window (and so its bias table) is clipped to its grid at the build size, as in timm
@@ -417,6 +422,10 @@ class SwinTransformer(nn.Module):
     def _stream(self, images: torch.Tensor):
         """Patch embedding -> (B, L, C) stream in the first block's order, and the plan."""
         check_image("images", images, channels=self.config.in_chans)
+        p = self.config.patch_size
+        pad_h, pad_w = -images.shape[-2] % p, -images.shape[-1] % p
+        if pad_h or pad_w:  # zero-pad bottom/right to a whole patch, as timm's dynamic padding
+            images = F.pad(images, (0, pad_w, 0, pad_h))
         x = self.patch_embed(images)  # (B, C, h, w)
         b, c, h, w = x.shape
         plan = self.plan((h, w), x.device)

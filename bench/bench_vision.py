@@ -1,0 +1,125 @@
+"""ViT-B/16 and Swin-T: visionformers vs timm vs torchvision, in one process, same weights, same inputs.
+
+Inference: images/s of ``model(x)`` under ``torch.inference_mode()`` (median of ``--runs`` after warm-up).
+Training: one step = forward + cross-entropy + backward + AdamW, median images/s. The three models of a
+family run interleaved round by round so load changes on a shared machine hit them alike.
+
+    python bench/bench_vision.py --model all --batch 8 --runs 5
+    python bench/bench_vision.py --model swin --compile          # adds torch.compile(ours) beside eager
+    python bench/bench_vision.py --model vit --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import visionformers as vf
+
+FAMILIES = {
+    # family: (our preset, timm name, torchvision constructor); ours is built from torchvision's weights
+    "vit": ("vit_base_patch16_224", "vit_base_patch16_224", "vit_b_16"),
+    "swin": ("swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224", "swin_t"),
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(family: str, device: str, compile_ours: bool) -> dict[str, torch.nn.Module]:
+    """The reference models with random weights, and ours loaded with torchvision's weights (parity)."""
+    import timm
+    import torchvision
+
+    _, timm_name, tv_name = FAMILIES[family]
+    tv = getattr(torchvision.models, tv_name)(weights=None)
+    models = {
+        "torchvision": tv,
+        "timm": timm.create_model(timm_name, pretrained=False),
+        "ours": vf.convert.build_model(*vf.convert.from_torchvision(tv.state_dict(), return_config=True)),
+    }
+    if compile_ours:
+        models["ours+compile"] = torch.compile(vf.convert.build_model(*vf.convert.from_torchvision(tv.state_dict(), return_config=True)))
+    return {k: m.to(device) for k, m in models.items()}
+
+
+def time_inference(models, x, runs: int, device: str) -> dict[str, list[float]]:
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m.eval()
+            for _ in range(2):  # warm-up: allocator, plans, kernels, compilation
+                m(x)
+        for _ in range(runs):
+            for name, m in models.items():
+                sync(device)
+                t = time.perf_counter()
+                m(x)
+                sync(device)
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def time_training(models, x, runs: int, device: str) -> dict[str, list[float]]:
+    y = torch.randint(0, 1000, (x.shape[0],), device=device)
+    times = {k: [] for k in models}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
+
+    def step(name, m):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+
+    for name, m in models.items():
+        m.train()
+        step(name, m)  # warm-up
+    for _ in range(runs):
+        for name, m in models.items():
+            sync(device)
+            t = time.perf_counter()
+            step(name, m)
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]], batch: int) -> None:
+    rates = {k: batch / statistics.median(v) for k, v in times.items()}
+    best_ref = max(rates[k] for k in ("timm", "torchvision"))
+    print(f"  {title}")
+    for name, rate in rates.items():
+        ratio = f"  {rate / best_ref:.2f}x the faster reference" if name.startswith("ours") else ""
+        print(f"    {name:14s} {rate:8.2f} img/s  (median of {len(times[name])}){ratio}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["vit", "swin", "all"], default="all")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, batch {args.batch}, fp32")
+    for family in (["vit", "swin"] if args.model == "all" else [args.model]):
+        models = build(family, args.device, args.compile)
+        x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
+        with torch.inference_mode():
+            ref = models["torchvision"].eval()(x)
+            diff = (models["ours"].eval()(x) - ref).abs().max().item()
+        print(f"{family}: {FAMILIES[family][0]} (max |ours - torchvision| logits {diff:.1e})")
+        report("inference", time_inference(models, x, args.runs, args.device), args.batch)
+        if not args.no_train:
+            report("training step (fwd + bwd + AdamW)", time_training(models, x, args.runs, args.device), args.batch)
+
+
+if __name__ == "__main__":
+    main()
