@@ -24,6 +24,15 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
+def activation_(name: str, x: torch.Tensor) -> torch.Tensor:
+    """In-place ``activation`` (no new (N, hidden) buffer); only where autograd does not need x."""
+    if name in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_(x, approximate="tanh" if name == "gelu_tanh" else "none")
+    if name == "relu":
+        return x.relu_()
+    return F.silu(x, inplace=True)
+
+
 class Mlp(nn.Module):
     """Position-wise feed-forward network; gated variants compute act(x W) * (x V) with one fused matmul."""
 
@@ -49,6 +58,8 @@ class Mlp(nn.Module):
         if self.gated:
             gate, up = h.chunk(2, dim=-1)  # fc1 rows: [gate; up]
             h = activation(_GATED[self.act], gate) * up
+        elif not torch.is_grad_enabled():
+            h = activation_(self.act, h)  # inference: nothing keeps h for backward, so reuse its memory
         else:
             h = activation(self.act, h)
         return self.drop(self.fc2(self.drop(h)))
