@@ -1,0 +1,56 @@
+"""Generate text with a model saved by train_scripts/train_lm.py (config.json + model.safetensors + tokenizer.json).
+
+    python sample_scripts/generate_text.py outputs/lm --prompt "Once upon a time" --max_new_tokens 200 --top_p 0.9
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import visionformers as vf
+from visionformers.text import load_tokenizer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("model_dir", help="a directory written by train_lm.py (or save_pretrained + tokenizer.save)")
+    a("--prompt", default="\n")
+    a("--max_new_tokens", type=int, default=200, help="capped by the model's context length")
+    a("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    a("--temperature", type=float, default=0.8)
+    a("--top_k", type=int, default=None)
+    a("--top_p", type=float, default=None)
+    a("--num_samples", type=int, default=1)
+    a("--stop_at_eos", action="store_true", help="stop a sample at the tokenizer's <eos>")
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[str]:
+    args = parse_args(argv)
+    tok = load_tokenizer(args.model_dir)
+    model = vf.from_pretrained(args.model_dir).to(args.device).eval()
+    if not hasattr(model, "generate") or not hasattr(model.config, "max_len"):
+        raise ValueError(f"model_dir={args.model_dir!r} holds a {type(model).__name__}; expected a GPT saved by train_lm.py")
+    if not args.prompt:
+        raise ValueError("--prompt='' is not accepted; expected at least one character to continue")
+    ids = torch.tensor([tok.encode(args.prompt, add_special_tokens=False)] * args.num_samples, device=args.device)
+    room = model.config.max_len - ids.shape[1]
+    if room <= 0:
+        raise ValueError(f"--prompt has {ids.shape[1]} tokens; expected fewer than the model's max_len={model.config.max_len}")
+    out = model.generate(
+        ids, min(args.max_new_tokens, room), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        do_sample=not args.greedy, eos_token_id=tok.eos_token_id if args.stop_at_eos else None,
+        generator=torch.Generator(args.device).manual_seed(args.seed),
+    )
+    texts = tok.batch_decode(out)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ---\n{text}")
+    return texts
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Train a small GPT on a text file: `python train_scripts/train_lm.py corpus.txt` or `accelerate launch ...`.
+
+The text is tokenized once (byte-level by default; --tokenizer bpe learns a BPE from the file), random
+windows of --block_size tokens are the training examples, and the model, its config and the tokenizer
+are saved to --output_dir for sample_scripts/generate_text.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+import visionformers as vf
+from visionformers.text import BPETokenizer, ByteTokenizer
+from visionformers.training import build_lr_scheduler, build_optimizer, make_generator, seed_everything
+from visionformers.training.pipeline import default_mixed_precision, force_cpu
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("text_file", help="a UTF-8 text file to learn from")
+    a("--output_dir", default="outputs/lm")
+    a("--model", default="gpt_tiny", help="a GPT preset (vf.list_models('gpt*'))")
+    a("--model_overrides", type=json.loads, default={}, help='JSON of config fields, e.g. \'{"depth": 4}\'')
+    a("--tokenizer", default="byte", choices=["byte", "bpe"])
+    a("--vocab_size", type=int, default=2048, help="BPE vocabulary size (--tokenizer bpe)")
+    a("--block_size", type=int, default=128, help="tokens per training window")
+    a("--train_batch_size", type=int, default=32, help="per process")
+    a("--max_train_steps", type=int, default=2000)
+    a("--learning_rate", type=float, default=1e-3)
+    a("--lr_warmup_steps", type=int, default=100)
+    a("--weight_decay", type=float, default=0.1)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--val_fraction", type=float, default=0.05, help="the end of the file, held out for validation loss")
+    a("--eval_steps", type=int, default=200)
+    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 if supported")
+    a("--seed", type=int, default=0)
+    a("--sample_prompt", default="\n", help="prompt of the sample printed at the end")
+    a("--sample_tokens", type=int, default=200)
+    return p.parse_args(argv)
+
+
+def random_windows(data: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch_size, block_size) windows starting at random offsets of the token stream."""
+    starts = torch.randint(0, len(data) - block_size + 1, (batch_size,), generator=generator)
+    return torch.stack([data[s : s + block_size] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def validation_loss(model, data: torch.Tensor, block_size: int, device, max_windows: int = 64) -> float:
+    """Mean loss over up to ``max_windows`` consecutive windows of the held-out tokens."""
+    n = min(max_windows, len(data) // block_size)
+    if n == 0:
+        return float("nan")
+    windows = data[: n * block_size].view(n, block_size).to(device)  # (n, block_size)
+    model.eval()
+    loss = sum(model(w[None], labels=w[None]).loss.item() for w in windows) / n
+    model.train()
+    return loss
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=force_cpu(), mixed_precision=args.mixed_precision or default_mixed_precision())
+    seed_everything(args.seed)  # the same initial weights on every process
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"text_file={str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    tok = BPETokenizer.train(path, vocab_size=args.vocab_size) if args.tokenizer == "bpe" else ByteTokenizer()
+    data = torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.long)
+    n_val = int(len(data) * args.val_fraction)
+    train_data, val_data = data[: len(data) - n_val], data[len(data) - n_val :]
+    if len(train_data) < args.block_size + 1:
+        raise ValueError(f"text_file={str(path)!r} holds {len(train_data)} training tokens; --block_size={args.block_size} needs more")
+
+    overrides = {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id, **args.model_overrides}
+    model = vf.create_model(args.model, **overrides)
+    if args.block_size > model.config.max_len:
+        raise ValueError(f"--block_size={args.block_size} exceeds the model's max_len={model.config.max_len}")
+    optimizer = build_optimizer(model, "adamw", args.learning_rate, args.weight_decay, betas=(0.9, 0.95))
+    scheduler = build_lr_scheduler(optimizer, "cosine", args.lr_warmup_steps, args.max_train_steps, min_ratio=0.1)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    generator = make_generator(args.seed, accelerator.process_index)  # each process draws its own windows
+    accelerator.print(f"{len(train_data)} training tokens, {len(val_data)} held out; "
+                      f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {accelerator.num_processes} process(es)")
+
+    start = time.perf_counter()
+    for step in range(1, args.max_train_steps + 1):
+        batch = random_windows(train_data, args.block_size, args.train_batch_size, generator).to(accelerator.device)
+        with accelerator.autocast():
+            loss = model(batch, labels=batch).loss  # next-token cross-entropy
+        accelerator.backward(loss)
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.eval_steps == 0 or step == args.max_train_steps:
+            val = validation_loss(accelerator.unwrap_model(model), val_data, args.block_size, accelerator.device)
+            accelerator.print(f"step {step:6d}  train loss {loss.item():.4f}  val loss {val:.4f} "
+                              f"(ppl {math.exp(min(val, 20)):.1f})  {time.perf_counter() - start:.0f}s")
+
+    accelerator.wait_for_everyone()
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model).eval()
+        vf.save_pretrained(unwrapped, out)
+        tok.save(out)
+        prompt = torch.tensor([tok.encode(args.sample_prompt, add_special_tokens=False) or [tok.bos_token_id]],
+                              device=accelerator.device)
+        room = unwrapped.config.max_len - prompt.shape[1]
+        sample = unwrapped.generate(prompt, min(args.sample_tokens, room), do_sample=True, temperature=0.8, top_k=50,
+                                    generator=torch.Generator(accelerator.device).manual_seed(args.seed))
+        print(f"saved to {out}\n--- sample ---\n{tok.decode(sample[0])}")
+    accelerator.end_training()
+    return out
+
+
+if __name__ == "__main__":
+    main()
