@@ -110,6 +110,15 @@ def test_cross_attention_ignores_masked_context_tokens():
     assert not torch.allclose(model(x, t, context=edited, context_mask=mask), ref, atol=1e-5)
 
 
+def test_fully_masked_context_gives_a_finite_output():
+    """An empty prompt may mask every token; the cross-attention then adds only its bias, never NaN."""
+    model = perturb_zero_init(tiny_unet(context_dim=6)).eval()
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 700])
+    mask = torch.tensor([[False] * 4, [True, False, False, False]])
+    out = model(x, t, context=torch.randn(2, 4, 6), context_mask=mask)
+    assert torch.isfinite(out).all()
+
+
 def test_class_labels_change_output_and_none_means_null_class():
     model = perturb_zero_init(tiny_unet(num_classes=3)).eval()
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 5])

@@ -19,7 +19,7 @@ from torch import nn
 from visionformers._validate import check_image, fail
 from visionformers.nn import TimestepEmbedding
 from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null
-from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, zero_init_
+from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, silu, zero_init_
 
 __all__ = ["UNetConfig", "UNet"]
 
@@ -213,4 +213,4 @@ class UNet(nn.Module):
                     h = level.attentions[i](h, context, context_mask)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+        return self.conv_out(silu(self.norm_out(h)))

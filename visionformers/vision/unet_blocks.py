@@ -12,7 +12,15 @@ from torch import nn
 
 from visionformers.nn import Attention
 
-__all__ = ["ResBlock", "SpatialAttention", "Downsample", "Upsample"]
+__all__ = ["ResBlock", "SpatialAttention", "Downsample", "Upsample", "silu", "zero_init_"]
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh activation, in place when autograd is off.
+
+    Under autograd an in-place SiLU gains nothing: its backward needs the input, so autograd clones it first.
+    """
+    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 def zero_init_(module: nn.Module) -> nn.Module:
@@ -50,16 +58,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x (B, Cin, H, W), emb (B, emb_dim) already passed through SiLU -> (B, Cout, H, W)."""
-        # In-place SiLU is safe after GroupNorm and addcmul: their backward reads their inputs, not outputs,
-        # and SiLU's backward reads its own result. It saves one activation per call.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv1(silu(self.norm1(x)))
         e = self.emb_proj(emb)[:, :, None, None]  # (B, C or 2C, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
             h = torch.addcmul(shift, self.norm2(h), 1 + scale)
         else:
-            h = self.norm2(h.add_(e))  # conv1's backward does not need its output
-        h = F.silu(h, inplace=True)
+            h = self.norm2(h.add_(e))  # in place: neither conv1's nor add's backward reads conv1's output
+        h = silu(h)
         if self.training and self.dropout > 0:
             h = F.dropout(h, self.dropout, training=True)
         h = self.conv2(h)
