@@ -172,3 +172,21 @@ def test_unknown_architecture_and_keys():
         from_hf(sd)
     with pytest.raises(ValueError, match="model_type"):
         config_from_hf({"model_type": "llama"})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert_mlm", "t5", "t5_gated"])
+def test_config_inferred_from_weights(family):
+    if family == "gpt2":
+        cfg = hf.GPT2Config(n_layer=3, n_embd=128, n_head=2, vocab_size=50, n_positions=40)
+        ref, cls, expected = hf.GPT2LMHeadModel(cfg), GPT, config_from_hf(cfg)
+    elif family == "bert_mlm":
+        cfg = hf.BertConfig(**BERT_CFG)
+        ref, cls, expected = hf.BertForMaskedLM(cfg), BertForMaskedLM, config_from_hf(cfg)
+    else:
+        extra = dict(feed_forward_proj="gated-gelu") if family == "t5_gated" else {}
+        cfg = hf.T5Config(**T5_CFG, num_decoder_layers=3, **extra)
+        ref, cls, expected = hf.T5ForConditionalGeneration(cfg), T5, config_from_hf(cfg)
+    config, state = from_hf(ref.state_dict(), return_config=True)
+    fields = ("vocab_size", "dim", "depth", "mlp_act") + (("decoder_depth", "head_dim", "mlp_hidden_dim") if "t5" in family else ("max_len",))
+    assert {f: getattr(config, f) for f in fields} == {f: getattr(expected, f) for f in fields}
+    load_into(cls(config), state)  # every tensor fits

@@ -31,16 +31,61 @@ def detect_hf_architecture(state_dict: dict[str, torch.Tensor]) -> str:
     )
 
 
-def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf(state_dict: dict[str, torch.Tensor], config=None, *, return_config: bool = False):
     """Convert a transformers GPT-2 / BERT / T5 state dict (any head listed below) to visionformers names.
 
     GPT2Model / GPT2LMHeadModel -> ``GPT``; BertModel -> ``Bert``; BertForMaskedLM ->
     ``BertForMaskedLM``; BertForSequenceClassification -> ``BertForSequenceClassification``;
     T5ForConditionalGeneration / T5Model -> ``T5``; T5EncoderModel -> ``T5Encoder``.
     Tied copies (lm_head = embedding) are dropped; the model re-ties them.
+    With ``return_config`` returns ``(config, state_dict)``: sizes are read from the weights, the head
+    count (which no weight shape tells for GPT-2 / BERT) from ``config`` or else dim // 64, as in every
+    released GPT-2 and BERT; the rest are the family's defaults (better: ``config_from_hf(hf_config)``).
     """
     arch = detect_hf_architecture(state_dict)
-    return {"gpt2": _gpt2, "bert": _bert, "t5": _t5}[arch](state_dict)
+    out = {"gpt2": _gpt2, "bert": _bert, "t5": _t5}[arch](state_dict)
+    if not return_config:
+        return out
+    return _infer_config(arch, out, config), out
+
+
+def _infer_config(arch: str, sd: dict[str, torch.Tensor], config):
+    """Our config from converted weights (see ``from_hf``); ``config`` supplies the head count when given."""
+    import dataclasses
+
+    prefix = "bert." if arch == "bert" and any(k.startswith("bert.") for k in sd) else ""
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}(?:encoder\.)?blocks\.(\d+)\.", k)))
+    if arch == "t5":
+        from visionformers.text.t5 import T5Config
+
+        heads = sd["encoder.rel_bias.embedding.weight"].shape[1]
+        q_rows, dim = sd["encoder.blocks.0.attn.qkv.weight"].shape
+        fc1 = sd["encoder.blocks.0.mlp.fc1.weight"].shape[0]
+        gated = fc1 == 2 * sd["encoder.blocks.0.mlp.fc2.weight"].shape[1]  # [gate; up] rows
+        dec = [int(m.group(1)) for k in sd if (m := re.match(r"decoder\.blocks\.(\d+)\.", k))]
+        return T5Config(
+            vocab_size=sd["embed.weight"].shape[0], dim=dim, head_dim=q_rows // 3 // heads,
+            mlp_hidden_dim=fc1 // 2 if gated else fc1, depth=depth, decoder_depth=max(dec) + 1 if dec else depth,
+            num_heads=heads, num_buckets=sd["encoder.rel_bias.embedding.weight"].shape[0],
+            mlp_act="geglu_tanh" if gated else "relu", tie_embeddings="lm_head.weight" not in sd,
+        )
+    vocab, dim = sd[f"{prefix}token_embed.weight"].shape
+    heads = config.num_heads if config is not None and config.dim == dim else max(dim // 64, 1)
+    fields = dict(vocab_size=vocab, max_len=sd[f"{prefix}pos_embed.weight"].shape[0], dim=dim, depth=depth, num_heads=heads)
+    if arch == "gpt2":
+        from visionformers.text.gpt import GPTConfig
+
+        base = config if isinstance(config, GPTConfig) else GPTConfig()
+        hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+        return dataclasses.replace(base, **fields, mlp_ratio=hidden / dim, tie_embeddings="lm_head.weight" not in sd)
+    from visionformers.text.bert import BertConfig
+
+    base = config if isinstance(config, BertConfig) else BertConfig()
+    labels = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else base.num_labels
+    return dataclasses.replace(
+        base, **fields, type_vocab_size=sd[f"{prefix}type_embed.weight"].shape[0],
+        mlp_hidden_dim=sd[f"{prefix}blocks.0.mlp.fc1.weight"].shape[0], num_labels=labels,
+    )
 
 
 def _unmapped(left: list[str], arch: str) -> None:

@@ -88,8 +88,13 @@ class GPT(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.token_embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward_features(self, input_ids: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
-        """(B, N) ids -> (B, N, dim) final hidden states; with ``kv_caches`` the ids continue the cached ones."""
+    def forward_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) ids -> (B, N, dim) final hidden states (after the last norm)."""
+        check_input_ids(input_ids, self.config.vocab_size, self.config.max_len)
+        return self._hidden(input_ids)
+
+    def _hidden(self, input_ids: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Unchecked forward; with ``kv_caches`` the ids continue the cached positions."""
         n = input_ids.shape[1]
         offset = kv_caches[0].length if kv_caches else 0
         x = self.drop(self.token_embed(input_ids) + self.pos_embed(n, offset))  # (B, N, dim)
@@ -107,7 +112,7 @@ class GPT(nn.Module):
         check_input_ids(input_ids, self.config.vocab_size, self.config.max_len)
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
             fail("labels", labels, f"a tensor of shape {tuple(input_ids.shape)} like input_ids")
-        logits = F.linear(self.forward_features(input_ids), self.output_weight())  # (B, N, vocab)
+        logits = F.linear(self._hidden(input_ids), self.output_weight())  # (B, N, vocab)
         loss = shifted_cross_entropy(logits, labels) if labels is not None else None
         return ModelOutput(logits, loss)
 
@@ -142,7 +147,7 @@ class GPT(nn.Module):
         weight = self.output_weight()
 
         def step(ids: torch.Tensor) -> torch.Tensor:
-            h = self.forward_features(ids, caches)[:, -1]  # (B, dim): only the last position is needed
+            h = self._hidden(ids, caches)[:, -1]  # (B, dim): only the last position is needed
             return F.linear(h, weight)  # (B, vocab)
 
         new = decode(
