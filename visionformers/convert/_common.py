@@ -1,6 +1,7 @@
 """Helpers shared by the state-dict converters: architecture errors, config inference, position resampling."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -116,6 +117,26 @@ def swin_config_from_tables(
     return cfg
 
 
+_INIT_FUNCTIONS = ("trunc_normal_", "normal_", "uniform_", "zeros_", "ones_", "xavier_uniform_", "kaiming_uniform_", "constant_")
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Make ``torch.nn.init`` functions no-ops while a model whose every weight is loaded next is built.
+
+    Random init of a large model costs seconds and is overwritten anyway; buffers (index tables) are
+    still computed. Only for a strict load right after: the parameters hold uninitialised memory.
+    """
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def build_model(config, state_dict: dict) -> nn.Module:
     """The visionformers model of ``config`` with ``state_dict`` loaded strictly (e.g. after a converter)."""
     from visionformers.hub import load_into
@@ -125,6 +146,7 @@ def build_model(config, state_dict: dict) -> nn.Module:
     cls = by_config.get(type(config))
     if cls is None:
         raise ValueError(f"config={type(config).__name__} is not accepted; expected one of {sorted(c.__name__ for c in by_config)}")
-    model = cls(config)
+    with skip_weight_init():  # every parameter comes from state_dict (load_into is strict)
+        model = cls(config)
     load_into(model, state_dict, source="converted state_dict")
     return model

@@ -87,7 +87,7 @@ def _vit(state: dict, config, img_size, num_heads):
         patch_size=ph, in_chans=in_chans, embed_dim=dim, depth=depth, num_heads=vit_heads(dim, config, num_heads),
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim, qkv_bias="blocks.0.attn.qkv.bias" in state,
         qk_norm="blocks.0.attn.q_norm.weight" in state, class_token=class_token, num_reg_tokens=num_reg,
-        global_pool=pool, fc_norm=fc_norm, num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+        global_pool=pool, fc_norm=True if fc_norm else (False if pool == "avg" else None), num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
         layer_scale_init=1e-5 if "blocks.0.ls1.gamma" in state else None,
     )
     if isinstance(config, ViTConfig):  # run-time choices the weights cannot tell

@@ -67,7 +67,7 @@ def from_torchvision(
     state = check_state_dict(state_dict)
     if "conv_proj.weight" in state and "encoder.pos_embedding" in state:
         cfg, out = _vit(state, config, img_size, num_heads)
-    elif any(k.endswith("attn.relative_position_bias_table") and k.startswith("features.") for k in state):
+    elif any(k.startswith("features.") and k.endswith(("attn.relative_position_bias_table", "attn.logit_scale")) for k in state):
         cfg, out = _swin(state, config, img_size)
     elif any(k.startswith("encoder.") for k in state) and "conv_proj.conv_last.weight" in state:
         raise unsupported("torchvision ViT", "conv_proj.conv_last.weight", "a convolutional stem (conv_stem_configs)")
