@@ -37,6 +37,8 @@ def build(family: str, device: str, compile_ours: bool) -> dict[str, torch.nn.Mo
 
     _, timm_name, tv_name = FAMILIES[family]
     tv = getattr(torchvision.models, tv_name)(weights=None)
+    head = tv.heads.head if family == "vit" else tv.head
+    torch.nn.init.normal_(head.weight, std=0.02)  # torchvision zero-inits the ViT head: make the parity check bite
     models = {
         "torchvision": tv,
         "timm": timm.create_model(timm_name, pretrained=False),

@@ -1,13 +1,12 @@
 """Train a diffusion UNet or DiT: `python train_scripts/train_unet.py` or `accelerate launch train_scripts/train_unet.py`.
 
-With no arguments: a class-conditional unet_tiny on the embedded 8x8 digits (upscaled to --resolution), samples
+With no arguments: a class-conditional unet_tiny on the embedded 8x8 digits (resized to --resolution), samples
 in <output_dir>/samples.png and the EMA weights exported to <output_dir>/model for sample_scripts/sample_unet.py.
 Resume with --resume_from_checkpoint latest; the continuation is bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -18,8 +17,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
-import visionformers as vf
-from visionformers import data, diffusion, registry, training
+from visionformers import data, diffusion, training
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import logging as track
 from visionformers.training import pipeline, sampling
@@ -33,23 +31,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--conditioning", default="class", choices=pipeline.CONDITIONINGS)
     a("--text_encoder", default="t5_tiny_encoder", help="text preset for --conditioning text (frozen)")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
-    a("--prediction_type", default="eps", choices=diffusion.PREDICTION_TYPES)
+    a("--prediction_type", default="v", choices=diffusion.PREDICTION_TYPES,
+      help="v keeps the x0 estimate bounded at high noise (eps with cosine gives speckled samples)")
     a("--noise_schedule", default="cosine", choices=diffusion.SCHEDULES)
     a("--num_train_timesteps", type=int, default=1000)
     a("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (5.0 in the paper)")
     a("--train_data_dir", default=None, help="an image folder; default: the embedded digits")
     a("--captions_file", default=None, help="JSON-lines captions for --train_data_dir")
-    a("--resolution", type=int, default=16)
+    a("--resolution", type=int, default=8, help="8: the digits' native size")
     a("--center_crop", action=argparse.BooleanOptionalAction, default=True)
     a("--random_flip", action="store_true")
     a("--train_batch_size", type=int, default=64, help="per process")
     a("--dataloader_num_workers", type=int, default=0)
-    a("--max_train_steps", type=int, default=3000)
+    a("--max_train_steps", type=int, default=600)
     a("--stop_after_steps", type=int, default=None, help="stop this process after N steps (checkpoint kept)")
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--learning_rate", type=float, default=1e-3)
     a("--lr_scheduler", default="cosine", choices=training.LR_SCHEDULES)
-    a("--lr_warmup_steps", type=int, default=100)
+    a("--lr_warmup_steps", type=int, default=50)
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=0.0)
@@ -60,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--ema_power", type=float, default=3 / 4)
     a("--seed", type=int, default=0)
     a("--output_dir", default="outputs/train_unet")
-    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpointing_steps", type=int, default=200)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
     a("--sample_every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
@@ -101,17 +100,11 @@ def main(argv=None) -> None:
     dataset, num_classes, class_names, channels = build_dataset(args)
     conditioner = (pipeline.build_text_conditioner(args.text_encoder, device, args.seed)
                    if args.conditioning == "text" else None)
-    # Our loss is L_simple and label dropout happens here (seeded): turn off a preset's learned variance / own dropout.
-    fields = {f.name for f in dataclasses.fields(registry.get_preset(args.model)[1])}
-    overrides = {k: v for k, v in {"learn_sigma": False, "class_dropout_prob": 0.0}.items() if k in fields}
-    overrides.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.model_overrides.items()})
-    overrides.update(in_channels=channels, sample_size=args.resolution,
-                     num_classes=num_classes if args.conditioning == "class" else None)
-    if conditioner is not None:
-        overrides["context_dim"] = conditioner.context_dim
-    model = vf.create_model(args.model, **overrides)
-    settings = pipeline.diffusion_settings(args, overrides["num_classes"], class_names, channels,
-                                           overrides.get("context_dim"))
+    num_classes = num_classes if args.conditioning == "class" else None
+    context_dim = conditioner.context_dim if conditioner is not None else None
+    model = pipeline.build_denoiser(args.model, channels, args.resolution, num_classes, context_dim,
+                                    args.model_overrides)
+    settings = pipeline.diffusion_settings(args, num_classes, class_names, channels, context_dim)
     sched = pipeline.schedule_from(settings)
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
                                          (args.adam_beta1, args.adam_beta2))
@@ -146,8 +139,7 @@ def main(argv=None) -> None:
                              extra_models=text_encoder, **state_objs)
 
     def write_samples(name: str, at_step: int) -> None:
-        n_cls = num_classes if args.conditioning == "class" else None
-        labels = torch.arange(args.num_samples) % n_cls if n_cls else None
+        labels = torch.arange(args.num_samples) % num_classes if num_classes else None
         prompts = [data.digit_caption(i % 10) for i in range(args.num_samples)] if conditioner else None
 
         def inputs(idx):
@@ -171,7 +163,7 @@ def main(argv=None) -> None:
         if ema is not None:
             ema.restore(net)
         if accelerator.is_main_process:
-            grid = sampling.make_grid(images, nrow=n_cls or None, upscale=max(1, 64 // args.resolution))
+            grid = sampling.make_grid(images, nrow=num_classes, upscale=max(1, 64 // args.resolution))
             path = sampling.save_png(grid, os.path.join(args.output_dir, name))
             track.log_image(accelerator, "samples", grid, at_step)
             accelerator.print(f"step {at_step}: samples in {path}")
@@ -189,16 +181,8 @@ def main(argv=None) -> None:
                 batch = next(stream)
                 with accelerator.accumulate(model):
                     x0 = batch["pixel_values"].to(device, non_blocking=True)
-                    cond = {}
-                    if args.conditioning == "class":
-                        labels = batch["label"].to(device)
-                        cond["class_labels"] = pipeline.unconditional_dropout(labels, "class", args.cond_drop_prob,
-                                                                              num_classes, noise_gen)
-                    elif args.conditioning == "text":
-                        captions = pipeline.unconditional_dropout(batch["caption"], "text", args.cond_drop_prob,
-                                                                  None, noise_gen)
-                        with torch.no_grad():
-                            cond["context"], cond["context_mask"] = conditioner(captions)
+                    cond = pipeline.training_inputs(batch, settings, conditioner, args.cond_drop_prob, noise_gen,
+                                                    device)
                     loss = diffusion.training_loss(model, x0, sched, args.prediction_type, args.snr_gamma,
                                                    generator=noise_gen, **cond)
                     if step + 1 in args.debug_inject_nan_at:

@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import sys
 import time
 
 import pytest
@@ -24,6 +25,8 @@ ARGS = [*TINY, "--max_train_steps", "16", "--checkpointing_steps", "2", "--check
 def _child(argv: list[str], delay: str, log: str) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1), os.dup2(fd, 2)
+    # pytest's capture replaces sys.stdout / sys.stderr with its own files: point them at the log too
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
     os.environ[ckpt.WRITE_DELAY_ENV] = delay  # sleep between checkpoint files so kills land mid-write
     import torch
 

@@ -6,6 +6,7 @@ needs nothing but the directory. With text conditioning the frozen text encoder 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -51,6 +52,37 @@ def diffusion_settings(args, num_classes: int | None, class_names, channels: int
         "channels": channels,
         "resolution": args.resolution,
     }
+
+
+def build_denoiser(name: str, in_channels: int, sample_size: int, num_classes: int | None = None,
+                   context_dim: int | None = None, overrides: dict | None = None) -> nn.Module:
+    """A UNet / DiT preset sized for the data. Our objective is L_simple with label dropout done by the caller,
+    so a preset's learned variance (``learn_sigma``) and in-model label dropout are turned off unless overridden.
+    JSON lists in ``overrides`` become the tuples configs expect."""
+    from visionformers import registry
+
+    fields = {f.name for f in dataclasses.fields(registry.get_preset(name)[1])}
+    config = {k: v for k, v in {"learn_sigma": False, "class_dropout_prob": 0.0}.items() if k in fields}
+    config.update({k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()})
+    config.update(in_channels=in_channels, sample_size=sample_size, num_classes=num_classes)
+    if context_dim is not None:
+        config["context_dim"] = context_dim
+    return registry.create_model(name, **config)
+
+
+def training_inputs(batch: dict, settings: dict, conditioner, drop_prob: float, generator: torch.Generator,
+                    device) -> dict:
+    """The denoiser's conditioning keywords for a training batch, with classifier-free-guidance dropout."""
+    kind = settings["conditioning"]
+    if kind == "class":
+        labels = batch["label"].to(device)
+        return {"class_labels": unconditional_dropout(labels, kind, drop_prob, settings["num_classes"], generator)}
+    if kind == "text":
+        captions = unconditional_dropout(batch["caption"], kind, drop_prob, None, generator)
+        with torch.no_grad():
+            context, mask = conditioner(captions)
+        return {"context": context, "context_mask": mask}
+    return {}
 
 
 def schedule_from(settings: dict) -> NoiseSchedule:

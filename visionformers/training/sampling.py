@@ -144,6 +144,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; images are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
