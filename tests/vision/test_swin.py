@@ -195,6 +195,16 @@ def test_eval_is_deterministic_and_inference_path_matches_autograd_path():
     torch.testing.assert_close(model(x), a)
 
 
+def test_plans_built_under_inference_mode_serve_training_later():
+    model = tiny()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.inference_mode():
+        expected = model(x)
+    out = model.train()(x)  # reuses the cached plan: its index tensors must be plain tensors
+    out.sum().backward()
+    torch.testing.assert_close(model.eval()(x), expected)
+
+
 def test_save_and_from_pretrained_round_trip(tmp_path):
     model = tiny()
     x = torch.randn(2, 3, 56, 56)

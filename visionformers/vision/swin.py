@@ -416,7 +416,9 @@ class SwinTransformer(nn.Module):
         key = (tuple(grid), str(device))
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = build_plan(self.config, tuple(grid), self.table_windows, device)
+            # Plain tensors even when first built under inference_mode: the plan is reused in training too.
+            with torch.inference_mode(False):
+                plan = self._plans[key] = build_plan(self.config, tuple(grid), self.table_windows, device)
         return plan
 
     def _stream(self, images: torch.Tensor):
