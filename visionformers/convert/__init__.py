@@ -6,18 +6,9 @@ converter's ``return_config=True`` output.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 from visionformers.convert._common import build_model
+from visionformers.convert.from_hf import from_hf  # eager: a lazy import bound the name to the submodule on 2nd use
 from visionformers.convert.from_timm import from_timm
 from visionformers.convert.from_torchvision import from_torchvision
 
 __all__ = ["from_timm", "from_torchvision", "from_hf", "build_model"]
-
-
-def __getattr__(name):
-    # transformers-format converters live in from_hf.py, written separately; import it only when asked
-    if name == "from_hf" and importlib.util.find_spec("visionformers.convert.from_hf") is not None:
-        return importlib.import_module("visionformers.convert.from_hf").from_hf
-    raise AttributeError(f"module 'visionformers.convert' has no attribute {name!r}")

@@ -29,6 +29,16 @@ def unsupported(source: str, key: str, why: str) -> ValueError:
     return ValueError(f"state_dict key {key!r} ({source}) is not supported: {why}")
 
 
+@contextlib.contextmanager
+def complete_state_dict(source: str):
+    """A key missing during conversion (a partial or cut-short state dict) -> ValueError naming it, not a KeyError."""
+    try:
+        yield
+    except KeyError as e:
+        raise ValueError(f"state_dict ({source}) is incomplete: converting it needs {e.args[0]!r}, which it lacks; "
+                         "expected a whole model's state dict") from None
+
+
 def check_state_dict(state_dict) -> dict:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"state_dict={type(state_dict).__name__} is not accepted; expected a dict of name -> tensor")

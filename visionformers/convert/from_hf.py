@@ -12,6 +12,8 @@ import re
 
 import torch
 
+from visionformers.convert._common import complete_state_dict
+
 __all__ = ["from_hf", "config_from_hf", "detect_hf_architecture"]
 
 
@@ -43,10 +45,11 @@ def from_hf(state_dict: dict[str, torch.Tensor], config=None, *, return_config: 
     released GPT-2 and BERT; the rest are the family's defaults (better: ``config_from_hf(hf_config)``).
     """
     arch = detect_hf_architecture(state_dict)
-    out = {"gpt2": _gpt2, "bert": _bert, "t5": _t5}[arch](state_dict)
-    if not return_config:
-        return out
-    return _infer_config(arch, out, config), out
+    with complete_state_dict(f"transformers {arch}"):
+        out = {"gpt2": _gpt2, "bert": _bert, "t5": _t5}[arch](state_dict)
+        if not return_config:
+            return out
+        return _infer_config(arch, out, config), out
 
 
 def _infer_config(arch: str, sd: dict[str, torch.Tensor], config):

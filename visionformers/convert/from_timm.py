@@ -14,6 +14,7 @@ import torch
 
 from visionformers.convert._common import (
     check_state_dict,
+    complete_state_dict,
     count_indices,
     resample_vit_positions,
     swin_config_from_tables,
@@ -57,12 +58,13 @@ def from_timm(
     builds and loads the matching model).
     """
     state = check_state_dict(state_dict)
-    if "blocks.0.attn.qkv.weight" in state and "patch_embed.proj.weight" in state:
-        cfg, out = _vit(state, config, img_size, num_heads)
-    elif "layers.0.blocks.0.attn.relative_position_bias_table" in state:
-        cfg, out = _swin(state, config, img_size)
-    else:
-        raise unknown_architecture("timm", state, ACCEPTED)
+    with complete_state_dict("timm"):
+        if "blocks.0.attn.qkv.weight" in state and "patch_embed.proj.weight" in state:
+            cfg, out = _vit(state, config, img_size, num_heads)
+        elif "layers.0.blocks.0.attn.relative_position_bias_table" in state:
+            cfg, out = _swin(state, config, img_size)
+        else:
+            raise unknown_architecture("timm", state, ACCEPTED)
     return (cfg, out) if return_config else out
 
 

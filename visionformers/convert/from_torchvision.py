@@ -15,6 +15,7 @@ import torch
 
 from visionformers.convert._common import (
     check_state_dict,
+    complete_state_dict,
     count_indices,
     resample_vit_positions,
     swin_config_from_tables,
@@ -65,14 +66,15 @@ def from_torchvision(
     table is resampled to the target ``img_size``; ``(config, state_dict)`` is returned on request.
     """
     state = check_state_dict(state_dict)
-    if "conv_proj.weight" in state and "encoder.pos_embedding" in state:
-        cfg, out = _vit(state, config, img_size, num_heads)
-    elif any(k.startswith("features.") and k.endswith(("attn.relative_position_bias_table", "attn.logit_scale")) for k in state):
-        cfg, out = _swin(state, config, img_size)
-    elif any(k.startswith("encoder.") for k in state) and "conv_proj.conv_last.weight" in state:
-        raise unsupported("torchvision ViT", "conv_proj.conv_last.weight", "a convolutional stem (conv_stem_configs)")
-    else:
-        raise unknown_architecture("torchvision", state, ACCEPTED)
+    with complete_state_dict("torchvision"):
+        if "conv_proj.weight" in state and "encoder.pos_embedding" in state:
+            cfg, out = _vit(state, config, img_size, num_heads)
+        elif any(k.startswith("features.") and k.endswith(("attn.relative_position_bias_table", "attn.logit_scale")) for k in state):
+            cfg, out = _swin(state, config, img_size)
+        elif any(k.startswith("encoder.") for k in state) and "conv_proj.conv_last.weight" in state:
+            raise unsupported("torchvision ViT", "conv_proj.conv_last.weight", "a convolutional stem (conv_stem_configs)")
+        else:
+            raise unknown_architecture("torchvision", state, ACCEPTED)
     return (cfg, out) if return_config else out
 
 
