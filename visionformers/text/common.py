@@ -49,6 +49,10 @@ def check_attention_mask(attention_mask, input_ids: torch.Tensor, name: str = "a
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of (..., V) logits against (...) labels; label -100 is ignored."""
+    check_tensor("labels", labels, integer=True)
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= logits.shape[-1]))  # else an IndexError inside torch
+    if bad.any():
+        fail(f"labels (id {int(labels[bad][0])})", labels, f"ids in [0, {logits.shape[-1]}) or {IGNORE_INDEX} (ignored)")
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)  # (B*N, V) vs (B*N,)
 
 
