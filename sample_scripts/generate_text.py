@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
 import visionformers as vf
+from visionformers._validate import check_args, script_errors
 from visionformers.text import load_tokenizer
 
 
@@ -26,11 +28,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--stop_at_eos", action="store_true", help="stop a sample at the tokenizer's <eos>")
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, [
+        ("max_new_tokens", lambda v: v >= 0, "an int >= 0"),
+        ("temperature", lambda v: v > 0 or args.greedy, "a number > 0 (or --greedy)"),
+        ("top_k", lambda v: v is None or v >= 1, "an int >= 1"),
+        ("top_p", lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
+        ("num_samples", lambda v: v >= 1, "an int >= 1")])
+    return args
 
 
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
+    if not os.path.isdir(args.model_dir):
+        raise FileNotFoundError(f"model_dir={args.model_dir!r} is not a directory; expected one written by train_lm.py")
     tok = load_tokenizer(args.model_dir)
     model = vf.from_pretrained(args.model_dir).to(args.device).eval()
     if not hasattr(model, "generate") or not hasattr(model.config, "max_len"):
@@ -53,4 +64,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    script_errors(main)()  # main returns a value for Python callers; not an exit status

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from visionformers import diffusion
+from visionformers._validate import check_args, script_errors
 from visionformers.training import pipeline, sampling
 
 
@@ -36,13 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0, help="image i uses seed + i")
     a("--output_dir", default=None, help="default: <model_path>/../samples")
     a("--grid_nrow", type=int, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in ("num_inference_steps", "num_images", "batch_size")]
+               + [("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
+                  ("eta", lambda v: v >= 0, "a number >= 0 (0: deterministic ddim)")])
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.num_images < 1 or args.batch_size < 1:
-        raise SystemExit(f"--num_images={args.num_images} and --batch_size={args.batch_size} must be >= 1")
     accelerator = Accelerator(cpu=pipeline.force_cpu())
     device = accelerator.device
     model, settings, conditioner = pipeline.load_denoiser(args.model_path, device, use_ema=not args.no_ema)
@@ -89,4 +92,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_errors(main)())

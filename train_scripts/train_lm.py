@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 import visionformers as vf
+from visionformers._validate import check_args, script_errors
 from visionformers.text import BPETokenizer, ByteTokenizer
 from visionformers.training import build_lr_scheduler, build_optimizer, make_generator, seed_everything
 from visionformers.training.pipeline import default_mixed_precision, force_cpu
@@ -43,7 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--sample_prompt", default="\n", help="prompt of the sample printed at the end")
     a("--sample_tokens", type=int, default=200)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
+        "block_size", "train_batch_size", "max_train_steps", "eval_steps")] + [
+        ("learning_rate", lambda v: v > 0, "a number > 0"),
+        ("val_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+        ("sample_tokens", lambda v: v >= 0, "an int >= 0")])
+    return args
 
 
 def random_windows(data: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -124,4 +131,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    script_errors(main)()  # main returns a value for Python callers; not an exit status

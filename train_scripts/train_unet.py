@@ -18,6 +18,7 @@ from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from visionformers import data, diffusion, training
+from visionformers._validate import check_args, script_errors
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import logging as track
 from visionformers.training import pipeline, sampling
@@ -72,7 +73,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--logging_steps", type=int, default=10)
     a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
     a("--debug_inject_nan_at", type=int, nargs="*", default=[], help="(testing) make the loss NaN at these steps")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
+        "num_inference_steps", "resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+        "num_samples", "logging_steps")] + [
+        ("checkpointing_steps", lambda v: v >= 0, "an int >= 0 (0: no checkpoints)"),
+        ("num_train_timesteps", lambda v: v >= 2, "an int >= 2"),
+        ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
+        ("cond_drop_prob", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+        ("learning_rate", lambda v: v > 0, "a number > 0")])
+    return args
 
 
 def build_dataset(args):
@@ -102,8 +112,11 @@ def main(argv=None) -> None:
                    if args.conditioning == "text" else None)
     num_classes = num_classes if args.conditioning == "class" else None
     context_dim = conditioner.context_dim if conditioner is not None else None
-    model = pipeline.build_denoiser(args.model, channels, args.resolution, num_classes, context_dim,
-                                    args.model_overrides)
+    try:
+        model = pipeline.build_denoiser(args.model, channels, args.resolution, num_classes, context_dim,
+                                        args.model_overrides)
+    except ValueError as e:  # the config names its field (sample_size, ...); say which flags set it
+        raise ValueError(f"--model={args.model} at --resolution={args.resolution} with --model_overrides: {e}") from None
     settings = pipeline.diffusion_settings(args, num_classes, class_names, channels, context_dim)
     sched = pipeline.schedule_from(settings)
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
@@ -230,4 +243,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_errors(main)())

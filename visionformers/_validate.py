@@ -5,7 +5,9 @@ so a caller never sees a traceback from deep inside torch.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+import os
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -67,3 +69,32 @@ def check_image(name: str, x, *, channels: int, size: tuple[int, int] | None = N
         fail(name, x, f"{channels} channels in dim 1 (B, {channels}, H, W)")
     if size is not None and tuple(x.shape[-2:]) != tuple(size):
         fail(name, x, f"spatial size (H, W)={tuple(size)}")
+
+
+# ---- scripts ------------------------------------------------------------------------------------------
+
+
+def check_args(args, rules: Iterable[tuple[str, Callable[[object], bool], str]]) -> None:
+    """Script arguments: ``rules`` are (name, predicate, accepted); the first failing one raises the ValueError
+    ``--name=value is not accepted; expected ...`` before any work starts."""
+    for name, ok, accepted in rules:
+        value = getattr(args, name)
+        if not ok(value):
+            fail(f"--{name}", value, accepted)
+
+
+def script_errors(main: Callable) -> Callable:
+    """Wrap a script's ``main`` for the command line (``script_errors(main)()`` under ``__main__``; called from
+    Python, ``main`` keeps raising): a bad argument (ValueError / FileNotFoundError, which name it) exits with the
+    one line ``error: ...`` on stderr instead of a traceback. ``VISIONFORMERS_TRACEBACK=1`` re-raises, for debugging."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            if os.environ.get("VISIONFORMERS_TRACEBACK"):
+                raise
+            raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    return run
