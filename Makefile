@@ -28,8 +28,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests -p no:cacheprovider
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-test  # side-by-side timings against the references (figures: bench/RESULTS.md)
 	$(PY) bench/bench_attention.py
+	$(PY) bench/bench_vision.py
+	$(PY) bench/bench_unet.py
+	$(PY) bench/bench_text.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
