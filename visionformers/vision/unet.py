@@ -58,9 +58,10 @@ class UNetConfig:
         factor = 2 ** (len(mults) - 1)
         if self.sample_size % factor:
             fail("sample_size", self.sample_size, f"a multiple of {factor} (the UNet halves it {len(mults) - 1} times)")
-        for width in self.level_channels:
+        for width in (self.base_channels, *self.level_channels):  # the stem's width feeds the first GroupNorm
             if width % self.norm_groups:
-                fail("norm_groups", self.norm_groups, f"a divisor of every level's width {self.level_channels}")
+                fail("norm_groups", self.norm_groups,
+                     f"a divisor of base_channels={self.base_channels} and every level's width {self.level_channels}")
         reachable = self.level_resolutions
         if not isinstance(self.attention_resolutions, tuple) or any(r not in reachable for r in self.attention_resolutions):
             fail("attention_resolutions", self.attention_resolutions, f"a tuple drawn from the level sizes {reachable}")
