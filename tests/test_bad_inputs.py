@@ -280,6 +280,8 @@ CASES = [
     Case("unet-context-unexpected", lambda tmp: unet()(img(1, 1, 8, 8), 0, context=img(1, 4, 8)), VE,
          ("context", "shape=(1, 4, 8)")),
     Case("unet-cfg-norm-groups", lambda tmp: vf.create_model("unet_tiny", norm_groups=3), VE, ("norm_groups", "3")),
+    Case("unet-cfg-norm-groups-stem", lambda tmp: vf.create_model("unet_tiny", base_channels=4, channel_mults=(3, 6, 6),
+                                                                  norm_groups=3), VE, ("norm_groups", "3", "base_channels=4")),
     Case("unet-cfg-sample-size", lambda tmp: vf.create_model("unet_tiny", sample_size=30), VE, ("sample_size", "30")),
     Case("unet-cfg-attention-res", lambda tmp: vf.create_model("unet_tiny", attention_resolutions=(5,)), VE,
          ("attention_resolutions", "(5,)")),
