@@ -48,8 +48,11 @@ def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int 
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
 
     def run_ref():
+        # eos_token_id=None: no end-of-text stopping, exactly as ours (eos None). Forcing the length with
+        # min_new_tokens instead would add two logits processors (a 50k-vocab isin + where per step) and an
+        # EOS stopping check that only the reference pays.
         with torch.inference_mode():
-            return ref.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=cfg.eos_token_id)
+            return ref.generate(ids, do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=cfg.eos_token_id)
 
     def run_ours():
         return ours.generate(ids, new_tokens)

@@ -162,10 +162,10 @@ class KVCache:
             b, h, _, d = k.shape
             self.k = k.new_empty(b, h, self.max_len, d)
             self.v = v.new_empty(b, h, self.max_len, v.shape[-1])
-        self.k[:, :, self.length : self.length + n] = k
-        self.v[:, :, self.length : self.length + n] = v
+        self.k.narrow(2, self.length, n).copy_(k)  # narrow/copy_: no Python slice parsing per step
+        self.v.narrow(2, self.length, n).copy_(v)
         self.length += n
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+        return self.k.narrow(2, 0, self.length), self.v.narrow(2, 0, self.length)
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep projected cross-attention keys/values (computed once per context)."""

@@ -143,12 +143,18 @@ class TransformerBlock(nn.Module):
             h = self.mlp(modulate(self.norm2(x), shift2, scale2))
             return x + self.drop_path(gate2.unsqueeze(1) * h)
         if self.pre_norm:
-            x = x + self.drop_path(self.ls1(self._self_attention(self.norm1(x), mask, bias, rope, kv_cache, partition)))
+            x = x + self._branch(self.ls1, self._self_attention(self.norm1(x), mask, bias, rope, kv_cache, partition))
             x = self._cross(x, context, context_mask, context_bias, cross_kv_cache)
-            return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-        x = self.norm1(x + self.drop_path(self.ls1(self._self_attention(x, mask, bias, rope, kv_cache, partition))))
+            return x + self._branch(self.ls2, self.mlp(self.norm2(x)))
+        x = self.norm1(x + self._branch(self.ls1, self._self_attention(x, mask, bias, rope, kv_cache, partition)))
         x = self._cross(x, context, context_mask, context_bias, cross_kv_cache)
-        return self.norm2(x + self.drop_path(self.ls2(self.mlp(x))))
+        return self.norm2(x + self._branch(self.ls2, self.mlp(x)))
+
+    def _branch(self, layer_scale: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """drop_path(layer_scale(h)), skipping whichever is an Identity: a module call costs more than a decoding step's add."""
+        if not isinstance(layer_scale, nn.Identity):
+            h = layer_scale(h)
+        return h if isinstance(self.drop_path, nn.Identity) else self.drop_path(h)
 
     def _cross(self, x, context, context_mask, context_bias, cross_kv_cache):
         if self.cross_attn is None:
@@ -159,6 +165,6 @@ class TransformerBlock(nn.Module):
             fail("context", None, "a (B, M, context_dim) tensor for a block with cross-attention")
         if self.pre_norm:
             h = self.cross_attn(self.norm_cross(x), context, mask=context_mask, bias=context_bias, kv_cache=cross_kv_cache)
-            return x + self.drop_path(self.ls_cross(h))
+            return x + self._branch(self.ls_cross, h)
         h = self.cross_attn(x, context, mask=context_mask, bias=context_bias, kv_cache=cross_kv_cache)
-        return self.norm_cross(x + self.drop_path(self.ls_cross(h)))
+        return self.norm_cross(x + self._branch(self.ls_cross, h))

@@ -62,4 +62,6 @@ class Mlp(nn.Module):
             h = activation_(self.act, h)  # inference: nothing keeps h for backward, so reuse its memory
         else:
             h = activation(self.act, h)
-        return self.drop(self.fc2(self.drop(h)))
+        if self.training and self.drop.p > 0:  # else skip the no-op module calls (decoding runs this per token)
+            return self.drop(self.fc2(self.drop(h)))
+        return self.fc2(h)

@@ -97,7 +97,9 @@ class GPT(nn.Module):
         """Unchecked forward; with ``kv_caches`` the ids continue the cached positions."""
         n = input_ids.shape[1]
         offset = kv_caches[0].length if kv_caches else 0
-        x = self.drop(self.token_embed(input_ids) + self.pos_embed(n, offset))  # (B, N, dim)
+        x = self.token_embed(input_ids) + self.pos_embed(n, offset)  # (B, N, dim)
+        if self.training:
+            x = self.drop(x)
         caches = kv_caches or [None] * len(self.blocks)
         for block, cache in zip(self.blocks, caches):
             x = block(x, kv_cache=cache)
