@@ -78,6 +78,32 @@ def test_image_folder_classes(tmp_path):
     assert vf.from_pretrained(out / "best").config.num_classes == 2
 
 
+def test_digits_and_folders_get_their_own_recipe(tmp_path):
+    script = load_script(SCRIPT)
+    digits = script.parse_args([])
+    folder = script.parse_args(["--train_data_dir", str(tmp_path), "--val_data_dir", str(tmp_path)])
+    for args, recipe in ((digits, script.RECIPES["digits"]), (folder, script.RECIPES["folder"])):
+        assert {k: getattr(args, k) for k in recipe} == recipe
+    assert digits.randaugment_num_ops == 0 and folder.randaugment_num_ops > 0  # RandAugment stays for photos
+    given = script.parse_args(["--randaugment_num_ops", "2", "--crop_scale_min", "0.35", "--learning_rate", "1e-3"])
+    assert (given.randaugment_num_ops, given.crop_scale_min, given.learning_rate) == (2, 0.35, 1e-3)
+
+
+@pytest.mark.parametrize("model", [None, "vit_tiny_patch4_32", "swin_tiny_patch2_window4_32"])
+def test_from_scratch_on_digits_the_presets_shrink_unless_overridden(model, tmp_path):
+    from accelerate import Accelerator
+
+    script = load_script(SCRIPT)
+    name = model or script.DIGITS_MODEL
+    base = vf.create_model(name, num_classes=10, img_size=16, in_chans=1).config
+    expected = vf.registry.replace_config(base, script._json_fields(script.DIGITS_OVERRIDES[name]))
+    args = script.parse_args([] if model is None else ["--model", model])
+    built = script.setup(args, Accelerator(cpu=True))[0].config
+    assert built == expected and built != base
+    own = script.parse_args([*([] if model is None else ["--model", model]), "--model_overrides", "{}"])
+    assert script.setup(own, Accelerator(cpu=True))[0].config == base  # explicit overrides (even none) win
+
+
 @pytest.mark.parametrize("args, names", [
     (["--model", "vit_nope"], "vit_nope"),
     (["--model_overrides", '{"depth": -1}'], "depth"),
