@@ -151,6 +151,11 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(c.norm_groups, width, eps=c.norm_eps)
         self.conv_out = zero_init_(nn.Conv2d(width, c.out_channels, 3, padding=1))  # the net starts at 0
+        # Run the activations NHWC (channels_last) on CPU whatever the caller's layout: oneDNN's convolutions
+        # read and write NHWC directly, while from NCHW every one of the ~65 convolutions reorders its input
+        # into a blocked layout and its output back (bench/bench_unet.py: the step's largest non-FLOP cost).
+        # Values are unchanged up to float summation order; the output comes back in x's layout.
+        self.cpu_channels_last = True
 
     def forward(
         self,
@@ -190,7 +195,10 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(labels)
         emb = F.silu(emb)  # every residual block applies SiLU before its projection: do it once
 
-        h = self.conv_in(x)
+        out_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        if self.cpu_channels_last and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = self.conv_in(x)  # keeps x's layout: conv, GroupNorm, cat, upsampling and attention below all do
         skips = [h]
         for level in self.down_levels:
             for i, resnet in enumerate(level.resnets):
@@ -214,4 +222,4 @@ class UNet(nn.Module):
                     h = level.attentions[i](h, context, context_mask)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.conv_out(silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h))).contiguous(memory_format=out_format)
