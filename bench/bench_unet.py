@@ -9,6 +9,10 @@ and the script checks that first. Timed: one training step (eps-MSE, backward, A
 layout-independent), and the peak of one training step (CUDA: max_memory_allocated; CPU: the peak RSS of a
 fresh subprocess per model above its RSS before the step). Sampling: 50 DDIM steps with
 ``vf.diffusion.sample``; the model calls are timed inside a wrapper, the rest is sampler overhead.
+
+Layout: by default each model runs as a user gets it. On CPU ours converts its activations to channels_last
+inside forward (UNet.cpu_channels_last), diffusers stays NCHW; ``--channels-last`` gives both channels_last
+weights and inputs, which isolates what the layout buys from everything else.
 """
 from __future__ import annotations
 
