@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ TOKENIZER_NAME = "tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Shared batching, padding and saving; subclasses implement ``_encode`` / ``_decode`` and ``to_dict``."""
 
     kind = "base"
@@ -51,11 +52,13 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    @abstractmethod
     def _encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """str -> ids without special tokens."""
 
+    @abstractmethod
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        raise NotImplementedError
+        """ids -> str."""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """str -> ids, wrapped as <bos> ... <eos> when ``add_special_tokens``."""
@@ -108,8 +111,9 @@ class Tokenizer:
             mask[i, : len(r)] = True
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
+    @abstractmethod
     def to_dict(self) -> dict:
-        raise NotImplementedError
+        """JSON-ready description from which ``load_tokenizer`` rebuilds this tokenizer."""
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` into ``directory`` (atomically), beside ``config.json`` of a model."""
