@@ -5,7 +5,7 @@ Training: one step = forward + cross-entropy + backward + AdamW, median images/s
 family run interleaved round by round so load changes on a shared machine hit them alike.
 
     python bench/bench_vision.py --model all --batch 8 --runs 5
-    python bench/bench_vision.py --model swin --compile          # adds torch.compile(ours) beside eager
+    python bench/bench_vision.py --model swin --compile          # adds torch.compile(ours) and (timm) beside eager
     python bench/bench_vision.py --model vit --device cuda
 """
 from __future__ import annotations
@@ -44,7 +44,8 @@ def build(family: str, device: str, compile_ours: bool) -> dict[str, torch.nn.Mo
         "timm": timm.create_model(timm_name, pretrained=False),
         "ours": vf.convert.build_model(*vf.convert.from_torchvision(tv.state_dict(), return_config=True)),
     }
-    if compile_ours:
+    if compile_ours:  # compiled copies of ours and of timm, so that compiled is also compared with compiled
+        models["timm+compile"] = torch.compile(timm.create_model(timm_name, pretrained=False))
         models["ours+compile"] = torch.compile(vf.convert.build_model(*vf.convert.from_torchvision(tv.state_dict(), return_config=True)))
     return {k: m.to(device) for k, m in models.items()}
 
@@ -95,7 +96,9 @@ def report(title: str, times: dict[str, list[float]], batch: int) -> None:
     best_ref = max(rates[k] for k in ("timm", "torchvision"))
     print(f"  {title}")
     for name, rate in rates.items():
-        ratio = f"  {rate / best_ref:.2f}x the faster reference" if name.startswith("ours") else ""
+        ratio = f"  {rate / best_ref:.2f}x the faster eager reference" if name.startswith("ours") else ""
+        if name == "ours+compile":
+            ratio += f", {rate / rates['timm+compile']:.2f}x timm+compile"
         print(f"    {name:14s} {rate:8.2f} img/s  (median of {len(times[name])}){ratio}")
 
 
@@ -106,7 +109,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of ours and of timm")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -117,7 +120,10 @@ def main() -> None:
         with torch.inference_mode():
             ref = models["torchvision"].eval()(x)
             diff = (models["ours"].eval()(x) - ref).abs().max().item()
-        print(f"{family}: {FAMILIES[family][0]} (max |ours - torchvision| logits {diff:.1e})")
+            if args.compile:
+                diff_c = (models["ours+compile"].eval()(x) - ref).abs().max().item()
+        compiled = f", compiled {diff_c:.1e}" if args.compile else ""
+        print(f"{family}: {FAMILIES[family][0]} (max |ours - torchvision| logits {diff:.1e}{compiled})")
         report("inference", time_inference(models, x, args.runs, args.device), args.batch)
         if not args.no_train:
             report("training step (fwd + bwd + AdamW)", time_training(models, x, args.runs, args.device), args.batch)

@@ -205,6 +205,25 @@ def test_plans_built_under_inference_mode_serve_training_later():
     torch.testing.assert_close(model.eval()(x), expected)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_compiles_without_graph_breaks_once_the_plan_exists(train):
+    """torch.compile sees one graph (dynamo with the eager backend: tracing only, no inductor build); the
+    plan is built once per resolution outside the graph (``torch.compiler.disable``), the inference bias
+    cache is bypassed while compiling."""
+    torch._dynamo.reset()
+    model = tiny().train(train)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        expected = model(x)  # builds the plan
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.set_grad_enabled(train):
+        out = compiled(x)
+    if train:
+        out.square().sum().backward()
+    else:
+        torch.testing.assert_close(out, expected)
+
+
 def test_save_and_from_pretrained_round_trip(tmp_path):
     model = tiny()
     x = torch.randn(2, 3, 56, 56)

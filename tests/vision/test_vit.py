@@ -142,6 +142,21 @@ def test_eval_is_deterministic_with_dropout_and_inference_path_matches_autograd_
     torch.testing.assert_close(model(x), a)  # autograd on: out-of-place activations give the same numbers
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_compiles_as_one_graph(train):
+    """torch.compile(fullgraph=True) traces the whole model (eager backend: tracing only, no inductor build)."""
+    torch._dynamo.reset()
+    model = tiny(pos_embed="rope").train(train)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x) if not train else None
+    out = torch.compile(model, backend="eager", fullgraph=True)(x)
+    if train:
+        out.square().sum().backward()
+    else:
+        torch.testing.assert_close(out, expected)
+
+
 def test_save_and_from_pretrained_round_trip(tmp_path):
     model = tiny(pos_embed="learned", num_reg_tokens=1, img_size=(16, 20))
     x = torch.randn(2, 3, 16, 20)

@@ -90,10 +90,12 @@ class WindowRelativeBias(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """-> (H, N, N) with N = Wh * Ww."""
-        cacheable = not self.training and not torch.is_grad_enabled()
-        key = (self.table.data_ptr(), self.table._version, self.table.device, self.table.dtype)
-        if cacheable and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        # under torch.compile the gather is part of the graph (no Python-side cache to guard on)
+        cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            key = (self.table.data_ptr(), self.table._version, self.table.device, self.table.dtype)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
         n = self.index.shape[0]
         bias = self.table[self.index.flatten()].view(n, n, -1).permute(2, 0, 1).contiguous()
         if cacheable:

@@ -168,6 +168,7 @@ def _sub_window_index(window: tuple[int, int], table_window: tuple[int, int]) ->
     return ((rel[0] + th - 1) * (2 * tw - 1) + (rel[1] + tw - 1)).flatten()
 
 
+@torch.compiler.disable  # plain Python over index tables, run once per resolution: never traced
 def build_plan(config: SwinConfig, grid: tuple[int, int], table_windows: list[tuple[int, int]], device) -> SwinPlan:
     """Plan for a patch grid: per-block layouts, stream reorders, patch-merging gathers and shift masks.
 
@@ -308,9 +309,10 @@ class SwinStage(nn.Module):
         tiling only up to _BIAS_CACHE_BYTES (it grows with the batch).
         """
         rb = self.rel_bias[j]
-        cacheable = not self.training and not torch.is_grad_enabled()
-        key = (id(plan), rb.table.data_ptr(), rb.table._version, rb.table.dtype, batch)
+        # under torch.compile the bias is part of the graph (no Python-side cache to guard on)
+        cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
+            key = (id(plan), rb.table.data_ptr(), rb.table._version, rb.table.dtype, batch)
             hit = self._bias_cache.get(j)
             if hit is not None and hit[0] == key:
                 return hit[1]
