@@ -195,6 +195,24 @@ def test_eval_is_deterministic_and_inference_path_matches_autograd_path():
     torch.testing.assert_close(model(x), a)
 
 
+@pytest.mark.parametrize("batch, chunk_windows", [(1, 1), (3, 3)])
+def test_inference_in_chunks_of_windows_equals_the_whole_block(monkeypatch, batch, chunk_windows):
+    """CPU inference runs large blocks window group by window group; forcing small chunks (3 windows
+    straddle images of 4 windows and the shifted-mask tiles) gives the logits of the autograd path, which
+    never chunks."""
+    import visionformers.vision.swin as swin
+
+    model = tiny()
+    x = torch.randn(batch, 3, 56, 56)
+    expected = model(x)
+    monkeypatch.setattr(swin, "_CHUNK_TOKENS", 49 * chunk_windows)
+    real, calls = swin._blocks_of_windows, []
+    monkeypatch.setattr(swin, "_blocks_of_windows", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+    assert len(calls) == 2, "both stage-1 blocks (plain and shifted) run in chunks"
+
+
 def test_plans_built_under_inference_mode_serve_training_later():
     model = tiny()
     x = torch.randn(2, 3, 56, 56)
