@@ -90,6 +90,10 @@ def build_dataset(args):
         ds = data.DigitsDataset("train", image_size=args.resolution, captions=args.conditioning == "text",
                                 random_captions=True)
         return ds, len(ds.classes), ds.classes, 1
+    if not os.path.isdir(args.train_data_dir):
+        raise FileNotFoundError(f"--train_data_dir={args.train_data_dir!r} is not a folder; expected a folder of images")
+    if args.captions_file is not None and not os.path.isfile(args.captions_file):
+        raise FileNotFoundError(f"--captions_file={args.captions_file!r} does not exist; expected a JSON-lines file")
     ds = data.ImageFolderDataset(args.train_data_dir, args.resolution, center_crop=args.center_crop,
                                  random_flip=args.random_flip, captions_file=args.captions_file)
     if args.conditioning == "class" and not ds.classes:

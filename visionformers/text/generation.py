@@ -34,8 +34,10 @@ def use_decoding_layout(model: nn.Module) -> None:
                 w.data = w.data.t().contiguous().t()  # (out, in) view of an (in, out) buffer
 
 
-def check_generation_args(max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id=None) -> None:
-    """ValueError naming the first bad sampling argument."""
+def check_generation_args(
+    max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id=None, *, pad_token_id=None, vocab_size=None
+) -> None:
+    """ValueError naming the first bad sampling argument; special token ids must lie in [0, vocab_size)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         fail("max_new_tokens", max_new_tokens, "an integer >= 0")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -46,8 +48,13 @@ def check_generation_args(max_new_tokens, temperature, top_k, top_p, do_sample, 
         fail("top_k", top_k, "None or an integer >= 1")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         fail("top_p", top_p, "None or a number in (0, 1]")
-    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
-        fail("eos_token_id", eos_token_id, "None or an integer token id")
+    for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if token is None:
+            continue
+        if isinstance(token, bool) or not isinstance(token, int):
+            fail(name, token, "None or an integer token id")
+        if vocab_size is not None and not 0 <= token < vocab_size:
+            fail(name, token, f"None or a token id in [0, {vocab_size})")
 
 
 def next_token(

@@ -259,7 +259,7 @@ class Seq2SeqTransformer(nn.Module):
         """-> (B, 1 + T) target ids starting with <bos>; ``eos_token_id`` defaults to the config's."""
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
-        check_generation_args(max_new_tokens, temperature, top_k, top_p, do_sample, eos)
+        check_generation_args(max_new_tokens, temperature, top_k, top_p, do_sample, eos, vocab_size=c.vocab_size)
         check_input_ids(input_ids, c.vocab_size, self._max_len())
         if self._max_len() is not None and max_new_tokens + 1 > c.max_len:
             fail("max_new_tokens", max_new_tokens, f"at most max_len - 1 = {c.max_len - 1} (absolute positions)")

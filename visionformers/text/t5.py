@@ -216,7 +216,7 @@ class T5(nn.Module):
         """
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
-        check_generation_args(max_new_tokens, temperature, top_k, top_p, do_sample, eos)
+        check_generation_args(max_new_tokens, temperature, top_k, top_p, do_sample, eos, vocab_size=c.vocab_size)
         check_input_ids(input_ids, c.vocab_size)
         mask = _check_mask(attention_mask, input_ids) if attention_mask is not None else None
         use_decoding_layout(self)

@@ -363,9 +363,9 @@ class SwinStage(nn.Module):
         )
 
 
-# Tokens per chunk of a block run window group by window group (32 windows of 7x7): every activation of
+# Tokens per chunk of a block run window group by window group (64 windows of 7x7): every activation of
 # the chunk (qkv, scores, MLP hidden) stays in cache instead of making a full pass through memory.
-_CHUNK_TOKENS = 1568
+_CHUNK_TOKENS = 3136
 
 
 def _blocks_of_windows(block: TransformerBlock, x: torch.Tensor, bias: torch.Tensor, n: int) -> torch.Tensor:
