@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_line, interleaved_median, report  # noqa: E402
+from common import env_line, interleaved_times, report  # noqa: E402
 
 from visionformers.nn import Attention  # noqa: E402
 
@@ -50,7 +50,7 @@ def main() -> None:
             out.float().square().mean().backward()
         return run
 
-    results = interleaved_median({n: step(n) for n in models}, runs=args.runs, device=dev)
+    results = interleaved_times({n: step(n) for n in models}, runs=args.runs, device=dev)
     print(env_line(dev))
     report(f"attention forward+backward, B={args.batch} N={args.tokens} dim={args.dim} heads={args.heads} {args.dtype}", results)
 
@@ -62,7 +62,7 @@ def main() -> None:
 
     for m in models.values():
         m.eval()
-    report("attention forward (inference mode)", interleaved_median({n: fwd(n) for n in models}, runs=args.runs, device=dev))
+    report("attention forward (inference mode)", interleaved_times({n: fwd(n) for n in models}, runs=args.runs, device=dev))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 1. GPT-2 124M greedy generation: 64 new tokens after a 16-token prompt, batch 1 -> tokens/s.
 2. BERT-base forward: batch 8, length 128 -> sequences/s.
-Median of --repeats runs after a warm-up; prints the ratios (ours / transformers, > 1 = faster).
+Median of --repeats interleaved runs after a warm-up; the ratio (> 1: ours is faster) is the median of the
+per-round ratios, with its quartiles.
 
     python bench/bench_text.py [--device cuda] [--threads N] [--repeats 5]
 """
@@ -10,27 +11,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_times, ratio_text  # noqa: E402
 
-def timed_pair(fn_ref, fn_ours, device: str, repeats: int) -> tuple[float, float]:
-    """Median seconds of each function over ``repeats`` runs after a warm-up, alternating the two so that
-    load from other processes falls on both alike."""
-    fn_ref(), fn_ours()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((fn_ref, times[0]), (fn_ours, times[1])):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+
+def timed_pair(fn_ref, fn_ours, device: str, repeats: int) -> dict[str, list[float]]:
+    """Per-round seconds of the reference and of ours, alternating (see ``common.interleaved_times``)."""
+    return interleaved_times({"transformers": fn_ref, "ours": fn_ours}, runs=repeats, warmup=1, device=device)
 
 
 def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int = 64) -> tuple[float, float]:
@@ -58,9 +51,11 @@ def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int 
         return ours.generate(ids, new_tokens)
 
     same = run_ref()[0].tolist() == run_ours()[0].tolist()
-    t_ref, t_ours = timed_pair(run_ref, run_ours, device, repeats)
+    times = timed_pair(run_ref, run_ours, device, repeats)
+    t_ref, t_ours = (statistics.median(times[k]) for k in ("transformers", "ours"))
     print(f"GPT-2 124M greedy, {prompt_len}-token prompt + {new_tokens} new, batch 1 (same tokens: {same})")
-    print(f"  transformers {new_tokens / t_ref:8.1f} tokens/s   ours {new_tokens / t_ours:8.1f} tokens/s   ratio {t_ref / t_ours:.2f}x")
+    print(f"  transformers {new_tokens / t_ref:8.1f} tokens/s   ours {new_tokens / t_ours:8.1f} tokens/s   "
+          f"ratio {ratio_text(times, 'transformers', 'ours')}")
     return t_ref, t_ours
 
 
@@ -88,9 +83,11 @@ def bench_bert(device: str, repeats: int, batch: int = 8, length: int = 128) -> 
             return ours(ids, mask)[0]
 
     diff = (run_ref() - run_ours()).abs().max().item()
-    t_ref, t_ours = timed_pair(run_ref, run_ours, device, repeats)
+    times = timed_pair(run_ref, run_ours, device, repeats)
+    t_ref, t_ours = (statistics.median(times[k]) for k in ("transformers", "ours"))
     print(f"BERT-base forward, batch {batch} x {length} tokens (max abs diff {diff:.1e})")
-    print(f"  transformers {batch / t_ref:8.1f} seq/s      ours {batch / t_ours:8.1f} seq/s      ratio {t_ref / t_ours:.2f}x")
+    print(f"  transformers {batch / t_ref:8.1f} seq/s      ours {batch / t_ours:8.1f} seq/s      "
+          f"ratio {ratio_text(times, 'transformers', 'ours')}")
     return t_ref, t_ours
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_line, interleaved_median, report, sync  # noqa: E402
+from common import env_line, interleaved_times, report, sync  # noqa: E402
 
 from visionformers.diffusion import NoiseSchedule, sample  # noqa: E402
 from visionformers.registry import create_model  # noqa: E402
@@ -179,10 +180,10 @@ def main() -> None:
     for m in models.values():
         m.train()
     steps = {k: train_step_fn(models[k], fns[k], data) for k in models}
-    res = interleaved_median(steps, runs=args.runs, warmup=1, device=device)
+    res = interleaved_times(steps, runs=args.runs, warmup=1, device=device)
     report(f"training step (eps MSE + backward + AdamW), median of {args.runs}", res, unit="s", scale=1)
     for k, v in res.items():
-        print(f"  {k:<28} {args.batch / v:9.2f} img/s")
+        print(f"  {k:<28} {args.batch / statistics.median(v):9.2f} img/s")
 
     for m in models.values():
         m.eval()
@@ -193,7 +194,7 @@ def main() -> None:
                 fns[k](x, t)
         return run
 
-    res = interleaved_median({k: forward(k) for k in models}, runs=args.runs, warmup=1, device=device)
+    res = interleaved_times({k: forward(k) for k in models}, runs=args.runs, warmup=1, device=device)
     report(f"forward (inference mode), median of {args.runs}", res, unit="ms")
 
     print("\nmemory of one training step")

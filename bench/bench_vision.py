@@ -1,8 +1,8 @@
 """ViT-B/16 and Swin-T: visionformers vs timm vs torchvision, in one process, same weights, same inputs.
 
 Inference: images/s of ``model(x)`` under ``torch.inference_mode()`` (median of ``--runs`` after warm-up).
-Training: one step = forward + cross-entropy + backward + AdamW, median images/s. The three models of a
-family run interleaved round by round so load changes on a shared machine hit them alike.
+Training: one step = forward + cross-entropy + backward + AdamW, median images/s. The models of a family
+run interleaved round by round; the ratio is the median of the per-round ratios, with its quartiles.
 
     python bench/bench_vision.py --model all --batch 8 --runs 5
     python bench/bench_vision.py --model swin --compile          # adds torch.compile(ours) and (timm) beside eager
@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-import visionformers as vf
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fastest, interleaved_times, ratio_text  # noqa: E402
+
+import visionformers as vf  # noqa: E402
 
 FAMILIES = {
     # family: (our preset, timm name, torchvision constructor); ours is built from torchvision's weights
     "vit": ("vit_base_patch16_224", "vit_base_patch16_224", "vit_b_16"),
     "swin": ("swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224", "swin_t"),
 }
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def build(family: str, device: str, compile_ours: bool) -> dict[str, torch.nn.Module]:
@@ -51,55 +50,46 @@ def build(family: str, device: str, compile_ours: bool) -> dict[str, torch.nn.Mo
 
 
 def time_inference(models, x, runs: int, device: str) -> dict[str, list[float]]:
-    times = {k: [] for k in models}
-    with torch.inference_mode():
-        for m in models.values():
-            m.eval()
-            for _ in range(2):  # warm-up: allocator, plans, kernels, compilation
+    for m in models.values():
+        m.eval()
+
+    def forward(m):
+        def run():
+            with torch.inference_mode():
                 m(x)
-        for _ in range(runs):
-            for name, m in models.items():
-                sync(device)
-                t = time.perf_counter()
-                m(x)
-                sync(device)
-                times[name].append(time.perf_counter() - t)
-    return times
+        return run
+
+    # warm-up: allocator, plans, kernels, compilation
+    return interleaved_times({k: forward(m) for k, m in models.items()}, runs=runs, warmup=2, device=device)
 
 
 def time_training(models, x, runs: int, device: str) -> dict[str, list[float]]:
     y = torch.randint(0, 1000, (x.shape[0],), device=device)
-    times = {k: [] for k in models}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
 
     def step(name, m):
-        loss = torch.nn.functional.cross_entropy(m(x), y)
-        loss.backward()
-        opts[name].step()
-        opts[name].zero_grad(set_to_none=True)
+        def run():
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+        return run
 
-    for name, m in models.items():
+    for m in models.values():
         m.train()
-        step(name, m)  # warm-up
-    for _ in range(runs):
-        for name, m in models.items():
-            sync(device)
-            t = time.perf_counter()
-            step(name, m)
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return times
+    return interleaved_times({k: step(k, m) for k, m in models.items()}, runs=runs, warmup=1, device=device)
 
 
 def report(title: str, times: dict[str, list[float]], batch: int) -> None:
-    rates = {k: batch / statistics.median(v) for k, v in times.items()}
-    best_ref = max(rates[k] for k in ("timm", "torchvision"))
+    """img/s of every model; ours against the faster eager reference (and compiled against compiled) as the
+    median of per-round ratios with its quartiles."""
+    best_ref = fastest(times, ("timm", "torchvision"))
     print(f"  {title}")
-    for name, rate in rates.items():
-        ratio = f"  {rate / best_ref:.2f}x the faster eager reference" if name.startswith("ours") else ""
+    for name, t in times.items():
+        ratio = f"  {ratio_text(times, best_ref, name)}" if name.startswith("ours") else ""
         if name == "ours+compile":
-            ratio += f", {rate / rates['timm+compile']:.2f}x timm+compile"
-        print(f"    {name:14s} {rate:8.2f} img/s  (median of {len(times[name])}){ratio}")
+            ratio += f", {ratio_text(times, 'timm+compile', name)}"
+        print(f"    {name:14s} {batch / statistics.median(t):8.2f} img/s  (median of {len(t)}){ratio}")
 
 
 def main() -> None:

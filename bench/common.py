@@ -27,8 +27,11 @@ def median_time(fn: Callable[[], object], runs: int = 5, warmup: int = 2, device
     return statistics.median(times)
 
 
-def interleaved_median(fns: dict[str, Callable[[], object]], runs: int = 5, warmup: int = 2, device: str = "cpu") -> dict[str, float]:
-    """Median times of several candidates measured round-robin, so drift on a shared machine hits all alike."""
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], runs: int = 5, warmup: int = 2, device: str = "cpu"
+) -> dict[str, list[float]]:
+    """Wall times in seconds of several candidates, one call each per round, ``runs`` rounds after ``warmup``
+    calls each: load on a shared machine drifts slowly, so candidates of one round see about the same load."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -40,18 +43,40 @@ def interleaved_median(fns: dict[str, Callable[[], object]], runs: int = 5, warm
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
-def report(title: str, results: dict[str, float], ours: str = "visionformers", unit: str = "ms", scale: float = 1e3) -> None:
-    """Print each candidate's median and the ratio (reference time / our time: > 1 means we are faster)."""
+def paired_ratio(reference: list[float], ours: list[float]) -> tuple[float, float, float]:
+    """(median, lower quartile, upper quartile) over rounds of reference time / our time (> 1: ours is faster).
+
+    Pairing the two calls of one round cancels most of the load that a shared machine adds to both, so the
+    spread says how far the ratio itself can be trusted."""
+    ratios = sorted(r / o for r, o in zip(reference, ours))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), q1, q3
+
+
+def fastest(times: dict[str, list[float]], names) -> str:
+    """The candidate among ``names`` with the smallest median time."""
+    return min(names, key=lambda n: statistics.median(times[n]))
+
+
+def ratio_text(times: dict[str, list[float]], reference: str, ours: str) -> str:
+    median, q1, q3 = paired_ratio(times[reference], times[ours])
+    return f"{median:.2f}x {reference} (per-round quartiles {q1:.2f}-{q3:.2f})"
+
+
+def report(title: str, times: dict[str, list[float]], ours: str = "visionformers", unit: str = "ms", scale: float = 1e3) -> None:
+    """Print each candidate's median time and our ratio to the fastest reference (> 1 means we are faster),
+    as the median of per-round ratios with its quartiles."""
     print(f"\n{title}")
-    for name, t in results.items():
-        ratio = "" if name == ours else f"   ours is {t / results[ours]:.2f}x faster" if t >= results[ours] else f"   ours is {results[ours] / t:.2f}x slower"
-        print(f"  {name:<28} {t * scale:9.2f} {unit}{ratio}")
-    refs = [t for n, t in results.items() if n != ours]
+    for name, t in times.items():
+        print(f"  {name:<28} {statistics.median(t) * scale:9.2f} {unit}")
+    refs = [n for n in times if n != ours]
     if refs:
-        print(f"  ratio vs the fastest reference: {min(refs) / results[ours]:.3f}x")
+        print(f"  ours vs the fastest reference: {ratio_text(times, fastest(times, refs), ours)}")
 
 
 def env_line(device: str) -> str:

@@ -105,42 +105,7 @@ def attend(
     if is_causal and mask is None and bias is None and nq == nk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     attn_mask = _merge_masks(mask, bias, is_causal, nq, nk, q.dtype, q.device)
-    if attn_mask is not None and attn_mask.dtype == torch.bool and q.device.type == "cpu":
-        # SDPA's CPU kernel is markedly slower with a bool mask than with the same mask as 0 / -inf
-        # (BERT-base, 8 x 128 with padding: 7.8 vs 5.0 ms a layer); fully masked rows read zeros either way
-        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
-    if _short_cpu_inference(q, k, v, nq, nk, dropout_p):
-        return _attend_bmm(q, k, v, attn_mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-
-
-# CPU, no autograd, few keys (Swin's 7x7 windows): SDPA's flash kernel works in key blocks sized for long
-# sequences; two batched GEMMs around an in-place softmax are ~1.2-1.6x faster there (bench/bench_vision.py).
-_BMM_MAX_KEYS = 64
-
-
-def _short_cpu_inference(q, k, v, nq: int, nk: int, dropout_p: float) -> bool:
-    return (
-        nk <= _BMM_MAX_KEYS and nq > 1 and dropout_p == 0.0 and q.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _attend_bmm(q, k, v, attn_mask, scale) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v as baddbmm / softmax / bmm over (B*H) batches; same result as SDPA."""
-    b, h, nq, d = q.shape
-    nk, dv = k.shape[-2], v.shape[-1]
-    scale = d**-0.5 if scale is None else scale
-    qf, kf, vf = q.reshape(b * h, nq, d), k.reshape(b * h, nk, d), v.reshape(b * h, nk, dv)
-    if attn_mask is None:
-        scores = torch.bmm(qf, kf.transpose(1, 2)).mul_(scale)
-    else:  # additive (a bool mask was turned into 0 / -inf by the caller)
-        scores = torch.baddbmm(attn_mask.expand(b, h, nq, nk).reshape(b * h, nq, nk), qf, kf.transpose(1, 2), alpha=scale)
-    probs = scores.softmax(dim=-1)
-    if attn_mask is not None:
-        probs = probs.nan_to_num_(0.0)  # a query with every key masked reads zeros, as SDPA returns
-    return torch.bmm(probs, vf).view(b, h, nq, dv)  # (B, H, Nq, Dv)
 
 
 def attend_math(

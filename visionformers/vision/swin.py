@@ -10,6 +10,7 @@ Speed: the token stream is kept in *window order* (the tokens of each window con
 partition is a free view and the roll, partition and reverse of the reference implementations become
 one row gather per block, precomputed per resolution (``SwinPlan``). Patch merging gathers straight into
 the next stage's window order. Masks, index tables and (in inference) the bias + mask sums are built once.
+CPU inference runs a large block chunk by chunk of whole windows, so its activations stay in cache.
 Inputs that are not a multiple of the window are padded timm-style (roll, then zero-pad bottom/right).
 """
 from __future__ import annotations
