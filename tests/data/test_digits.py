@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from visionformers.data import DIGIT_NAMES, DigitsDataset, load_digits
-from visionformers.data.digits import DIGITS_PATH, NUM_IMAGES, NUM_TEST, NUM_TRAIN, read_digits_file, split_indices
+from visionformers.data.digits import (
+    DIGITS_PATH, NUM_IMAGES, NUM_TEST, NUM_TRAIN, find_digits_file, read_digits_file, split_indices,
+)
 
 
 def test_file_contents_match_the_uci_description():
@@ -17,6 +19,23 @@ def test_file_contents_match_the_uci_description():
     with gzip.open(DIGITS_PATH, "rt") as f:
         first = [int(v) for v in f.readline().split(",")]
     assert pixels[0, 0].tolist() == first[:8] and labels[0] == first[-1]
+
+
+def test_digits_file_is_found_in_a_checkout_and_in_a_wheel_install(tmp_path):
+    """A source checkout reads assets/digits; a wheel install (no checkout around the package) reads the copy
+    pyproject's data-files put under <prefix>/share/visionformers/digits."""
+    package_dir = tmp_path / "site-packages" / "visionformers" / "data"
+    package_dir.mkdir(parents=True)
+    installed = tmp_path / "prefix" / "share" / "visionformers" / "digits" / "digits.csv.gz"
+    checkout = tmp_path / "site-packages" / "assets" / "digits" / "digits.csv.gz"  # <package_dir>/../../assets
+    assert find_digits_file(package_dir, str(tmp_path / "prefix")) == checkout  # neither: the checkout path
+    installed.parent.mkdir(parents=True)
+    installed.write_bytes(DIGITS_PATH.read_bytes())
+    assert find_digits_file(package_dir, str(tmp_path / "prefix")) == installed
+    checkout.parent.mkdir(parents=True)
+    checkout.write_bytes(b"")
+    assert find_digits_file(package_dir, str(tmp_path / "prefix")) == checkout
+    assert read_digits_file(installed)[0].shape == (NUM_IMAGES, 8, 8)
 
 
 def test_split_is_fixed_disjoint_stratified_and_complete():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +20,17 @@ from torch.utils.data import Dataset
 from visionformers._validate import check_choice, fail
 from visionformers.data.captions import CAPTION_TEMPLATES, DIGIT_NAMES, digit_caption, pick_template
 
-DIGITS_PATH = Path(__file__).resolve().parents[2] / "assets" / "digits" / "digits.csv.gz"
+
+
+def find_digits_file(package_dir: Path = Path(__file__).resolve().parent, prefix: str = sys.prefix) -> Path:
+    """assets/digits/digits.csv.gz of a source checkout, else the copy a wheel installs under <prefix>/share
+    (pyproject's data-files); the checkout path when neither exists, for the error message."""
+    checkout = package_dir.parents[1] / "assets" / "digits" / "digits.csv.gz"
+    installed = Path(prefix) / "share" / "visionformers" / "digits" / "digits.csv.gz"
+    return checkout if checkout.is_file() or not installed.is_file() else installed
+
+
+DIGITS_PATH = find_digits_file()
 NUM_IMAGES = 1797
 NUM_TRAIN, NUM_TEST = 1433, 364
 SPLITS = ("train", "test", "all")
@@ -35,8 +46,8 @@ def read_digits_file(path: str | os.PathLike = DIGITS_PATH) -> tuple[np.ndarray,
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"digits data file {path!r} does not exist; it ships in the repository as assets/digits/digits.csv.gz "
-            "(install visionformers from a source checkout, or pass data_path=)"
+            f"digits data file {path!r} does not exist; it ships as assets/digits/digits.csv.gz in the repository "
+            "and as share/visionformers/digits/digits.csv.gz in a wheel install (or pass data_path=)"
         )
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # (1797, 65): 64 pixels, then the label
