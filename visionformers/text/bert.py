@@ -15,7 +15,7 @@ from torch import nn
 from visionformers._validate import check_choice, fail
 from visionformers.nn import LearnedPositionEmbedding, TransformerBlock
 from visionformers.nn.mlp import ACTIVATIONS, activation
-from visionformers.text.common import ModelOutput, check_attention_mask, check_input_ids, token_cross_entropy
+from visionformers.text.common import ModelOutput, check_input_ids, padding_mask, token_cross_entropy
 
 __all__ = ["BertConfig", "Bert", "BertForMaskedLM", "BertForSequenceClassification"]
 
@@ -86,7 +86,7 @@ class Bert(nn.Module):
         """(B, N) ids -> (B, N, dim) sequence output; ``attention_mask`` (B, N) is True / 1 for real tokens."""
         c = self.config
         check_input_ids(input_ids, c.vocab_size, c.max_len)
-        mask = None if attention_mask is None else check_attention_mask(attention_mask, input_ids)
+        mask = padding_mask(attention_mask, input_ids)
         if token_type_ids is None:
             types = self.type_embed.weight[0]  # all segment A: skip the gather
         else:
@@ -96,8 +96,6 @@ class Bert(nn.Module):
             types = self.type_embed(token_type_ids)
         x = self.token_embed(input_ids) + self.pos_embed(input_ids.shape[1]) + types  # (B, N, dim)
         x = self.drop(self.embed_norm(x))
-        if mask is not None and bool(mask.all()):
-            mask = None  # no padding: take the unmasked fused kernel
         for block in self.blocks:
             x = block(x, mask=mask)
         return x

@@ -27,7 +27,7 @@ from visionformers.nn import (
     make_norm,
 )
 from visionformers.nn.mlp import ACTIVATIONS
-from visionformers.text.common import ModelOutput, check_attention_mask, check_input_ids, token_cross_entropy
+from visionformers.text.common import ModelOutput, check_input_ids, drop_full_mask, padding_mask, token_cross_entropy
 from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
 
 __all__ = ["POSITIONAL_SCHEMES", "INIT_METHODS", "TransformerStack", "Seq2SeqConfig", "Seq2SeqTransformer", "EncoderConfig", "EncoderClassifier"]
@@ -148,14 +148,6 @@ def _stack_kwargs(c) -> dict:
     )
 
 
-def _padding_mask(attention_mask, input_ids) -> torch.Tensor | None:
-    """Bool (B, N) mask, or None when absent or all True (the unmasked kernel is faster)."""
-    if attention_mask is None:
-        return None
-    mask = check_attention_mask(attention_mask, input_ids)
-    return None if bool(mask.all()) else mask
-
-
 @dataclass(frozen=True)
 class Seq2SeqConfig:
     vocab_size: int = 37000  # Vaswani base: one BPE vocabulary shared by source and target (sec. 5.1)
@@ -216,7 +208,7 @@ class Seq2SeqTransformer(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, M) ids -> (B, M, dim) memory."""
         check_input_ids(input_ids, self.config.vocab_size, self._max_len())
-        return self.encoder(self._embed(input_ids), mask=_padding_mask(attention_mask, input_ids))
+        return self.encoder(self._embed(input_ids), mask=padding_mask(attention_mask, input_ids))
 
     def decode(
         self,
@@ -227,8 +219,7 @@ class Seq2SeqTransformer(nn.Module):
         cross_kv_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """(B, N) target ids + (B, M, dim) memory -> (B, N, vocab) logits."""
-        if memory_mask is not None and bool(memory_mask.all()):
-            memory_mask = None
+        memory_mask = drop_full_mask(memory_mask)
         h = self.decoder(
             self._embed(decoder_input_ids), context=memory, context_mask=memory_mask,
             kv_caches=kv_caches, cross_kv_caches=cross_kv_caches,
@@ -240,7 +231,7 @@ class Seq2SeqTransformer(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, M), decoder_input_ids (B, N) (<bos> first), attention_mask (B, M) -> logits (B, N, vocab)."""
         check_input_ids(decoder_input_ids, self.config.vocab_size, self._max_len(), name="decoder_input_ids")
-        mask = _padding_mask(attention_mask, input_ids)
+        mask = padding_mask(attention_mask, input_ids)
         return self.decode(decoder_input_ids, self.encode(input_ids, mask), mask)
 
     @torch.inference_mode()
@@ -265,7 +256,7 @@ class Seq2SeqTransformer(nn.Module):
             fail("max_new_tokens", max_new_tokens, f"at most max_len - 1 = {c.max_len - 1} (absolute positions)")
         use_decoding_layout(self)
         return generate_seq2seq(
-            self, input_ids, _padding_mask(attention_mask, input_ids), max_new_tokens, start_token_id=c.bos_token_id,
+            self, input_ids, padding_mask(attention_mask, input_ids), max_new_tokens, start_token_id=c.bos_token_id,
             eos_token_id=eos, pad_token_id=c.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
             do_sample=do_sample, generator=generator,
         )
@@ -318,7 +309,7 @@ class EncoderClassifier(nn.Module):
         check_input_ids(input_ids, self.config.vocab_size, max_len)
         x = self.embed_tokens(input_ids)
         x = x * math.sqrt(self.config.dim) if self.config.scale_embeddings else x
-        return self.encoder(x, mask=_padding_mask(attention_mask, input_ids))
+        return self.encoder(x, mask=padding_mask(attention_mask, input_ids))
 
     def forward_head(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, pre_logits: bool = False) -> torch.Tensor:
         """(B, N, dim) -> pooled (B, dim) with ``pre_logits``, else logits (B, num_classes)."""

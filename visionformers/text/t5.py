@@ -16,7 +16,7 @@ from torch import nn
 from visionformers._validate import check_choice, fail
 from visionformers.nn import KVCache, RMSNorm, T5RelativeBias, TransformerBlock
 from visionformers.nn.mlp import ACTIVATIONS
-from visionformers.text.common import check_attention_mask, check_input_ids
+from visionformers.text.common import check_input_ids, drop_full_mask, padding_mask
 from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
 
 __all__ = ["T5Config", "T5", "T5Encoder"]
@@ -120,14 +120,6 @@ def _init_t5(model: nn.Module, c: T5Config) -> None:
             nn.init.normal_(m.mlp.fc2.weight, std=f * c.mlp_hidden_dim**-0.5)
 
 
-def _check_mask(attention_mask, input_ids):
-    """-> bool (B, N) mask, or None when there is none or it masks nothing (the unmasked kernel is faster)."""
-    if attention_mask is None:
-        return None
-    mask = check_attention_mask(attention_mask, input_ids)
-    return None if bool(mask.all()) else mask
-
-
 class T5Encoder(nn.Module):
     """The T5 encoder alone: (B, N) ids -> (B, N, dim), e.g. as a text-conditioning backbone."""
 
@@ -141,7 +133,7 @@ class T5Encoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, N), attention_mask (B, N) True/1 = real token -> hidden states (B, N, dim)."""
         check_input_ids(input_ids, self.config.vocab_size)
-        return self.encoder(self.embed(input_ids), mask=_check_mask(attention_mask, input_ids))
+        return self.encoder(self.embed(input_ids), mask=padding_mask(attention_mask, input_ids))
 
     forward_features = forward
 
@@ -165,7 +157,7 @@ class T5(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, M) ids -> (B, M, dim) encoder states."""
         check_input_ids(input_ids, self.config.vocab_size)
-        return self.encoder(self.embed(input_ids), mask=_check_mask(attention_mask, input_ids))
+        return self.encoder(self.embed(input_ids), mask=padding_mask(attention_mask, input_ids))
 
     forward_features = encode
 
@@ -178,8 +170,7 @@ class T5(nn.Module):
         cross_kv_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """(B, N) decoder ids + (B, M, dim) encoder states -> (B, N, vocab) logits."""
-        if memory_mask is not None and bool(memory_mask.all()):
-            memory_mask = None
+        memory_mask = drop_full_mask(memory_mask)
         h = self.decoder(
             self.embed(decoder_input_ids), context=memory, context_mask=memory_mask,
             kv_caches=kv_caches, cross_kv_caches=cross_kv_caches,
@@ -193,7 +184,7 @@ class T5(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, M), decoder_input_ids (B, N) (start token first), attention_mask (B, M) -> logits (B, N, vocab)."""
         check_input_ids(decoder_input_ids, self.config.vocab_size, name="decoder_input_ids")
-        mask = _check_mask(attention_mask, input_ids) if attention_mask is not None else None
+        mask = padding_mask(attention_mask, input_ids)
         return self.decode(decoder_input_ids, self.encode(input_ids, mask), mask)
 
     @torch.inference_mode()
@@ -218,7 +209,7 @@ class T5(nn.Module):
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
         check_generation_args(max_new_tokens, temperature, top_k, top_p, do_sample, eos, vocab_size=c.vocab_size)
         check_input_ids(input_ids, c.vocab_size)
-        mask = _check_mask(attention_mask, input_ids) if attention_mask is not None else None
+        mask = padding_mask(attention_mask, input_ids)
         use_decoding_layout(self)
         return generate_seq2seq(
             self, input_ids, mask, max_new_tokens, start_token_id=c.decoder_start_token_id, eos_token_id=eos,

@@ -355,7 +355,6 @@ class SwinStage(nn.Module):
             x = block(x, bias=bias, partition=(split, merge))
         return x
 
-
     def _in_chunks(self, x: torch.Tensor, n: int) -> bool:
         """Inference on CPU with more than two chunks of windows (see ``_blocks_of_windows``)."""
         return (
