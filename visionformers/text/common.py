@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from visionformers._validate import check_tensor, fail
 
 __all__ = [
-    "ModelOutput", "check_input_ids", "check_attention_mask", "drop_full_mask", "padding_mask", "token_cross_entropy", "shifted_cross_entropy",
+    "ModelOutput", "check_input_ids", "check_attention_mask", "drop_full_mask", "padding_mask",
+    "token_cross_entropy", "shifted_cross_entropy",
 ]
 
 IGNORE_INDEX = -100  # label value that contributes no loss (PyTorch's and HF's convention)

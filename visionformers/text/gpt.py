@@ -141,7 +141,8 @@ class GPT(nn.Module):
         c = self.config
         check_input_ids(input_ids, c.vocab_size, c.max_len)
         check_generation_args(
-            max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id, pad_token_id=pad_token_id, vocab_size=c.vocab_size
+            max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id,
+            pad_token_id=pad_token_id, vocab_size=c.vocab_size,
         )
         n = input_ids.shape[1]
         if n + max_new_tokens > c.max_len:
