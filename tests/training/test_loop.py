@@ -113,6 +113,31 @@ def test_seeded_items_do_not_touch_the_global_rng():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_seeded_items_batch_equals_items_one_by_one_and_restores_every_rng():
+    """The DataLoader fetches a batch through ``__getitems__`` (one save / restore of the RNG states)."""
+    items = SeededItems(_Noisy(), seed=1)
+    keys = [(0, 3), (0, 7), (1, 3)]
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    batch = items.__getitems__(keys)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+    for key, got in zip(keys, batch):
+        one = items[key]
+        assert torch.equal(got["x"], one["x"]) and got["np"] == one["np"] and got["py"] == one["py"]
+
+
+def test_seeded_items_seed_only_the_cpu_generator(monkeypatch):
+    """Items draw exactly what they would after torch.manual_seed(s), without reseeding CUDA generators
+    (an item loaded in the main process must not reset the training's GPU dropout stream)."""
+    calls = []
+    monkeypatch.setattr(torch, "manual_seed", lambda s: calls.append(s))
+    item = SeededItems(_Noisy(), seed=1)[(2, 5)]
+    assert calls == []
+    monkeypatch.undo()
+    torch.manual_seed(mix_seed(1, 2, 5))
+    assert torch.equal(item["x"], _Noisy()[5]["x"])
+
+
 def test_bad_step_guard_counts_and_stops_with_advice():
     guard = BadStepGuard(max_bad_steps=3, mixed_precision="fp16", learning_rate=1e-3)
     guard.update(True, 1)

@@ -162,18 +162,26 @@ class SeededItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        s = mix_seed(self.seed, epoch, index)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """A batch of items (the DataLoader calls this) under one save / restore of the global RNG states."""
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):  # restores the torch CPU state afterwards
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s % 2**32)
             try:
-                return self.dataset[index]
+                return [self._draw(epoch, index) for epoch, index in keys]
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+    def _draw(self, epoch: int, index: int):
+        s = mix_seed(self.seed, epoch, index)
+        # the CPU generator only: torch.manual_seed would also reseed every CUDA generator (which fork_rng
+        # with devices=[] does not restore) and costs ~0.3 ms an item where default_generator takes ~2 us
+        torch.default_generator.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        return self.dataset[index]
 
 
 class DataStream:
