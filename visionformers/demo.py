@@ -101,7 +101,7 @@ def main(argv=None) -> None:
               "threads": torch.get_num_threads()}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     print(f"\ndemo done in {t_total:.0f} s (training {t_train:.0f} s, {torch.get_num_threads()} threads)")
-    print(f"samples: {out / 'samples' / 'grid.png'} (one row per class 0-9)")
+    print(f"samples: {out / 'samples' / 'grid.png'} (one column per class 0-9)")
     print(f"a digit classifier ({100 * result['classifier_test_accuracy']:.1f}% on real test digits) reads "
           f"{100 * result['sample_accuracy']:.1f}% of the {result['num_samples']} samples as their class")
 
