@@ -21,11 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_times, ratio_text  # noqa: E402
 
 
-def timed_pair(fn_ref, fn_ours, device: str, repeats: int) -> dict[str, list[float]]:
-    """Per-round seconds of the reference and of ours, alternating (see ``common.interleaved_times``)."""
-    return interleaved_times({"transformers": fn_ref, "ours": fn_ours}, runs=repeats, warmup=1, device=device)
-
-
 def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int = 64) -> tuple[float, float]:
     import transformers as hf
 
@@ -51,7 +46,7 @@ def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int 
         return ours.generate(ids, new_tokens)
 
     same = run_ref()[0].tolist() == run_ours()[0].tolist()
-    times = timed_pair(run_ref, run_ours, device, repeats)
+    times = interleaved_times({"transformers": run_ref, "ours": run_ours}, runs=repeats, warmup=1, device=device)
     t_ref, t_ours = (statistics.median(times[k]) for k in ("transformers", "ours"))
     print(f"GPT-2 124M greedy, {prompt_len}-token prompt + {new_tokens} new, batch 1 (same tokens: {same})")
     print(f"  transformers {new_tokens / t_ref:8.1f} tokens/s   ours {new_tokens / t_ours:8.1f} tokens/s   "
@@ -83,7 +78,7 @@ def bench_bert(device: str, repeats: int, batch: int = 8, length: int = 128) -> 
             return ours(ids, mask)[0]
 
     diff = (run_ref() - run_ours()).abs().max().item()
-    times = timed_pair(run_ref, run_ours, device, repeats)
+    times = interleaved_times({"transformers": run_ref, "ours": run_ours}, runs=repeats, warmup=1, device=device)
     t_ref, t_ours = (statistics.median(times[k]) for k in ("transformers", "ours"))
     print(f"BERT-base forward, batch {batch} x {length} tokens (max abs diff {diff:.1e})")
     print(f"  transformers {batch / t_ref:8.1f} seq/s      ours {batch / t_ours:8.1f} seq/s      "
