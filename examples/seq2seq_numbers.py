@@ -80,11 +80,13 @@ def run(args: argparse.Namespace) -> dict:
     scheduler = build_lr_scheduler(optimizer, "cosine", warmup_steps=min(100, args.steps // 10), total_steps=args.steps)
     rng = random.Random(args.seed)
     start = time.perf_counter()
+    first_loss = None
     for step in range(args.steps):
         src, mask, tgt = batch_tensors(tok, rng.sample(train_numbers, args.batch_size))
         logits = model(src, tgt[:, :-1], attention_mask=mask)  # teacher forcing: predict token t + 1 from <= t
         labels = tgt[:, 1:].masked_fill(tgt[:, 1:] == tok.pad_token_id, -100)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        first_loss = loss.item() if first_loss is None else first_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  {n:>5} -> {s}")
     print(f"held-out exact match {accuracy:.2%} on {len(test_numbers)} numbers; training {train_seconds:.0f}s "
           f"({args.steps} steps, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
-    return {"accuracy": accuracy, "train_seconds": train_seconds, "loss": loss.item(), "samples": samples}
+    return {"accuracy": accuracy, "train_seconds": train_seconds, "first_loss": first_loss, "loss": loss.item(), "samples": samples}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -82,10 +82,12 @@ def run(args: argparse.Namespace) -> dict:
     scheduler = build_lr_scheduler(optimizer, "cosine", warmup_steps=min(50, args.steps // 10), total_steps=args.steps)
     rng = random.Random(args.seed + 1)
     start = time.perf_counter()
+    first_loss = None
     for step in range(args.steps):
         texts, labels = zip(*rng.sample(train, args.batch_size))
         batch = tok(list(texts))
         loss = model(batch["input_ids"], batch["attention_mask"], labels=torch.tensor(labels)).loss
+        first_loss = loss.item() if first_loss is None else first_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     acc = accuracy(model, tok, test)
     print(f"test accuracy {acc:.2%} on {len(test)} unseen sentences; training {seconds:.0f}s ({args.steps} steps)")
-    return {"accuracy": acc, "train_seconds": seconds, "loss": loss.item()}
+    return {"accuracy": acc, "train_seconds": seconds, "first_loss": first_loss, "loss": loss.item()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--num_inference_steps", type=int, default=50)
     a("--eta", type=float, default=0.0, help="ddim noise (0: deterministic, 1: ddpm-like)")
     a("--guidance_scale", type=float, default=2.0, help="classifier-free guidance weight (1: none)")
-    a("--class_labels", type=int, nargs="*", default=None, help="cycled over the images; default i % num_classes")
+    a("--class_labels", type=int, nargs="*", default=None, help="cycled over the images; default i %% num_classes")
     a("--prompts", nargs="*", default=None, help="cycled over the images (text-conditional models)")
     a("--negative_prompt", default="", help="the unconditional prompt of guidance")
     a("--num_images", type=int, default=40)

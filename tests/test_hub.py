@@ -127,7 +127,7 @@ def test_pickle_payload_is_never_executed(tmp_path, tiny_registered, monkeypatch
     monkeypatch.chdir(tmp_path)
     d = _saved(tmp_path, tiny_registered)
     (d / "model.safetensors").write_bytes(pickle.dumps({"weight": _Exploit()}))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         vf.from_pretrained(d)
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
 

@@ -82,6 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
         ("cond_drop_prob", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
         ("learning_rate", lambda v: v > 0, "a number > 0")])
+    if args.train_data_dir is None:  # the embedded digits: these options only apply to an image folder
+        given = [flag for flag, on in (("--captions_file", args.captions_file is not None),
+                                       ("--random_flip", args.random_flip), ("--no-center_crop", not args.center_crop)) if on]
+        if given:
+            raise ValueError(f"{given[0]} applies to --train_data_dir, which is not given (the embedded digits are "
+                             "used); pass --train_data_dir, or drop the option (text conditioning on the digits "
+                             "uses their built-in captions)")
     return args
 
 

@@ -8,7 +8,7 @@ from visionformers.convert.from_hf import config_from_hf, detect_hf_architecture
 from visionformers.hub import load_into
 from visionformers.text import GPT, T5, Bert, BertForMaskedLM, BertForSequenceClassification, T5Encoder
 
-hf = pytest.importorskip("transformers")
+import transformers as hf
 warnings.filterwarnings("ignore", module="transformers")
 TOL = dict(atol=1e-4, rtol=0)  # max abs diff <= 1e-4
 

@@ -7,7 +7,7 @@ import torch
 
 import visionformers as vf
 
-timm = pytest.importorskip("timm")
+import timm
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

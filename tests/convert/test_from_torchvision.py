@@ -7,7 +7,7 @@ import torch
 
 import visionformers as vf
 
-torchvision = pytest.importorskip("torchvision")
+import torchvision
 from torchvision.models.swin_transformer import SwinTransformer as TVSwin  # noqa: E402
 from torchvision.models.vision_transformer import VisionTransformer as TVViT  # noqa: E402
 
@@ -78,7 +78,7 @@ def test_every_torchvision_size_is_detected(builder, preset):
 
 
 def test_img_size_resamples_the_position_table():
-    timm_layers = pytest.importorskip("timm.layers")
+    import timm.layers as timm_layers
     ref = randomize_(TVViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64))
     cfg, state = vf.convert.from_torchvision(ref.state_dict(), img_size=48, num_heads=2, return_config=True)
     assert cfg.img_size == 48

@@ -79,7 +79,7 @@ def test_t5_relative_bias_offsets_queries_for_decoding():
 
 
 def test_sincos_2d_equals_diffusers_mae_layout():
-    get_2d_sincos_pos_embed = pytest.importorskip("diffusers.models.embeddings").get_2d_sincos_pos_embed
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
     ref = get_2d_sincos_pos_embed(64, 6, base_size=6, output_type="pt")
     torch.testing.assert_close(sincos_2d((6, 6), 64), ref.float(), atol=1e-6, rtol=0)
@@ -93,7 +93,7 @@ def test_sincos_1d_formula():
 
 
 def test_timestep_embedding_equals_diffusers():
-    get_timestep_embedding = pytest.importorskip("diffusers.models.embeddings").get_timestep_embedding
+    from diffusers.models.embeddings import get_timestep_embedding
 
     t = torch.tensor([0.0, 1.0, 37.5, 999.0])
     for flip, shift in ((True, 0.0), (False, 1.0)):

@@ -42,7 +42,7 @@ def test_two_processes_gather_every_test_image_once(tmp_path):
 
 
 def test_one_process_from_a_timm_checkpoint(tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, embed_dim=16,
                             depth=1, num_heads=2, num_classes=10).eval()
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """train_unet.py end to end on CPU: multi-process launch + resume + sampling, exact resume, NaN guard, trackers."""
 import json
+import time
 
 import pytest
 from _unet_script_helpers import SAMPLE, TINY, TRAIN, assert_same_files, load_script, run
@@ -62,7 +63,6 @@ def test_nan_loss_is_skipped_counted_and_stops_after_k(tmp_path, capsys):
 
 
 def test_wandb_offline_run_has_loss_and_images(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_root"))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -72,13 +72,21 @@ def test_wandb_offline_run_has_loss_and_images(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb_root" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run_dir = runs[0]
-    history = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
-    assert b"train/loss" in history and b"samples" in history
+
+    def logged() -> bool:
+        history = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+        return b"train/loss" in history and b"samples" in history
+
+    # wandb's service process writes the run file on its own schedule; on a loaded machine the last records
+    # can land shortly after finish() returns, so poll (bounded) instead of reading once.
+    deadline = time.monotonic() + 120
+    while not logged() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert logged(), sorted(p.name for p in run_dir.rglob("*"))
     assert list((run_dir / "files" / "media" / "images").glob("samples_*.png"))
 
 
 def test_tensorboard_events_have_loss_and_images(tmp_path):
-    pytest.importorskip("tensorboard")
     train = load_script(TRAIN)
     train.main([*TINY, "--max_train_steps", "4", "--checkpointing_steps", "0", "--sample_every", "2",
                 "--output_dir", str(tmp_path), "--report_to", "tensorboard"])

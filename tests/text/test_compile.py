@@ -39,4 +39,4 @@ def test_text_model_compiles_as_one_graph(name, train):
     torch.testing.assert_close(out, expected)
     if train:
         out.float().square().sum().backward()
-        assert any(p.grad is not None for p in model.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

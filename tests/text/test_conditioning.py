@@ -42,7 +42,7 @@ def test_trained_jointly_gets_gradients():
     cond = TextConditioner("bert_tiny", freeze=False)
     context, mask = cond(["a prompt", "b"])
     (context.square() * mask[..., None]).sum().backward()
-    assert cond.encoder.token_embed.weight.grad is not None
+    assert cond.encoder.token_embed.weight.grad.abs().sum() > 0
 
 
 def test_wraps_a_model_and_its_tokenizer():

@@ -62,7 +62,7 @@ def test_decoding_layout_is_lossless_and_trainable(gpt):
     assert gpt.token_embed.weight.stride() == (1, 261)  # (vocab, dim) stored column-major
     torch.testing.assert_close(gpt(ids).logits, before)
     gpt(ids, labels=ids).loss.backward()  # training still works after generate() re-laid the weights out
-    assert gpt.token_embed.weight.grad is not None
+    assert gpt.token_embed.weight.grad.abs().sum() > 0
 
 
 def test_causal_no_leak(gpt):

@@ -29,8 +29,6 @@ def corpus(tmp_path):
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_train_then_generate(tmp_path, corpus, tokenizer, capsys):
-    if tokenizer == "bpe":
-        pytest.importorskip("tokenizers")
     out = tmp_path / "lm"
     args = [str(corpus), "--output_dir", str(out), "--tokenizer", tokenizer, "--vocab_size", "300", *TINY]
     load(REPO / "train_scripts" / "train_lm.py").main(args)

@@ -80,16 +80,19 @@ def test_positions_matter(pos):
 
 @pytest.mark.parametrize("init", INIT_METHODS)
 def test_init_methods(init):
+    """Each method's std on a wide (256, 64) and a square (64, 64) weight: xavier sqrt(2 / (out + in)),
+    small_init sqrt(2 / 5d) (the two coincide on the wide one, so the square one tells them apart)."""
     torch.manual_seed(0)
     model = vf.create_model("transformer_tiny", init=init, dim=64)
-    w = model.encoder.blocks[0].mlp.fc1.weight  # (256, 64)
-    expected = {
-        "xavier": math.sqrt(2 / (w.shape[0] + w.shape[1])),
-        "normal_0.02": 0.02,
-        "small_init": math.sqrt(2 / (5 * 64)),
-    }[init]
-    assert abs(w.std().item() - expected) / expected < 0.1
-    assert model.encoder.blocks[0].mlp.fc1.bias.abs().max() == 0
+    block = model.encoder.blocks[0]
+    for w in (block.mlp.fc1.weight, block.attn.proj.weight):
+        expected = {
+            "xavier": math.sqrt(2 / (w.shape[0] + w.shape[1])),
+            "normal_0.02": 0.02,
+            "small_init": math.sqrt(2 / (5 * 64)),
+        }[init]
+        assert abs(w.std().item() - expected) / expected < 0.1, (tuple(w.shape), w.std().item(), expected)
+    assert block.mlp.fc1.bias.abs().max() == 0
 
 
 def test_classifier_mean_pooling_ignores_padding():

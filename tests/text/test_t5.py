@@ -72,6 +72,10 @@ def test_untied_head():
     ids = torch.randint(0, 256, (1, 4))
     assert model(ids, ids).shape == (1, 4, 261)
     assert model.lm_head is not None and model.encoder.blocks[0].mlp.gated
+    assert model.lm_head.weight.data_ptr() != model.embed.weight.data_ptr()  # a separate matrix
+    tied = vf.create_model("t5_tiny", mlp_act="geglu_tanh")
+    tied.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("lm_head")})
+    assert not torch.allclose(tied(ids, ids), model(ids, ids))  # the untied head is the one used
 
 
 def test_bad_inputs(t5):

@@ -24,20 +24,20 @@ def test_number_to_words():
 
 @pytest.mark.parametrize("tokenizer", ["bpe", "byte"])
 def test_seq2seq_numbers_short_run(tokenizer):
-    if tokenizer == "bpe":
-        pytest.importorskip("tokenizers")
     example = load("seq2seq_numbers")
     result = example.main(["--steps", "20", "--max_number", "300", "--num_test", "20", "--dim", "32", "--batch_size", "16",
                            "--tokenizer", tokenizer, "--log_every", "0"])
-    assert 0.0 <= result["accuracy"] <= 1.0 and result["loss"] < 6.0
+    assert result["loss"] < 0.95 * result["first_loss"]  # 20 steps: the loss falls (about 10% by then)
+    assert 0.0 <= result["accuracy"] <= 1.0  # exact match needs the full run (>= 95%, see the docstring)
     train, test = example.make_splits(300, 20, 0)
     assert not set(train) & set(test)
 
 
 def test_text_classification_short_run():
-    pytest.importorskip("tokenizers")
     example = load("text_classification")
-    result = example.main(["--steps", "20", "--num_train", "400", "--num_test", "50", "--dim", "32", "--log_every", "0"])
-    assert 0.0 <= result["accuracy"] <= 1.0
+    result = example.main(["--steps", "100", "--num_train", "400", "--num_test", "100", "--dim", "32", "--batch_size", "32",
+                           "--lr", "3e-3", "--log_every", "0"])
+    assert result["loss"] < result["first_loss"] - 0.1  # from ln 2 = 0.69
+    assert result["accuracy"] >= 0.6  # above chance (0.5) on unseen sentences after 100 small steps
     train, test = example.make_data(400, 50, 0)
     assert not {t for t, _ in train} & {t for t, _ in test}

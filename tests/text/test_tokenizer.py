@@ -53,7 +53,6 @@ def test_save_and_load(tmp_path):
 
 
 def test_bpe_train_roundtrip_save_load(tmp_path):
-    pytest.importorskip("tokenizers")
     corpus = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 20
     tok = BPETokenizer.train(corpus, vocab_size=300, min_frequency=2)
     assert tok.vocab_size <= 300 and tok.pad_token_id == 0 and tok.mask_token_id == 4

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import visionformers as vf
-from visionformers.registry import PRESETS, register
+from visionformers.registry import PRESETS
 from visionformers.training import checkpoint as ckpt
 from visionformers.training.ema import EMA
 from visionformers.training.loop import make_generator, seed_everything
@@ -37,8 +37,10 @@ class Net(nn.Module):
         return self.b(self.drop(torch.tanh(self.a(x))))
 
 
-if "_test_checkpoint_net" not in PRESETS:
-    register("_test_checkpoint_net", Net, NetConfig())
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch):
+    """Register Net for this module's tests only (from_pretrained rebuilds models by preset name)."""
+    monkeypatch.setitem(PRESETS, "_test_checkpoint_net", (Net, NetConfig()))
 
 
 def _setup(seed=0):

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import visionformers as vf
 from visionformers.training import classification as clf
 
-timm = pytest.importorskip("timm")
+import timm
 from timm.optim import param_groups_layer_decay as timm_layer_decay  # noqa: E402
 from timm.optim import param_groups_weight_decay as timm_weight_decay  # noqa: E402
 
@@ -154,7 +154,7 @@ def test_timm_checkpoint_file_loads_with_logits_parity(kind, tmp_path):
 
 
 def test_torchvision_checkpoint_and_safetensors_file(tmp_path):
-    tv = pytest.importorskip("torchvision")
+    import torchvision as tv
     from safetensors.torch import save_file
 
     ref = tv.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=24,

@@ -30,7 +30,7 @@ def tiny_dit(**overrides) -> DiT:
     return vf.create_model("dit_tiny", **{**TINY, **overrides})
 
 
-PRESETS = ["dit_s_2", "dit_b_2", "dit_l_2", "dit_xl_2", "dit_tiny"]
+PRESETS = vf.list_models("dit_*")
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -224,7 +224,7 @@ def test_matches_diffusers_dit_transformer_2d():
     which is what a converted DiT checkpoint holds. Its port shifts the sinusoid frequencies by one
     (``time_freq_shift=1``) and defaults to LayerNorm eps 1e-5 (set to DiT's 1e-6 here).
     """
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     torch.manual_seed(0)
     ours = tiny_dit(in_channels=4, patch_size=2, sample_size=8, num_classes=5, learn_sigma=True,
                     time_freq_shift=1.0).eval()

@@ -39,12 +39,11 @@ def assert_all_grads(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> None
 
 @pytest.mark.parametrize(
     "name, overrides",
-    [
-        ("unet_tiny", {}),
+    [(name, {}) for name in vf.list_models("unet_*")]  # every preset as registered, then variants
+    + [
         ("unet_tiny", dict(num_classes=10)),
         ("unet_tiny", dict(use_scale_shift_norm=False, context_dim=12, num_classes=3)),
         ("unet_tiny", dict(self_condition=True, learn_sigma=True, dropout=0.1)),
-        ("unet_ddpm_cifar10", {}),
         ("unet_ddpm_cifar10", dict(use_scale_shift_norm=True, attention_head_dim=8, context_dim=6)),
     ],
 )
@@ -117,6 +116,9 @@ def test_fully_masked_context_gives_a_finite_output():
     mask = torch.tensor([[False] * 4, [True, False, False, False]])
     out = model(x, t, context=torch.randn(2, 4, 6), context_mask=mask)
     assert torch.isfinite(out).all()
+    other = model(x, t, context=torch.randn(2, 4, 6) * 5, context_mask=mask)
+    torch.testing.assert_close(other[0], out[0])  # row 0 attends to nothing: its context cannot matter
+    assert not torch.allclose(other[1], out[1], atol=1e-5)  # row 1 attends to its first token
 
 
 def test_class_labels_change_output_and_none_means_null_class():

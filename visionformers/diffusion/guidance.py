@@ -48,7 +48,8 @@ def guided_model(
 
     guided = uncond + w (cond - uncond) on the raw prediction; since eps, x0 and v are affine in the prediction
     at fixed x_t, guiding any of them gives the same sampler step. w = 1 is the plain conditional model
-    (one un-doubled forward); any other w needs ``uncond``.
+    (one un-doubled forward); any other w needs ``uncond``. This w is the paper's w + 1 (eq. 6 writes
+    (1 + w) cond - w uncond, no guidance at w = 0), the convention of diffusers' ``guidance_scale``.
     """
     if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
         fail("guidance_scale", guidance_scale, "a number >= 0 (1 disables classifier-free guidance)")

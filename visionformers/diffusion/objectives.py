@@ -48,7 +48,7 @@ def prediction_target(x0: Tensor, eps: Tensor, alpha, sigma, prediction_type: st
 
 
 def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
-    """Min-SNR-gamma loss weight (Hang et al. 2023) for an MSE on ``prediction_type``.
+    """Min-SNR-gamma loss weight (Hang et al. 2023, sec. 3.4) for an MSE on ``prediction_type``.
 
     The paper weights the x0-space error by min(snr, gamma). Since |x0 err|^2 = |eps err|^2 / snr and
     |x0 err|^2 = |v err|^2 / (1 + snr), the same weighting on the other targets is

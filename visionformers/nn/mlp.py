@@ -1,4 +1,9 @@
-"""The one MLP: Linear -> activation -> Linear, with gated variants (SwiGLU, GEGLU; Shazeer 2020)."""
+"""The one MLP: Linear -> activation -> Linear, with gated variants (SwiGLU, GEGLU).
+
+Position-wise feed-forward network FFN(x) = act(x W1 + b1) W2 + b2 (Vaswani et al. 2017, eq. 2, with ReLU);
+GELU x * Phi(x) and its tanh approximation (Hendrycks & Gimpel 2016, sec. 2); gated variants
+FFN(x) = (act(x W) * (x V)) W2 (Shazeer 2020, "GLU Variants Improve Transformer", sec. 2).
+"""
 from __future__ import annotations
 
 import torch

@@ -42,7 +42,10 @@ def make_norm(kind: str, dim: int, eps: float = 1e-6, affine: bool = True, bias:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation x * (1 + scale) + shift, with (B, C) shift/scale broadcast over tokens of x (B, N, C)."""
+    """adaLN modulation x * (1 + scale) + shift (Peebles & Xie 2023, sec. 3.2; a FiLM layer, Perez et al. 2018).
+
+    (B, C) shift/scale broadcast over the tokens of x (B, N, C); "1 +" makes zero modulation the identity.
+    """
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 

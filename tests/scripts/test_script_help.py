@@ -1,0 +1,17 @@
+"""Every script and example answers --help (argparse formats help strings with %, so a stray % breaks it)."""
+from pathlib import Path
+
+import pytest
+from _unet_script_helpers import load_script
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted(p for d in ("train_scripts", "sample_scripts", "examples") for p in (ROOT / d).glob("*.py"))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_help_prints_usage_and_exits_zero(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(path).main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "--help" in out
