@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from visionformers._validate import check_args, script_errors
 from visionformers.data import DigitsDataset, ImageFolderDataset
 from visionformers.metrics import (
     build_feature_extractor,
@@ -43,7 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kid_subset_size", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in ("resolution", "kid_subsets", "batch_size")]
+               + [("kid_subset_size", lambda v: v >= 2, "an int >= 2")])
+    return args
 
 
 def image_source(path: str, args: argparse.Namespace):
@@ -94,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_errors(main)())

@@ -40,7 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in ("num_inference_steps", "num_images", "batch_size")]
                + [("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
-                  ("eta", lambda v: v >= 0, "a number >= 0 (0: deterministic ddim)")])
+                  ("eta", lambda v: v >= 0, "a number >= 0 (0: deterministic ddim)"),
+                  ("grid_nrow", lambda v: v is None or v >= 1, "an int >= 1"),
+                  ("output_dir", lambda v: v is None or not os.path.isfile(v), "a directory (this path is an existing file)")])
     return args
 
 
@@ -51,6 +53,10 @@ def main(argv=None) -> None:
     model, settings, conditioner = pipeline.load_denoiser(args.model_path, device, use_ema=not args.no_ema)
     kind, n = settings["conditioning"], args.num_images
     labels = prompts = None
+    if args.prompts and kind != "text":
+        raise ValueError(f"--prompts is given but the model at --model_path is conditioned on {kind!r}, not text")
+    if args.class_labels and kind != "class":
+        raise ValueError(f"--class_labels is given but the model at --model_path is conditioned on {kind!r}, not class")
     if kind == "class":
         given = args.class_labels or list(range(settings["num_classes"]))
         labels = torch.tensor([given[i % len(given)] for i in range(n)])

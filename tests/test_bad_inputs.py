@@ -128,6 +128,16 @@ def hf_after_submodule_import():
 # ---- files ---------------------------------------------------------------------------------------
 
 
+def timm_vit_state() -> dict:
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, pretrained=False).state_dict()
+
+
+def without(state: dict, key: str) -> dict:
+    return {k: v for k, v in state.items() if k != key}
+
+
 def saved_vit(tmp: Path) -> Path:
     return vf.save_pretrained(vit(), tmp / "model")
 
@@ -426,6 +436,23 @@ CASES = [
     Case("hf-partial-t5", lambda tmp: hf_after_submodule_import()(
         {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(8, 8)}, return_config=True), VE,
          ("state_dict", "incomplete", "t5")),
+    Case("pretrained-missing-field", lambda tmp: vf.from_pretrained(edit_config(tmp, lambda m: m["config"].pop("depth"))),
+         VE, ("config.json", "'depth'", "missing")),
+    Case("pretrained-future-format", lambda tmp: vf.from_pretrained(edit_config(tmp, lambda m: m.update(format_version=99))),
+         VE, ("format_version=99",)),
+    Case("pretrained-architecture-list",
+         lambda tmp: vf.from_pretrained(edit_config(tmp, lambda m: m.update(architecture=["x"]))), VE, ("architecture",)),
+    Case("pretrained-none", lambda tmp: vf.from_pretrained(None), VE, ("directory=None",)),
+    Case("save-into-a-file", lambda tmp: vf.save_pretrained(vit(), text_file(tmp)), VE, ("save_directory", "a.txt")),
+    Case("load-into-non-tensor", lambda tmp: load_into(vit(), {"head.weight": 1}), VE, ("'head.weight'", "int")),
+    Case("timm-config-type", lambda tmp: vf.convert.from_timm({"a": torch.zeros(1)}, config=42), VE, ("config=42",)),
+    Case("timm-3d-patch-weight", lambda tmp: vf.convert.from_timm(
+        {"blocks.0.attn.qkv.weight": torch.zeros(96, 32), "patch_embed.proj.weight": torch.zeros(32, 3, 16)}), VE,
+         ("patch_embed.proj.weight", "(32, 3, 16)")),
+    Case("timm-cut-short-block", lambda tmp: vf.convert.from_timm(without(timm_vit_state(), "blocks.1.mlp.fc2.weight")),
+         VE, ("incomplete", "blocks.1", "mlp.fc2.weight")),
+    Case("hf-partial-gpt2-no-config", lambda tmp: hf_after_submodule_import()(
+        {"h.0.attn.c_attn.weight": torch.zeros(8, 24), "h.0.attn.c_attn.bias": torch.zeros(24)}), VE, ("incomplete",)),
     Case("timm-not-a-dict", lambda tmp: vf.convert.from_timm([torch.zeros(1)]), VE, ("state_dict", "list")),
     # ---- training checkpoints ----
     Case("resume-missing", lambda tmp: resolve_checkpoint(tmp, str(tmp / "nope")), FE,
@@ -450,6 +477,11 @@ CASES = [
          SE, ("--captions_file", "--train_data_dir")),
     Case("train_unet-flip-without-folder", lambda tmp: train_unet(tmp, "--random_flip"), SE,
          ("--random_flip", "--train_data_dir")),
+    Case("train_unet-overrides-not-object", lambda tmp: train_unet(tmp, "--model_overrides", "[1]"), SE,
+         ("--model_overrides",)),
+    Case("train_unet-negative-clip", lambda tmp: train_unet(tmp, "--max_grad_norm", "-1"), SE, ("--max_grad_norm", "-1")),
+    Case("train_unet-output-is-a-file", lambda tmp: train_unet(tmp, "--output_dir", text_file(tmp)), SE,
+         ("--output_dir", "a.txt")),
     Case("train_unet-zero-batch", lambda tmp: train_unet(tmp, "--train_batch_size", "0"), SE,
          ("--train_batch_size", "0")),
     Case("sample_unet-missing-model", lambda tmp: sample_unet(tmp, "--model_path", "/nope"), SE, ("'/nope'",)),
@@ -459,12 +491,16 @@ CASES = [
          SE, ("--guidance_scale", "-1")),
     Case("sample_unet-unknown-sampler", lambda tmp: sample_unet(tmp, "--model_path", "/nope", "--sampler", "foo"), SE,
          ("--sampler", "'foo'")),
+    Case("sample_unet-zero-grid-rows", lambda tmp: sample_unet(tmp, "--model_path", "/nope", "--grid_nrow", "0"), SE,
+         ("--grid_nrow", "0")),
     Case("sample_unet-zero-images", lambda tmp: sample_unet(tmp, "--model_path", "/nope", "--num_images", "0"), SE,
          ("--num_images", "0")),
     Case("train_classifier-unknown-model", lambda tmp: train_classifier(tmp, "--model", "vit_tiniest"), SE,
          ("'vit_tiniest'",)),
     Case("train_classifier-missing-pretrained", lambda tmp: train_classifier(tmp, "--pretrained", str(tmp / "nope")),
          SE, ("nope",)),
+    Case("train_classifier-not-a-classifier", lambda tmp: train_classifier(tmp, "--model", "unet_tiny"), SE,
+         ("'unet_tiny'", "ViT or Swin")),
     Case("train_classifier-zero-lr", lambda tmp: train_classifier(tmp, "--learning_rate", "0"), SE,
          ("--learning_rate", "0")),
     Case("train_classifier-image-size", lambda tmp: train_classifier(tmp, "--model", "vit_tiny_patch4_32",
@@ -476,6 +512,8 @@ CASES = [
          ("--block_size", "300", "max_len=256")),
     Case("train_lm-unknown-model", lambda tmp: train_lm(tmp, text_file(tmp), "--model", "gpt_tiniest"), SE,
          ("'gpt_tiniest'",)),
+    Case("train_lm-not-a-gpt", lambda tmp: train_lm(tmp, text_file(tmp), "--model", "bert_tiny"), SE,
+         ("--model", "'bert_tiny'", "GPT")),
     Case("train_lm-bad-override", lambda tmp: train_lm(tmp, text_file(tmp), "--model_overrides", '{"dim": 30}'), SE,
          ("dim", "30")),
     Case("generate_text-missing-model", lambda tmp: generate_text(tmp, str(tmp / "nope")), SE, ("nope",)),
@@ -491,6 +529,10 @@ CASES = [
          ("--fake", "nope")),
     Case("evaluate-bad-extractor", lambda tmp: evaluate(tmp, "--real", "digits", "--fake", str(tmp),
                                                         "--feature_extractor", "vgg"), SE, ("feature_extractor", "'vgg'")),
+    Case("evaluate-zero-kid-subsets", lambda tmp: evaluate(tmp, "--real", "digits", "--fake", str(tmp), "--kid_subsets", "0"),
+         SE, ("--kid_subsets", "0")),
+    Case("evaluate-cache-not-npz", lambda tmp: evaluate(tmp, "--real", "digits", "--fake", str(tmp), "--cache",
+                                                        text_file(tmp)), SE, ("statistics file", "a.txt", ".npz")),
 ]
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import visionformers as vf
 from visionformers import hub, registry
+from visionformers.hub import load_weights_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,3 +153,32 @@ def test_load_into_names_mismatches(tiny_registered):
         hub.load_into(m, {"embed.weight": torch.zeros(10, 8), "bogus": torch.zeros(1)})
     with pytest.raises(ValueError, match="shape mismatch"):
         hub.load_into(m, {"embed.weight": torch.zeros(11, 8)})
+
+
+def test_weights_files_are_read_without_running_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pth"
+    torch.save({"w": Evil()}, bad)
+    with pytest.raises(ValueError, match="not a loadable weights file"):
+        load_weights_file(bad, "init_checkpoint")
+    with pytest.raises(FileNotFoundError, match="init_checkpoint"):
+        load_weights_file(tmp_path / "missing.pth", "init_checkpoint")
+    torch.save({"step": torch.tensor(3), "config": {"a": 1}}, tmp_path / "nodict.pth")
+    with pytest.raises(ValueError, match="a state dict"):
+        load_weights_file(tmp_path / "nodict.pth")
+    torch.save({"model": {"module.a": torch.ones(2)}}, tmp_path / "ok.pth")
+    assert list(load_weights_file(tmp_path / "ok.pth")) == ["a"]
+
+
+def test_state_dict_files_safetensors_wrapped_and_ddp_prefixed(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {"a.weight": torch.randn(3, 2), "b": torch.arange(4)}
+    save_file(sd, tmp_path / "w.safetensors")
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}, tmp_path / "ckpt.pt")
+    for name in ("w.safetensors", "ckpt.pt"):
+        back = load_weights_file(tmp_path / name)
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)

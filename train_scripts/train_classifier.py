@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from visionformers import data, training
+from visionformers._validate import script_errors
 from visionformers.training import classification as clf
 from visionformers.training import logging as track
 from visionformers.training import pipeline
@@ -53,15 +54,8 @@ CHECKS = [  # (argument, test, what is accepted): bad numbers stop the run befor
     ("label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("learning_rate", lambda v: v > 0, "a number > 0"),
     ("max_steps_per_epoch", lambda v: v is None or v >= 1, "an int >= 1"),
+    ("output_dir", lambda v: not os.path.isfile(v), "a directory (this path is an existing file)"),
 ]
-
-
-def _json_fields(text: str) -> dict:
-    """JSON object of config fields; lists become tuples (config fields are tuples, e.g. Swin's depths)."""
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
 
 
 def _recipe_help(name: str) -> str:
@@ -78,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--model", default=None, help=f"a ViT or Swin preset (vf.list_models('vit*'), 'swin*'); from scratch the "
       f"default is {DIGITS_MODEL}; with --init_checkpoint it only fills what the weights cannot tell (ViT heads)")
-    a("--model_overrides", type=_json_fields, default=None, help="JSON of config fields, e.g. '{\"depth\": 4}'; "
+    a("--model_overrides", type=pipeline.json_config_fields, default=None, help="JSON of config fields, e.g. '{\"depth\": 4}'; "
       f"from scratch on the digits, {' / '.join(DIGITS_OVERRIDES)} default to {' / '.join(DIGITS_OVERRIDES.values())}")
     a("--pretrained", default=None, help="start from a visionformers model directory (save_pretrained)")
     a("--init_checkpoint", default=None, help="start from a timm / torchvision weights file (.pth, .safetensors)")
@@ -157,7 +151,7 @@ def setup(args, accelerator):
     model_name = args.model or (DIGITS_MODEL if scratch else None)
     digits_sized = scratch and args.train_data_dir is None and model_name in DIGITS_OVERRIDES
     given = args.model_overrides if args.model_overrides is not None else (
-        _json_fields(DIGITS_OVERRIDES[model_name]) if digits_sized else {})
+        pipeline.json_config_fields(DIGITS_OVERRIDES[model_name]) if digits_sized else {})
     overrides = dict(given, num_classes=len(classes), img_size=args.image_size, in_chans=channels)
     model = clf.build_classifier(model_name, pretrained=args.pretrained,
                                  init_checkpoint=args.init_checkpoint, init_format=args.init_format, **overrides)
@@ -228,4 +222,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_errors(main)())

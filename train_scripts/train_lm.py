@@ -7,7 +7,6 @@ are saved to --output_dir for sample_scripts/generate_text.py.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import visionformers as vf
 from visionformers._validate import check_args, script_errors
 from visionformers.text import BPETokenizer, ByteTokenizer
 from visionformers.training import build_lr_scheduler, build_optimizer, make_generator, seed_everything
-from visionformers.training.pipeline import default_mixed_precision, force_cpu
+from visionformers.training.pipeline import default_mixed_precision, force_cpu, json_config_fields
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("text_file", help="a UTF-8 text file to learn from")
     a("--output_dir", default="outputs/lm")
     a("--model", default="gpt_tiny", help="a GPT preset (vf.list_models('gpt*'))")
-    a("--model_overrides", type=json.loads, default={}, help='JSON of config fields, e.g. \'{"depth": 4}\'')
+    a("--model_overrides", type=json_config_fields, default={}, help='JSON of config fields, e.g. \'{"depth": 4}\'')
     a("--tokenizer", default="byte", choices=["byte", "bpe"])
     a("--vocab_size", type=int, default=2048, help="BPE vocabulary size (--tokenizer bpe)")
     a("--block_size", type=int, default=128, help="tokens per training window")
@@ -49,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "block_size", "train_batch_size", "max_train_steps", "eval_steps")] + [
         ("learning_rate", lambda v: v > 0, "a number > 0"),
         ("val_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
-        ("sample_tokens", lambda v: v >= 0, "an int >= 0")])
+        ("sample_tokens", lambda v: v >= 0, "an int >= 0"),
+        ("model", lambda v: v in vf.list_models("gpt*"), f"a GPT preset: {vf.list_models('gpt*')}"),
+        ("output_dir", lambda v: not Path(v).is_file(), "a directory (this path is an existing file)")])
     return args
 
 

@@ -7,7 +7,6 @@ Resume with --resume_from_checkpoint latest; the continuation is bit-identical t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="unet_tiny", help="any UNet or DiT preset (vf.list_models('unet*'), 'dit*')")
-    a("--model_overrides", type=json.loads, default={}, help='JSON of config fields, e.g. \'{"dropout": 0.1}\'')
+    a("--model_overrides", type=pipeline.json_config_fields, default={}, help='JSON of config fields, e.g. \'{"dropout": 0.1}\'')
     a("--conditioning", default="class", choices=pipeline.CONDITIONINGS)
     a("--text_encoder", default="t5_tiny_encoder", help="text preset for --conditioning text (frozen)")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
@@ -81,7 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("num_train_timesteps", lambda v: v >= 2, "an int >= 2"),
         ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
         ("cond_drop_prob", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-        ("learning_rate", lambda v: v > 0, "a number > 0")])
+        ("learning_rate", lambda v: v > 0, "a number > 0"),
+        ("max_grad_norm", lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+        ("stop_after_steps", lambda v: v is None or v >= 1, "an int >= 1"),
+        ("adam_beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        ("adam_beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        ("adam_weight_decay", lambda v: v >= 0, "a number >= 0"),
+        ("lr_warmup_steps", lambda v: v >= 0, "an int >= 0"),
+        ("output_dir", lambda v: not os.path.isfile(v), "a directory (this path is an existing file)")])
     if args.train_data_dir is None:  # the embedded digits: these options only apply to an image folder
         given = [flag for flag, on in (("--captions_file", args.captions_file is not None),
                                        ("--random_flip", args.random_flip), ("--no-center_crop", not args.center_crop)) if on]

@@ -25,6 +25,11 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT_VERSION = 1
 
 
+def _check_path(name: str, value) -> None:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"{name}={value!r} is not a path; expected a non-empty str or os.PathLike")
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP / accelerate (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
@@ -137,17 +142,24 @@ def config_from_dict(config_cls: type, data: dict, source: str = "config"):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown} for {config_cls.__name__}; accepted: {sorted(names)}")
+    missing = sorted(names - set(data))
+    if missing:  # save_pretrained writes every field: a gap means an edited or foreign file, not a default
+        raise ValueError(f"{source}: field(s) {missing} of {config_cls.__name__} are missing; save_pretrained writes "
+                         "every field")
     kwargs = {k: _coerce(v, hints[k], k, source) for k, v in data.items()}
     return config_cls(**kwargs)
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``model.safetensors`` for a registered model (wrappers are stripped)."""
+    _check_path("save_directory", save_directory)
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         raise ValueError(f"model={type(model).__name__} has no dataclass `config`; only visionformers models can be saved")
     out = Path(save_directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"save_directory={str(out)!r} is an existing file; expected a directory (new or existing)")
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(model.state_dict(), out / WEIGHTS_NAME, metadata={"format": "pt"})
     meta = {"architecture": type(model).__name__, "format_version": FORMAT_VERSION, "config": config_to_dict(config)}
@@ -157,6 +169,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> Path
 
 def read_config(directory: str | os.PathLike):
     """Parse ``config.json`` -> (model class, config instance); errors name the file and the problem."""
+    _check_path("directory", directory)
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {str(directory)!r} does not exist")
@@ -169,9 +182,13 @@ def read_config(directory: str | os.PathLike):
         raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "architecture" not in meta or "config" not in meta:
         raise ValueError(f"{str(path)!r} lacks the keys 'architecture' and 'config'; was it written by save_pretrained?")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r}: format_version={version!r} is not readable by this version of visionformers; "
+                         f"accepted: 1..{FORMAT_VERSION}")
     classes = model_classes()
     arch = meta["architecture"]
-    if arch not in classes:
+    if not isinstance(arch, str) or arch not in classes:
         raise ValueError(f"{str(path)!r}: architecture={arch!r} is unknown; accepted: {sorted(classes)}")
     cls, config_cls = classes[arch]
     return cls, config_from_dict(config_cls, meta["config"], source=str(path))
@@ -200,8 +217,44 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     return model.to(device)
 
 
+CHECKPOINT_CONTAINER_KEYS = ("state_dict", "model", "model_state", "module")  # where trainers nest the weights
+
+
+def load_weights_file(path: str | os.PathLike, name: str = "path") -> dict[str, torch.Tensor]:
+    """A foreign weights file's tensors: safetensors, or a torch file read with ``weights_only=True`` (no code runs).
+
+    Weights nested by trainers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and a DDP ``module.``
+    prefix is stripped. ``name`` is the argument that errors name (e.g. ``init_checkpoint``).
+    """
+    _check_path(name, path)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}={str(path)!r} is not a file; pass a local .pth/.pt or .safetensors file")
+    if path.suffix == ".safetensors":
+        return load_state_dict(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; name the file and the cause in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name}={str(path)!r} is not a loadable weights file ({first})") from None
+    for key in CHECKPOINT_CONTAINER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{name}={str(path)!r} is not accepted; expected a state dict (name -> tensor), possibly "
+                         "under 'state_dict' or 'model'")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state_dict") -> None:
     """``load_state_dict(strict)`` that tolerates only tied duplicates and names mismatches clearly."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None) if isinstance(state, dict) else None
+        what = f"entry {bad!r} is a {type(state[bad]).__name__}" if bad is not None else f"got {type(state).__name__}"
+        raise ValueError(f"{source}: expected a dict of name -> tensor; {what}")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     tied_ok = {k for k in missing if any(own[k].data_ptr() == own[j].data_ptr() for j in state if j in own)}

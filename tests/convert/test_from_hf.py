@@ -3,12 +3,23 @@ import warnings
 
 import pytest
 import torch
-
-from visionformers.convert.from_hf import config_from_hf, detect_hf_architecture, from_hf
-from visionformers.hub import load_into
-from visionformers.text import GPT, T5, Bert, BertForMaskedLM, BertForSequenceClassification, T5Encoder
-
 import transformers as hf
+
+from visionformers.convert.from_hf import (
+    config_from_hf,
+    detect_hf_architecture,
+    from_hf,
+)
+from visionformers.hub import load_into
+from visionformers.text import (
+    GPT,
+    T5,
+    Bert,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    T5Encoder,
+)
+
 warnings.filterwarnings("ignore", module="transformers")
 TOL = dict(atol=1e-4, rtol=0)  # max abs diff <= 1e-4
 

@@ -3,11 +3,10 @@ variants: registers, avg pooling, qk-norm + LayerScale, dynamic sizes, padded Sw
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import visionformers as vf
-
-import timm
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

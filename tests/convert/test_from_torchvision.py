@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import visionformers as vf
-
 import torchvision
 from torchvision.models.swin_transformer import SwinTransformer as TVSwin  # noqa: E402
 from torchvision.models.vision_transformer import VisionTransformer as TVViT  # noqa: E402
+
+import visionformers as vf
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -11,10 +11,9 @@ Conventions (ours <-> diffusers):
   given the same alphas_cumprod table (diffusers' is a float32 cumprod, ours float64).
   We start from x_T (VP) * sqrt(1 + sigma_max^2); diffusers' init_noise_sigma is sigma_max (1e-9 relative apart).
 """
+import diffusers
 import pytest
 import torch
-
-import diffusers
 
 import visionformers.diffusion as D  # noqa: E402
 

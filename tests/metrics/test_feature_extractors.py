@@ -101,19 +101,6 @@ def test_inception_errors(tmp_path):
         InceptionFeatures(wrong)
 
 
-def test_state_dict_files_safetensors_wrapped_and_ddp_prefixed(tmp_path):
-    from safetensors.torch import save_file
-
-    from visionformers.metrics.features import load_state_dict_file
-
-    sd = {"a.weight": torch.randn(3, 2), "b": torch.arange(4)}
-    save_file(sd, tmp_path / "w.safetensors")
-    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}, tmp_path / "ckpt.pt")
-    for name in ("w.safetensors", "ckpt.pt"):
-        back = load_state_dict_file(tmp_path / name)
-        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
-
-
 def test_build_feature_extractor_specs(tmp_path):
     assert isinstance(build_feature_extractor("random_conv:3"), RandomConvFeatures)
     with pytest.raises(ValueError, match="feature_extractor"):

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from visionformers.data import DigitsDataset
-from visionformers.metrics import RandomConvFeatures, extract_features, frechet_distance, kid_from_features
+from visionformers.metrics import (
+    RandomConvFeatures,
+    extract_features,
+    frechet_distance,
+    kid_from_features,
+)
 
 
 def test_fid_and_kid_match_torchmetrics_on_the_same_features():

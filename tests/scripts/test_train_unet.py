@@ -3,7 +3,14 @@ import json
 import time
 
 import pytest
-from _unet_script_helpers import SAMPLE, TINY, TRAIN, assert_same_files, load_script, run
+from _unet_script_helpers import (
+    SAMPLE,
+    TINY,
+    TRAIN,
+    assert_same_files,
+    load_script,
+    run,
+)
 
 from visionformers.training import checkpoint as ckpt
 

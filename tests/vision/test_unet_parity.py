@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import re
 
+import diffusers
 import pytest
 import torch
 
 import visionformers as vf
-
-import diffusers
 
 
 def diffusers_unet(config, **extra):

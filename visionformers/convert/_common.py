@@ -39,6 +39,46 @@ def complete_state_dict(source: str):
                          "expected a whole model's state dict") from None
 
 
+def check_blocks_complete(out: dict, source: str) -> dict:
+    """A converted state dict whose repeated blocks are not all complete (a cut-short or partial source) -> ValueError.
+
+    Groups keys as ``<prefix>blocks.<i>.<rest>``; every index 0..max of a prefix must be present with the
+    same set of ``rest`` names as the others.
+    """
+    groups: dict[str, dict[int, set[str]]] = {}
+    for key in out:
+        if m := re.match(r"^(.*?blocks)\.(\d+)\.(.+)$", key):
+            groups.setdefault(m.group(1), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
+    for prefix, blocks in groups.items():
+        union = set().union(*blocks.values())
+        for i in range(max(blocks) + 1):
+            lacking = sorted(union - blocks.get(i, set()))
+            if lacking:
+                raise ValueError(f"state_dict ({source}) is incomplete: {prefix}.{i} lacks {lacking[:4]}"
+                                 f"{' ...' if len(lacking) > 4 else ''}; expected a whole model's state dict")
+    return out
+
+
+def check_vision_args(config, img_size, num_heads) -> None:
+    """The optional arguments shared by from_timm / from_torchvision."""
+    if config is not None and not isinstance(config, (ViTConfig, SwinConfig)):
+        raise ValueError(f"config={config!r} is not accepted; expected None, a ViTConfig or a SwinConfig")
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0):
+        raise ValueError(f"num_heads={num_heads!r} is not accepted; expected None or an int >= 1")
+    ok_size = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    if img_size is not None and not (ok_size(img_size) or (isinstance(img_size, (tuple, list)) and len(img_size) == 2
+                                                           and all(ok_size(v) for v in img_size))):
+        raise ValueError(f"img_size={img_size!r} is not accepted; expected None, an int > 0 or (height, width)")
+
+
+def patch_weight(state: dict, key: str, source: str) -> torch.Tensor:
+    """The (D, C, p, p) patch-embedding convolution weight, or a ValueError naming the key."""
+    w = state[key]
+    if w.ndim != 4:
+        raise ValueError(f"state_dict key {key!r} ({source}) has shape {tuple(w.shape)}; expected (dim, channels, p, p)")
+    return w
+
+
 def check_state_dict(state_dict) -> dict:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"state_dict={type(state_dict).__name__} is not accepted; expected a dict of name -> tensor")

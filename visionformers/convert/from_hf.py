@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from visionformers.convert._common import complete_state_dict
+from visionformers.convert._common import check_blocks_complete, complete_state_dict
 
 __all__ = ["from_hf", "config_from_hf", "detect_hf_architecture"]
 
@@ -47,9 +47,9 @@ def from_hf(state_dict: dict[str, torch.Tensor], config=None, *, return_config: 
     arch = detect_hf_architecture(state_dict)
     with complete_state_dict(f"transformers {arch}"):
         out = {"gpt2": _gpt2, "bert": _bert, "t5": _t5}[arch](state_dict)
-        if not return_config:
-            return out
-        return _infer_config(arch, out, config), out
+        check_blocks_complete(out, f"transformers {arch}")
+        inferred = _infer_config(arch, out, config)  # also when not returned: it needs the embeddings, norms, ...
+    return (inferred, out) if return_config else out
 
 
 def _infer_config(arch: str, sd: dict[str, torch.Tensor], config):

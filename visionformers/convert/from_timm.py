@@ -13,9 +13,12 @@ import re
 import torch
 
 from visionformers.convert._common import (
+    check_blocks_complete,
     check_state_dict,
+    check_vision_args,
     complete_state_dict,
     count_indices,
+    patch_weight,
     resample_vit_positions,
     swin_config_from_tables,
     unknown_architecture,
@@ -58,6 +61,7 @@ def from_timm(
     builds and loads the matching model).
     """
     state = check_state_dict(state_dict)
+    check_vision_args(config, img_size, num_heads)
     with complete_state_dict("timm"):
         if "blocks.0.attn.qkv.weight" in state and "patch_embed.proj.weight" in state:
             cfg, out = _vit(state, config, img_size, num_heads)
@@ -65,6 +69,7 @@ def from_timm(
             cfg, out = _swin(state, config, img_size)
         else:
             raise unknown_architecture("timm", state, ACCEPTED)
+    check_blocks_complete(out, "timm")
     return (cfg, out) if return_config else out
 
 
@@ -72,7 +77,7 @@ def _vit(state: dict, config, img_size, num_heads):
     for key, why in _VIT_UNSUPPORTED.items():
         if key in state:
             raise unsupported("timm ViT", key, why)
-    w = state["patch_embed.proj.weight"]  # (D, C, p, p)
+    w = patch_weight(state, "patch_embed.proj.weight", "timm ViT")  # (D, C, p, p)
     dim, in_chans, ph, pw = w.shape
     if ph != pw:
         raise unsupported("timm ViT", "patch_embed.proj.weight", f"non-square patches {ph}x{pw}")

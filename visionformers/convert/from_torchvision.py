@@ -14,9 +14,12 @@ import re
 import torch
 
 from visionformers.convert._common import (
+    check_blocks_complete,
     check_state_dict,
+    check_vision_args,
     complete_state_dict,
     count_indices,
+    patch_weight,
     resample_vit_positions,
     swin_config_from_tables,
     unknown_architecture,
@@ -66,6 +69,7 @@ def from_torchvision(
     table is resampled to the target ``img_size``; ``(config, state_dict)`` is returned on request.
     """
     state = check_state_dict(state_dict)
+    check_vision_args(config, img_size, num_heads)
     with complete_state_dict("torchvision"):
         if "conv_proj.weight" in state and "encoder.pos_embedding" in state:
             cfg, out = _vit(state, config, img_size, num_heads)
@@ -75,13 +79,14 @@ def from_torchvision(
             raise unsupported("torchvision ViT", "conv_proj.conv_last.weight", "a convolutional stem (conv_stem_configs)")
         else:
             raise unknown_architecture("torchvision", state, ACCEPTED)
+    check_blocks_complete(out, "torchvision")
     return (cfg, out) if return_config else out
 
 
 def _vit(state: dict, config, img_size, num_heads):
     if "heads.pre_logits.weight" in state:
         raise unsupported("torchvision ViT", "heads.pre_logits.weight", "a representation layer (representation_size)")
-    w = state["conv_proj.weight"]  # (D, C, p, p)
+    w = patch_weight(state, "conv_proj.weight", "torchvision ViT")  # (D, C, p, p)
     dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[-1]
     prefix = "encoder.layers.encoder_layer_"
     depth = count_indices(state, rf"{re.escape(prefix)}(\d+)\.")

@@ -80,24 +80,6 @@ class ClassifierFeatures(nn.Module):
         return out.flatten(1)  # (B, D)
 
 
-def load_state_dict_file(path: str | os.PathLike, name: str = "weights_path") -> dict[str, torch.Tensor]:
-    """Load a local state dict: ``.safetensors``, else ``torch.load(weights_only=True)`` (no pickled code runs)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name}={path!r} does not exist; pass a local .pth/.pt or .safetensors file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # a checkpoint wrapping its weights
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        fail(name, path, "a file holding a state dict (str -> tensor)")
-    return {k.removeprefix("module."): v for k, v in sd.items()}  # DataParallel/DDP saves add "module."
-
-
 class InceptionFeatures(nn.Module):
     """torchvision Inception-v3 pool3 features (2048-d) at 299x299, weights from a local file.
 
@@ -112,7 +94,9 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         import torchvision
 
-        sd = load_state_dict_file(weights_path, "weights_path")
+        from visionformers.hub import load_weights_file  # lazy, as build_feature_extractor's model zoo import
+
+        sd = load_weights_file(weights_path, "weights_path")
         has_aux = any(k.startswith("AuxLogits.") for k in sd)
         # weights=None: never download; init_weights=False: the file overwrites every parameter anyway.
         net = torchvision.models.inception_v3(
@@ -171,6 +155,8 @@ def build_feature_extractor(spec: str) -> nn.Module:
         from visionformers.hub import from_pretrained  # lazy: only this option needs the model zoo
 
         model = from_pretrained(arg)
+        if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+            fail("feature_extractor", spec, f"a classifier directory (ViT / Swin); {arg!r} holds a {type(model).__name__}")
         extractor = ClassifierFeatures(model)
         extractor.name = f"visionformers({os.path.basename(os.path.normpath(arg))})"
         return extractor

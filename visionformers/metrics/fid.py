@@ -190,7 +190,13 @@ def load_statistics(path: str | os.PathLike) -> FeatureStats:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"statistics file {path!r} does not exist")
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # not an .npz, or one holding pickled objects (never unpickled)
+        fail("statistics file", path, f"a .npz written by save_statistics (format {STATS_FORMAT})")
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        fail("statistics file", path, f"a .npz written by save_statistics (format {STATS_FORMAT}), not a bare .npy")
+    with z:
         if "format" not in z.files or int(z["format"]) != STATS_FORMAT:
             fail("statistics file", path, f"a .npz written by save_statistics (format {STATS_FORMAT})")
         return FeatureStats(

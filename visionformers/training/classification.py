@@ -18,7 +18,7 @@ from torch import nn
 
 from visionformers._validate import check_choice, fail
 from visionformers.data.transforms import mixup_cutmix
-from visionformers.hub import load_into, load_state_dict, read_config
+from visionformers.hub import load_into, load_state_dict, load_weights_file, read_config
 from visionformers.metrics.accuracy import AccuracyResult, topk_correct
 from visionformers.nn.blocks import TransformerBlock
 from visionformers.nn.norm import RMSNorm
@@ -38,7 +38,6 @@ NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
 # Parameters that belong to the input stem (layer 0 of layer-wise decay) even when registered after the blocks.
 STEM_NAMES = ("*patch_embed*", "*pos_embed*", "*cls_token*", "*reg_token*", "*register_tokens*", "*dist_token*",
               "*mask_token*")
-CHECKPOINT_CONTAINER_KEYS = ("state_dict", "model", "model_state", "module")  # where trainers nest the weights
 
 
 # ---- parameter groups ---------------------------------------------------------------------------------
@@ -149,33 +148,6 @@ def build_optimizer(
 # ---- building and loading the model -------------------------------------------------------------------
 
 
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A foreign checkpoint's tensors: safetensors, or a torch file read with ``weights_only=True`` (no code runs).
-
-    Weights nested by trainers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and a DDP ``module.``
-    prefix is stripped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_checkpoint={str(path)!r} is not a file")
-    if path.suffix == ".safetensors":
-        return load_state_dict(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; name the file and the cause in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"init_checkpoint={str(path)!r} is not a loadable weights file ({first})") from None
-    for key in CHECKPOINT_CONTAINER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        fail("init_checkpoint", str(path), "a state dict (name -> tensor), possibly under 'state_dict' or 'model'")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
 def convert_state_dict(state: dict[str, torch.Tensor], init_format: str, config=None, img_size=None):
     """(config read from the weights, state dict in visionformers names) for a timm or torchvision state dict,
     through ``visionformers.convert``. ``config`` fills what the weights cannot tell (ViT head count, pooling);
@@ -221,10 +193,18 @@ def build_classifier(
     change config fields (``num_classes``, ``img_size``, ...); position tables are resampled to a new
     ``img_size`` and a head of another class count is re-initialised.
     """
+    from visionformers.vision.swin import SwinConfig
+    from visionformers.vision.vit import ViTConfig
+
+    classifiers = (ViTConfig, SwinConfig)
     if pretrained is not None and init_checkpoint is not None:
         fail("init_checkpoint", str(init_checkpoint), "not both --pretrained and --init_checkpoint")
+    if model_name is not None and not isinstance(get_preset(model_name)[1], classifiers):
+        fail("model", model_name, "a ViT or Swin classifier preset (vf.list_models('vit*'), vf.list_models('swin*'))")
     if pretrained is not None:
         cls, source_config = read_config(pretrained)
+        if not isinstance(source_config, classifiers):
+            fail("pretrained", str(pretrained), f"a ViT or Swin model directory (it holds a {cls.__name__})")
         weights = Path(pretrained) / "model.safetensors"
         model = cls(replace_config(source_config, overrides))
         load_compatible(model, load_state_dict(weights), str(weights), source_config)
@@ -236,7 +216,7 @@ def build_classifier(
         return cls(replace_config(preset, overrides))
     check_choice("init_format", init_format, INIT_FORMATS)
     hint = replace_config(get_preset(model_name)[1], overrides) if model_name is not None else None
-    source_config, state = convert_state_dict(load_weights_file(init_checkpoint), init_format, hint,
+    source_config, state = convert_state_dict(load_weights_file(init_checkpoint, "init_checkpoint"), init_format, hint,
                                               overrides.get("img_size"))
     classes = {cfg_cls: cls for cls, cfg_cls in model_classes().values()}
     model = classes[type(source_config)](replace_config(source_config, overrides))

@@ -23,6 +23,15 @@ TEXT_ENCODER_DIR = "text_encoder"
 CONDITIONINGS = ("none", "class", "text")
 
 
+def json_config_fields(text: str) -> dict:
+    """argparse ``type`` for ``--model_overrides``: a JSON object of config fields (lists become tuples, as the
+    config fields are, e.g. Swin's depths); anything else is an argparse error naming the flag."""
+    value = json.loads(text)  # a JSONDecodeError is a ValueError: argparse reports it against the flag
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+
+
 def default_mixed_precision() -> str:
     """bf16 where the accelerator has it (Ampere+ GPUs), else no: fp16 needs a grad scaler and can overflow."""
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):
