@@ -135,7 +135,10 @@ def main(argv=None) -> None:
     except ValueError as e:  # the config names its field (sample_size, ...); say which flags set it
         raise ValueError(f"--model={args.model} at --resolution={args.resolution} with --model_overrides: {e}") from None
     settings = pipeline.diffusion_settings(args, num_classes, class_names, channels, context_dim)
-    sched = pipeline.schedule_from(settings)
+    try:
+        sched = pipeline.schedule_from(settings)
+    except ValueError as e:  # the schedule names its own arguments; say which flags set them
+        raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps}: {e}") from None
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
                                          (args.adam_beta1, args.adam_beta2))
     lr_scheduler = training.build_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)

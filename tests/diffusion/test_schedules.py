@@ -124,7 +124,9 @@ def test_bad_schedule_arguments():
     for bad in (0, 1, 10.0, True):
         with pytest.raises(ValueError, match=r"num_train_steps="):
             D.NoiseSchedule("linear", bad)
-    sched = D.NoiseSchedule("linear", 10)
+    with pytest.raises(ValueError, match=r"num_train_steps=10"):  # DDPM's betas scaled to 10 steps exceed 1
+        D.NoiseSchedule("linear", 10)
+    sched = D.NoiseSchedule("linear", 100)
     with pytest.raises(ValueError, match=r"noise="):
         sched.q_sample(torch.randn(2, 3), torch.tensor([1, 2]), torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"t="):

@@ -12,6 +12,7 @@ dimension once, before sampling starts; each step then runs the model on [x; x] 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,10 @@ from .._validate import fail
 
 def batch_cond_uncond(cond: dict, uncond: dict) -> dict:
     """Merge conditional and unconditional keyword inputs into one doubled batch: tensors -> cat([cond, uncond])."""
+    if not isinstance(cond, dict):
+        fail("cond", type(cond).__name__, "a dict of conditional model inputs")
+    if not isinstance(uncond, dict):
+        fail("uncond", uncond, "a dict of unconditional model inputs, e.g. uncond={'class_labels': null_labels}")
     merged = {}
     for key in {**cond, **uncond}:
         c = cond.get(key)
@@ -51,8 +56,16 @@ def guided_model(
     (one un-doubled forward); any other w needs ``uncond``. This w is the paper's w + 1 (eq. 6 writes
     (1 + w) cond - w uncond, no guidance at w = 0), the convention of diffusers' ``guidance_scale``.
     """
-    if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
-        fail("guidance_scale", guidance_scale, "a number >= 0 (1 disables classifier-free guidance)")
+    if not callable(model):
+        fail("model", type(model).__name__, "a callable (x_t, t, **cond) -> prediction")
+    if not isinstance(cond, dict):
+        fail("cond", type(cond).__name__, "a dict of conditional model inputs")
+    if uncond is not None and not isinstance(uncond, dict):
+        fail("uncond", uncond,
+             "None or a dict of unconditional model inputs, e.g. uncond={'class_labels': null_labels}")
+    if (not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool)
+            or not 0 <= guidance_scale < math.inf):  # also rejects NaN
+        fail("guidance_scale", guidance_scale, "a finite number >= 0 (1 disables classifier-free guidance)")
     if guidance_scale == 1:
         return lambda x, t: model(x, t, **cond)
     if not uncond:
@@ -63,6 +76,11 @@ def guided_model(
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         out = model(torch.cat([x, x]), torch.cat([t, t]), **both)  # (2B, ...): conditional half first
+        expected = (2 * x.shape[0], *x.shape[1:])
+        if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+            fail("model output", out if isinstance(out, Tensor) else type(out).__name__,
+                 f"a tensor shaped like its input [x_t; x_t] {expected} "
+                 "(conditional and unconditional passes are batched together)")
         out_cond, out_uncond = out.chunk(2)
         return torch.lerp(out_uncond, out_cond, w)  # uncond + w * (cond - uncond)
 

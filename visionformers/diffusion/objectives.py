@@ -7,6 +7,7 @@ and each pair (x_t, prediction) determines (x0, eps) linearly. The loss and ever
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,24 @@ from .._validate import check_choice, check_tensor, fail
 from .schedules import NoiseSchedule, _expand
 
 PREDICTION_TYPES = ("eps", "x0", "v")
+
+
+def check_model_output(pred, expected_shape, like: str) -> None:
+    """The model's prediction must be a tensor of ``expected_shape`` (that of ``like``, e.g. x0 or x_t):
+    anything else would broadcast into a silently wrong result or fail deep inside the update formulas."""
+    if not isinstance(pred, Tensor):
+        fail("model output", type(pred).__name__, f"a tensor shaped like {like} {tuple(expected_shape)}")
+    if pred.shape != expected_shape:
+        fail("model output", pred, f"a tensor shaped like {like} {tuple(expected_shape)}")
+
+
+def check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        fail("generator", generator, "None or a torch.Generator (e.g. torch.Generator().manual_seed(0))")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def predict_x0_eps(pred: Tensor, x_t: Tensor, alpha, sigma, prediction_type: str) -> tuple[Tensor, Tensor]:
@@ -56,6 +75,9 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     The eps form is written without a division by snr so that snr = 0 (zero terminal SNR) gives weight 1.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_tensor("snr", snr, floating=True)
+    if not (_is_number(gamma) and gamma > 0):
+        fail("gamma", gamma, "a number > 0 (5 in Hang et al. 2023)")
     if prediction_type == "x0":
         return snr.clamp(max=gamma)
     if prediction_type == "eps":
@@ -91,10 +113,13 @@ def training_loss(
     if not isinstance(sched, NoiseSchedule):
         fail("sched", type(sched).__name__, "a visionformers.diffusion.NoiseSchedule")
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    if min_snr_gamma is not None and not (isinstance(min_snr_gamma, (int, float)) and min_snr_gamma > 0):
+    if not callable(model):
+        fail("model", type(model).__name__, "a callable (x_t, t, **cond) -> prediction")
+    if min_snr_gamma is not None and not (_is_number(min_snr_gamma) and min_snr_gamma > 0):
         fail("min_snr_gamma", min_snr_gamma, "None or a number > 0 (5 in Hang et al. 2023)")
-    if not (isinstance(offset_noise, (int, float)) and offset_noise >= 0):
-        fail("offset_noise", offset_noise, "a number >= 0 (0.1 in Guttenberg 2023)")
+    if not (_is_number(offset_noise) and 0 <= offset_noise < math.inf):
+        fail("offset_noise", offset_noise, "a finite number >= 0 (0.1 in Guttenberg 2023)")
+    check_generator(generator)
     if offset_noise > 0 and x0.ndim < 3:
         fail("x0", x0, "a (B, C, ...) tensor when offset_noise > 0 (the offset is per channel)")
 
@@ -106,12 +131,11 @@ def training_loss(
         noise = noise + offset_noise * torch.randn(offset_shape, generator=generator, device=gen_device,
                                                    dtype=x0.dtype).to(x0.device)
 
-    alpha, sigma = sched.alpha_sigma(t)  # (B,) each, exact table values for integer t
+    alpha, sigma = sched._alpha_sigma(t)  # (B,) each, exact table values; t is in range by construction
     alpha_x, sigma_x = _expand(alpha, x0).to(x0.dtype), _expand(sigma, x0).to(x0.dtype)
     x_t = alpha_x * x0 + sigma_x * noise
     pred = model(x_t, t.float(), **cond)
-    if not isinstance(pred, Tensor) or pred.shape != x0.shape:
-        fail("model output", pred, f"a tensor shaped like x0 {tuple(x0.shape)}")
+    check_model_output(pred, x0.shape, "x0")
 
     target = prediction_target(x0, noise, alpha_x, sigma_x, prediction_type)
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)

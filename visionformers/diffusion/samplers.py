@@ -16,20 +16,26 @@ sigmas and hand the model fractional t (log-sigma interpolation over the discret
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .._validate import check_choice, fail
-from .objectives import PREDICTION_TYPES, predict_x0_eps
+from .objectives import PREDICTION_TYPES, check_generator, check_model_output, predict_x0_eps
 from .schedules import NoiseSchedule
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict], None] | None
 
 
-def _check_args(x: Tensor, sched: NoiseSchedule, steps: int, prediction_type: str, *, discrete: bool) -> None:
+def _check_args(model, x: Tensor, sched: NoiseSchedule, steps: int, prediction_type: str, generator, callback,
+                *, discrete: bool) -> Model:
+    """Validate the common sampler arguments once, before the loop; returns ``model`` wrapped so that each call's
+    output is checked against x's shape (a tuple compare, no device sync)."""
+    if not callable(model):
+        fail("model", type(model).__name__, "a callable (x_t, t) -> prediction")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
         fail("x", x, "a floating tensor (B, ...) of starting noise")
     if not isinstance(sched, NoiseSchedule):
@@ -40,16 +46,51 @@ def _check_args(x: Tensor, sched: NoiseSchedule, steps: int, prediction_type: st
         fail("steps", steps, f"at most num_train_steps={sched.num_train_steps} for a discrete-time sampler "
              "(euler and heun accept any number)")
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_generator(generator)
+    if callback is not None and not callable(callback):
+        fail("callback", callback, "None or a callable taking one dict")
+    return _checked_model(model)
+
+
+def _checked_model(model: Model) -> Model:
+    """``model`` with its output checked to be a tensor shaped like its input x_t."""
+    if getattr(model, "_vf_output_checked", False):
+        return model
+
+    def checked(x: Tensor, t: Tensor) -> Tensor:
+        out = model(x, t)
+        check_model_output(out, x.shape, "x_t")
+        return out
+
+    checked._vf_output_checked = True
+    return checked
+
+
+def _check_number(name: str, value, accepted: str, *, minimum: float, strict: bool) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > minimum if strict else value >= minimum))
+    if not ok:
+        fail(name, value, accepted)
 
 
 def discrete_timesteps(num_train_steps: int, steps: int) -> Tensor:
-    """The "trailing" timesteps round(T - i T/steps) - 1, i = 0..steps-1 (Lin et al. 2024, Table 2), as int64."""
+    """The "trailing" timesteps round(T - i T/steps) - 1, i = 0..steps-1 (Lin et al. 2024, Table 2), as int64.
+    1 <= steps <= num_train_steps (more would repeat timesteps and end below t = 0)."""
+    if not isinstance(num_train_steps, int) or isinstance(num_train_steps, bool) or num_train_steps < 1:
+        fail("num_train_steps", num_train_steps, "an int >= 1")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_train_steps:
+        fail("steps", steps, f"an int in [1, num_train_steps={num_train_steps}]")
     return (num_train_steps - torch.arange(steps, dtype=torch.float64) * (num_train_steps / steps)).round().long() - 1
 
 
 def karras_sigmas(sched: NoiseSchedule, steps: int, rho: float = 7.0) -> Tensor:
     """Karras et al. 2022, eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho,
     i = 0..N-1, then sigma_N = 0; smin / smax are the schedule's sigmas at t = 0 and t = T-1. (N+1,) float64."""
+    if not isinstance(sched, NoiseSchedule):
+        fail("sched", type(sched).__name__, "a visionformers.diffusion.NoiseSchedule")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        fail("steps", steps, "an int > 0")
+    _check_number("rho", rho, "a finite number > 0 (7 in Karras et al. 2022)", minimum=0, strict=True)
     s_min, s_max = sched.log_sigmas[0].exp(), sched.log_sigmas[-1].exp()
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
@@ -74,7 +115,7 @@ def sample_ddpm(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
     x_prev ~ N(c0 x0 + ct x_t, beta_tilde) with the posterior of eq. 6-7, beta_t := 1 - abar_t / abar_prev,
     c0 = sqrt(abar_prev) beta_t / (1 - abar_t), ct = sqrt(1 - beta_t) (1 - abar_prev) / (1 - abar_t),
     beta_tilde = beta_t (1 - abar_prev) / (1 - abar_t) ("fixed_small" variance)."""
-    _check_args(x, sched, steps, prediction_type, discrete=True)
+    model = _check_args(model, x, sched, steps, prediction_type, generator, callback, discrete=True)
     ts = discrete_timesteps(sched.num_train_steps, steps)
     ab = sched.alphas_cumprod[ts]
     ab_prev = torch.cat([ab[1:], ab.new_ones(1)])  # the chain ends at abar = 1, i.e. x0 itself
@@ -101,9 +142,9 @@ def sample_ddim(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
     """DDIM, Song et al. 2021 eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, with
     s = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (eq. 16). eta = 0: deterministic
     DDIM; eta = 1: the DDPM posterior. ``eta`` is reachable through ``sample(sampler=partial(sample_ddim, eta=..))``."""
-    _check_args(x, sched, steps, prediction_type, discrete=True)
-    if not isinstance(eta, (int, float)) or eta < 0:
-        fail("eta", eta, "a number >= 0 (0: deterministic DDIM, 1: DDPM variance)")
+    model = _check_args(model, x, sched, steps, prediction_type, generator, callback, discrete=True)
+    _check_number("eta", eta, "a finite number >= 0 (0: deterministic DDIM, 1: DDPM variance)", minimum=0,
+                  strict=False)
     ts = discrete_timesteps(sched.num_train_steps, steps)
     ab = sched.alphas_cumprod[ts]
     ab_prev = torch.cat([ab[1:], ab.new_ones(1)])
@@ -132,7 +173,7 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *
     The first step has no history and the last one lands on sigma = 0 (h infinite), so both are first order
     (D = x0_i), as in k-diffusion's ``sample_dpmpp_2m`` and diffusers' ``final_sigmas_type="zero"``.
     ``generator`` is unused (the solver is deterministic) and kept for the common signature."""
-    _check_args(x, sched, steps, prediction_type, discrete=True)
+    model = _check_args(model, x, sched, steps, prediction_type, generator, callback, discrete=True)
     ts = discrete_timesteps(sched.num_train_steps, steps)
     ab = sched.alphas_cumprod[ts]
     alphas = torch.cat([ab.sqrt(), ab.new_ones(1)])  # (steps+1,): the chain ends at alpha = 1, sigma = 0
@@ -181,7 +222,7 @@ def sample_euler(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, p
     """Euler on the probability-flow ODE dx/dsigma = eps (Karras et al. 2022, Alg. 1 without the second-order
     correction) over the Karras sigmas of eq. 5. Works in VE scale x_ve = x_vp / alpha; any number of steps.
     ``generator`` is unused (the solver is deterministic) and kept for the common signature."""
-    _check_args(x, sched, steps, prediction_type, discrete=False)
+    model = _check_args(model, x, sched, steps, prediction_type, generator, callback, discrete=False)
     sigmas, c_in, t_model = _karras_tables(sched, steps, x, rho)
     x = x / c_in[0]  # VP noise -> VE scale: x_ve = x_vp sqrt(1 + sigma_max^2)
 
@@ -199,7 +240,7 @@ def sample_heun(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
     """Heun's 2nd-order method, Karras et al. 2022 Alg. 1 (deterministic sampler), on the sigmas of eq. 5:
     an Euler step to sigma_{i+1}, then the average of the slopes at both ends; the last step (to sigma = 0)
     stays Euler. 2 steps - 1 model calls. ``generator`` is unused and kept for the common signature."""
-    _check_args(x, sched, steps, prediction_type, discrete=False)
+    model = _check_args(model, x, sched, steps, prediction_type, generator, callback, discrete=False)
     sigmas, c_in, t_model = _karras_tables(sched, steps, x, rho)
     x = x / c_in[0]
 
@@ -273,16 +314,38 @@ def sample(
     else:
         check_choice("sampler", sampler, SAMPLERS)
         fn = SAMPLERS[sampler]
+    if not callable(model):
+        fail("model", type(model).__name__, "a callable (x_t, t, **cond) -> prediction")
+    if not isinstance(sched, NoiseSchedule):
+        fail("sched", type(sched).__name__, "a visionformers.diffusion.NoiseSchedule")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         fail("steps", steps, "an int > 0")
     if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2
-            or not all(isinstance(n, int) and n > 0 for n in shape)):
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
         fail("shape", shape, "a tuple of positive ints (B, ...) with at least 2 entries")
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if callback is not None and not callable(callback):
         fail("callback", callback, "None or a callable taking one dict")
-    model_fn = guided_model(model, cond, uncond, guidance_scale)  # validates guidance_scale and uncond
+    check_generator(generator)
+    device = _check_device(device) if device is not None else _infer_device(model, cond, generator)
+    model_fn = _checked_model(guided_model(model, cond, uncond, guidance_scale))  # validates guidance_scale, uncond
 
-    device = torch.device(device) if device is not None else _infer_device(model, cond, generator)
     x = torch.randn(tuple(shape), generator=generator,
                     device=generator.device if generator is not None else device).to(device)
     return fn(model_fn, x, sched, steps, prediction_type=prediction_type, generator=generator, callback=callback)
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a torch.device, or the ValueError naming it (unparseable, or a backend this machine lacks)."""
+    accepted = "a torch.device or a string such as 'cpu', 'cuda' or 'cuda:0' naming an available device"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        fail("device", device, accepted)
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            fail("device", device, f"{accepted} (this machine has {count} CUDA device(s))")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        fail("device", device, f"{accepted} (MPS is not available here)")
+    return parsed

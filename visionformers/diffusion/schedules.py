@@ -15,6 +15,10 @@ from torch import Tensor
 
 from .._validate import check_choice, check_tensor, fail
 
+# Ho et al.'s linear betas end at 0.02 for T = 1000 and are scaled by 1000 / T, so they reach 1 (alphas_cumprod
+# <= 0, every coefficient NaN) at T = 20: the smallest usable T for "linear".
+_MIN_LINEAR_STEPS = 21
+
 SCHEDULES = ("linear", "cosine", "sigmoid")
 
 # Stand-in for alphas_cumprod = 0 (zero terminal SNR) in the log-sigma table only: the Karras sigma of the last
@@ -74,11 +78,21 @@ class NoiseSchedule:
         check_choice("kind", kind, SCHEDULES)
         if not isinstance(num_train_steps, int) or isinstance(num_train_steps, bool) or num_train_steps < 2:
             fail("num_train_steps", num_train_steps, "an int >= 2")
+        if kind == "linear" and num_train_steps < _MIN_LINEAR_STEPS:
+            fail("num_train_steps", num_train_steps,
+                 f"an int >= {_MIN_LINEAR_STEPS} for kind='linear' (its betas are scaled by 1000 / num_train_steps "
+                 "and reach 1 below that, which makes every coefficient NaN); use more steps or kind='cosine'")
+        if not isinstance(zero_terminal_snr, (bool, int)) or zero_terminal_snr not in (0, 1):
+            fail("zero_terminal_snr", zero_terminal_snr, "True or False")
         self.kind = kind
         self.num_train_steps = num_train_steps
         self.zero_terminal_snr = bool(zero_terminal_snr)
 
         betas = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}[kind](num_train_steps)
+        if not bool(((betas > 0) & (betas < 1)).all()):  # a guard for the formulas above: every beta in (0, 1)
+            fail("num_train_steps", num_train_steps,
+                 f"a value for which every beta of kind={kind!r} lies in (0, 1) (got betas in "
+                 f"[{betas.min().item():.4g}, {betas.max().item():.4g}])")
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.betas = betas  # (T,) float64
@@ -103,13 +117,16 @@ class NoiseSchedule:
     # --- continuous-time view: Karras sigma <-> fractional t --------------------------------------------
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
-        """Karras sigma at (fractional) t by linear interpolation of log sigma between integer steps."""
+        """Karras sigma at (fractional) t by linear interpolation of log sigma between integer steps
+        (t is clamped to [0, T-1])."""
+        _check_t_dtype(t)
         log_sigmas = self.log_sigmas.to(t.device) if t.dtype == torch.float64 else self._tables(t.device)[2]
         return _interp(log_sigmas, t.to(log_sigmas.dtype)).exp()
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Inverse of :meth:`t_to_sigma`: fractional t in [0, T-1] (clamped outside the table), as in
         k-diffusion's ``DiscreteSchedule.sigma_to_t`` and diffusers' ``_sigma_to_t``."""
+        check_tensor("sigma", sigma, floating=True)
         log_sigmas = self.log_sigmas.to(device=sigma.device, dtype=sigma.dtype)
         log_sigma = sigma.clamp(min=1e-10).log()
         low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, self.num_train_steps - 2)
@@ -122,10 +139,23 @@ class NoiseSchedule:
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(alpha_t, sigma_t), each shaped like t, float32 on t's device.
 
-        Integer t indexes the table exactly; floating t (as samplers pass to models) goes through the
-        log-sigma interpolation of :meth:`t_to_sigma`, so alpha = 1/sqrt(1 + sigma_K^2), sigma = sigma_K * alpha.
+        t must lie in [0, T). Integer t indexes the table exactly; floating t (as samplers pass to models) goes
+        through the log-sigma interpolation of :meth:`t_to_sigma`, so alpha = 1/sqrt(1 + sigma_K^2),
+        sigma = sigma_K * alpha.
         """
-        check_tensor("t", t)
+        self._check_t(t)
+        return self._alpha_sigma(t)
+
+    def _check_t(self, t: Tensor) -> None:
+        """t: a real tensor with every value in [0, T) (NaN rejected); one host sync for the range."""
+        _check_t_dtype(t)
+        if t.numel() and not bool(((t >= 0) & (t < self.num_train_steps)).all()):  # False for NaN too
+            values = t.detach().flatten()
+            bad = values[~((values >= 0) & (values < self.num_train_steps))][0].item()
+            fail("t", f"a tensor containing {bad}", f"timesteps in [0, num_train_steps={self.num_train_steps})")
+
+    def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`alpha_sigma` without the range check (t already known to be valid, e.g. drawn in range)."""
         if t.is_floating_point():
             sigma_k = self.t_to_sigma(t.float())
             alpha = (1 + sigma_k**2).rsqrt()
@@ -139,14 +169,30 @@ class NoiseSchedule:
         return alpha**2 / sigma**2
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """x_t = alpha_t x0 + sigma_t noise (Ho et al. 2020, eq. 4). x0, noise: (B, ...); t: (B,)."""
+        """x_t = alpha_t x0 + sigma_t noise (Ho et al. 2020, eq. 4). x0, noise: (B, ...); t: (B,) integer
+        timesteps in [0, T) (or floating ones, see :meth:`alpha_sigma`), all on x0's device."""
         check_tensor("x0", x0, floating=True)
+        if x0.ndim < 1:
+            fail("x0", x0, "a batch (B, ...) with at least 1 dimension")
+        check_tensor("noise", noise, floating=True)
         if noise.shape != x0.shape:
             fail("noise", noise, f"a tensor shaped like x0 {tuple(x0.shape)}")
+        if noise.device != x0.device:
+            fail("noise", f"a tensor on {noise.device}", f"a tensor on x0's device {x0.device}")
+        check_tensor("t", t)
         if t.shape != x0.shape[:1]:
             fail("t", t, f"a tensor of shape (B,)=({x0.shape[0]},)")
+        if t.device != x0.device:
+            fail("t", f"a tensor on {t.device}", f"a tensor on x0's device {x0.device}")
         alpha, sigma = self.alpha_sigma(t)
         return _expand(alpha, x0).to(x0.dtype) * x0 + _expand(sigma, x0).to(x0.dtype) * noise
+
+
+def _check_t_dtype(t) -> None:
+    """t: a real tensor; a bool tensor would index the tables as a mask."""
+    check_tensor("t", t)
+    if t.dtype == torch.bool or t.is_complex():
+        fail("t", t, "an integer (torch.long) or floating tensor of timesteps")
 
 
 def _interp(table: Tensor, t: Tensor) -> Tensor:
