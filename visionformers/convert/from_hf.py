@@ -80,7 +80,8 @@ def _infer_config(arch: str, sd: dict[str, torch.Tensor], config):
 
         base = config if isinstance(config, GPTConfig) else GPTConfig()
         hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-        return dataclasses.replace(base, **fields, mlp_ratio=hidden / dim, tie_embeddings="lm_head.weight" not in sd)
+        return dataclasses.replace(base, **fields, mlp_ratio=hidden / dim, tie_embeddings="lm_head.weight" not in sd,
+                                   eos_token_id=_token_in_vocab(base.eos_token_id, vocab))
     from visionformers.text.bert import BertConfig
 
     base = config if isinstance(config, BertConfig) else BertConfig()
@@ -258,6 +259,11 @@ def _get(cfg, *names, default=None):
 _ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
 
+def _token_in_vocab(token: int | None, vocab_size: int) -> int | None:
+    """transformers keeps GPT-2's eos 50256 in a GPT2Config of any vocabulary size; ours holds only real ids."""
+    return token if token is not None and 0 <= token < vocab_size else None
+
+
 def config_from_hf(hf_config):
     """A transformers GPT2Config / BertConfig / T5Config (or its ``to_dict()``) -> our GPTConfig / BertConfig / T5Config."""
     kind = _get(hf_config, "model_type")
@@ -272,7 +278,7 @@ def config_from_hf(hf_config):
             mlp_ratio=_get(hf_config, "n_inner", default=4 * dim) / dim, mlp_act=_ACTS.get(act, act),
             norm_eps=_get(hf_config, "layer_norm_epsilon"), dropout=_get(hf_config, "resid_pdrop"),
             attn_drop=_get(hf_config, "attn_pdrop"), init_std=_get(hf_config, "initializer_range"),
-            eos_token_id=_get(hf_config, "eos_token_id"),
+            eos_token_id=_token_in_vocab(_get(hf_config, "eos_token_id"), _get(hf_config, "vocab_size")),
         )
     if kind == "bert":
         from visionformers.text.bert import BertConfig

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers._validate import check_choice, fail
+from visionformers._validate import check_choice, check_tensor, fail
 from visionformers.nn import LearnedPositionEmbedding, TransformerBlock
 from visionformers.nn.mlp import ACTIVATIONS, activation
 from visionformers.text.common import ModelOutput, check_input_ids, padding_mask, token_cross_entropy
@@ -104,6 +104,9 @@ class Bert(nn.Module):
         """(B, N, dim) -> (B, dim): tanh(W h_[CLS] + b)."""
         if self.pooler is None:
             fail("pooler", None, "a Bert built with add_pooler=True")
+        check_tensor("sequence_output", sequence_output, ndim=3, floating=True)
+        if sequence_output.shape[1] == 0 or sequence_output.shape[2] != self.config.dim:
+            fail("sequence_output", sequence_output, f"shape (B, N >= 1, dim={self.config.dim}), the encoder's output")
         return torch.tanh(self.pooler(sequence_output[:, 0]))
 
     def forward(

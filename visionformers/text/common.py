@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from visionformers._validate import check_tensor, fail
 
 __all__ = [
-    "ModelOutput", "check_input_ids", "check_attention_mask", "drop_full_mask", "padding_mask",
-    "token_cross_entropy", "shifted_cross_entropy",
+    "ModelOutput", "check_input_ids", "check_attention_mask", "check_batch_match", "check_memory", "drop_full_mask",
+    "padding_mask", "token_cross_entropy", "shifted_cross_entropy",
 ]
 
 IGNORE_INDEX = -100  # label value that contributes no loss (PyTorch's and HF's convention)
+ID_DTYPES = (torch.long, torch.int32)  # the index dtypes nn.Embedding accepts
 
 
 class ModelOutput(NamedTuple):
@@ -26,8 +27,14 @@ class ModelOutput(NamedTuple):
 def check_input_ids(
     input_ids, vocab_size: int, max_len: int | None = None, name: str = "input_ids", check_values: bool = True
 ) -> None:
-    """(B, N) integer ids in [0, vocab_size), at most ``max_len`` long when the model has learned positions."""
-    check_tensor(name, input_ids, ndim=2, integer=True)
+    """(B, N) int64 / int32 ids in [0, vocab_size), B >= 1, 1 <= N <= ``max_len`` when the model has learned positions.
+
+    Other integer dtypes (uint8, int16, ...) are rejected rather than converted: nn.Embedding takes only these two."""
+    check_tensor(name, input_ids, ndim=2)
+    if input_ids.dtype not in ID_DTYPES:
+        fail(name, input_ids, "integer token ids of dtype torch.long or torch.int32 (convert with .long())")
+    if input_ids.shape[0] == 0:
+        fail(name, input_ids, "at least one sequence (batch size B >= 1)")
     if input_ids.shape[1] == 0:
         fail(name, input_ids, "at least one token per sequence")
     if max_len is not None and input_ids.shape[1] > max_len:
@@ -39,15 +46,32 @@ def check_input_ids(
             fail(f"{name} (token id {bad})", input_ids, f"token ids in [0, vocab_size={vocab_size})")
 
 
-def check_attention_mask(attention_mask, input_ids: torch.Tensor, name: str = "attention_mask") -> torch.Tensor:
-    """A (B, N) 0/1 or bool padding mask matching ``input_ids``; returns it as bool (True = real token)."""
+def check_attention_mask(
+    attention_mask, input_ids: torch.Tensor, name: str = "attention_mask", like: str = "input_ids"
+) -> torch.Tensor:
+    """A (B, N) 0/1 or bool padding mask matching ``input_ids`` (any tensor whose first two dims are (B, N), named
+    ``like`` in the message); returns it as bool (True = real token)."""
+    shape = tuple(input_ids.shape[:2])
     if not isinstance(attention_mask, torch.Tensor):
-        fail(name, type(attention_mask).__name__, f"a (B, N)={tuple(input_ids.shape)} bool or 0/1 tensor")
-    if attention_mask.shape != input_ids.shape:
-        fail(name, attention_mask, f"shape (B, N)={tuple(input_ids.shape)}, the shape of input_ids")
-    if attention_mask.is_floating_point():
+        fail(name, type(attention_mask).__name__, f"a (B, N)={shape} bool or 0/1 tensor")
+    if tuple(attention_mask.shape) != shape:
+        fail(name, attention_mask, f"shape (B, N)={shape}, the (B, N) of {like}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
         fail(name, attention_mask, "a bool or 0/1 integer mask (True/1 = attend)")
     return attention_mask.bool()
+
+
+def check_batch_match(ids: torch.Tensor, name: str, batch: int, other: str) -> None:
+    """``ids`` must have the batch size of ``other`` (no silent broadcasting of a batch of 1)."""
+    if ids.shape[0] != batch:
+        fail(name, ids, f"batch size {batch}, the batch size of {other}")
+
+
+def check_memory(memory, ids: torch.Tensor, dim: int, name: str = "memory", ids_name: str = "decoder_input_ids") -> None:
+    """(B, M, dim) floating encoder states with the batch size of ``ids`` and M >= 1."""
+    check_tensor(name, memory, ndim=3, floating=True)
+    if memory.shape[0] != ids.shape[0] or memory.shape[1] == 0 or memory.shape[2] != dim:
+        fail(name, memory, f"shape (B, M, dim)=({ids.shape[0]}, M >= 1, {dim}): B of {ids_name}, the model's dim")
 
 
 def drop_full_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -64,8 +88,9 @@ def padding_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor | None
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of (..., V) logits against (...) labels; label -100 is ignored."""
+    """Mean cross-entropy of (..., V) logits against (...) labels of any integer dtype; label -100 is ignored."""
     check_tensor("labels", labels, integer=True)
+    labels = labels.long()  # cross_entropy wants int64 targets: a no-op for them, a widening cast for int32 / int16 / uint8
     if not torch.compiler.is_compiling():  # a value check breaks the graph
         _check_label_values(labels, logits.shape[-1])
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)  # (B*N, V) vs (B*N,)
@@ -79,4 +104,6 @@ def _check_label_values(labels: torch.Tensor, vocab_size: int) -> None:
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token loss: position t predicts labels[t + 1] (labels usually equal input_ids)."""
+    if labels.shape[1] < 2:  # else a mean over no targets: a NaN loss
+        fail("labels", labels, "at least 2 tokens per sequence (position t predicts labels[t + 1])")
     return token_cross_entropy(logits[:, :-1], labels[:, 1:])

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from visionformers._validate import fail
+from visionformers._validate import check_tensor, fail
 from visionformers.text.bert import Bert
+from visionformers.text.common import check_attention_mask
 from visionformers.text.gpt import GPT
 from visionformers.text.t5 import T5, T5Encoder
 from visionformers.text.tokenizer import ByteTokenizer, Tokenizer
@@ -29,7 +30,7 @@ class TextConditioner(nn.Module):
     def __init__(
         self,
         encoder: nn.Module | str = "t5_tiny_encoder",
-        tokenizer: Tokenizer | None = None,
+        tokenizer: Tokenizer | str | None = None,  # None or "byte": a ByteTokenizer
         *,
         max_length: int = 77,  # prompts are cut to this many tokens (CLIP's 77), keeping the final <eos>
         freeze: bool = True,  # frozen: eval mode, no gradients; False trains jointly with the diffusion model
@@ -37,7 +38,12 @@ class TextConditioner(nn.Module):
         **overrides,  # config overrides when ``encoder`` is a preset name
     ):
         super().__init__()
-        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        if tokenizer is None or (isinstance(tokenizer, str) and tokenizer == "byte"):
+            tokenizer = ByteTokenizer()
+        elif not isinstance(tokenizer, Tokenizer):
+            fail("tokenizer", tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__,
+                 "a Tokenizer (ByteTokenizer(), BPETokenizer.train(...), load_tokenizer(dir)), None or 'byte'")
+        self.tokenizer = tokenizer
         if isinstance(encoder, str):
             from visionformers.registry import create_model
 
@@ -77,12 +83,18 @@ class TextConditioner(nn.Module):
 
     def tokenize(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """-> {"input_ids", "attention_mask"} (B, L) on the encoder's device."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
+            fail("prompts", prompts, "a str or a non-empty list of str, the texts to encode (\"\" is the null prompt)")
         padding = "max_length" if self.pad_to_max_length else "longest"
         return self.tokenizer(prompts, max_length=self.max_length, padding=padding, device=self.device)
 
     def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids + mask -> (B, L, C) states."""
         if isinstance(self.encoder, GPT):
+            check_tensor("input_ids", input_ids, ndim=2, integer=True)  # the values: in forward_features
+            check_attention_mask(attention_mask, input_ids)  # unused by the causal GPT, but it must fit the ids
             return self.encoder.forward_features(input_ids)  # causal: right padding never reaches real tokens
         return self.encoder.forward_features(input_ids, attention_mask)
 

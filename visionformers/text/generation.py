@@ -131,17 +131,19 @@ def generate_seq2seq(
     """Encode once, then decode with cached self-attention and cross-attention keys -> (B, 1 + T) with the start token.
 
     ``model`` provides ``encode(input_ids, attention_mask) -> (B, M, C)``, ``decode(ids, memory,
-    memory_mask, kv_caches, cross_kv_caches) -> (B, n, V)`` and ``num_decoder_layers``.
+    memory_mask, kv_caches, cross_kv_caches) -> (B, n, V)`` and ``num_decoder_layers``; an unchecked ``_decode``
+    with the same signature, when present, is used for the steps (their ids are the model's own, already valid).
     """
     memory = model.encode(input_ids, attention_mask)  # (B, M, C)
     mask = None if attention_mask is None else attention_mask.bool()
+    decode_step = getattr(model, "_decode", model.decode)
     depth = model.num_decoder_layers
     caches = [KVCache(max_len=max_new_tokens + 1) for _ in range(depth)]
     cross = [KVCache() for _ in range(depth)]  # filled on the first step, reused after
     start = torch.full((input_ids.shape[0], 1), start_token_id, dtype=torch.long, device=input_ids.device)
 
     def step(ids: torch.Tensor) -> torch.Tensor:
-        return model.decode(ids, memory, mask, caches, cross)[:, -1]  # (B, V)
+        return decode_step(ids, memory, mask, caches, cross)[:, -1]  # (B, V)
 
     new = decode(step, start, max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **sampling)
     return torch.cat([start, new], dim=1)

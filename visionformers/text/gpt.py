@@ -22,6 +22,8 @@ from visionformers.text.generation import check_generation_args, decode, use_dec
 
 __all__ = ["GPTConfig", "GPT"]
 
+GPT2_EOS = 50256  # <|endoftext|> of GPT-2's vocabulary, the default eos_token_id
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -38,7 +40,7 @@ class GPTConfig:
     attn_drop: float = 0.1
     init_std: float = 0.02
     tie_embeddings: bool = True  # output layer = token embedding^T (Press & Wolf 2017)
-    eos_token_id: int | None = 50256  # <|endoftext|>; a hint for callers, generate() takes its own eos
+    eos_token_id: int | None = GPT2_EOS  # <|endoftext|>; a hint for callers, generate() takes its own eos
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "dim", "depth", "num_heads"):
@@ -51,6 +53,10 @@ class GPTConfig:
         for name in ("dropout", "attn_drop"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, getattr(self, name), "a probability in [0, 1)")
+        eos = self.eos_token_id
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size):
+            fail("eos_token_id", eos, f"None or a token id in [0, vocab_size={self.vocab_size}) (GPT-2's default "
+                 f"{GPT2_EOS} needs its 50257-token vocabulary)")
 
 
 class GPT(nn.Module):

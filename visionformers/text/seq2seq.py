@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers._validate import check_choice, fail
+from visionformers._validate import check_choice, check_tensor, fail
 from visionformers.nn import (
     KVCache,
     LearnedPositionEmbedding,
@@ -27,7 +27,10 @@ from visionformers.nn import (
     make_norm,
 )
 from visionformers.nn.mlp import ACTIVATIONS
-from visionformers.text.common import ModelOutput, check_input_ids, drop_full_mask, padding_mask, token_cross_entropy
+from visionformers.text.common import (
+    ModelOutput, check_attention_mask, check_batch_match, check_input_ids, check_memory, drop_full_mask, padding_mask,
+    token_cross_entropy,
+)
 from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
 
 __all__ = ["POSITIONAL_SCHEMES", "INIT_METHODS", "TransformerStack", "Seq2SeqConfig", "Seq2SeqTransformer", "EncoderConfig", "EncoderClassifier"]
@@ -175,11 +178,13 @@ class Seq2SeqConfig:
     def __post_init__(self):
         _check_common(self)
         for name in ("encoder_depth", "decoder_depth"):
-            if getattr(self, name) <= 0:
-                fail(name, getattr(self, name), "a positive integer")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(name, value, "a positive integer")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                fail(name, getattr(self, name), f"a token id in [0, vocab_size={self.vocab_size})")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                fail(name, value, f"a token id in [0, vocab_size={self.vocab_size})")
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -208,7 +213,11 @@ class Seq2SeqTransformer(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, M) ids -> (B, M, dim) memory."""
         check_input_ids(input_ids, self.config.vocab_size, self._max_len())
-        return self.encoder(self._embed(input_ids), mask=padding_mask(attention_mask, input_ids))
+        return self._encode(input_ids, padding_mask(attention_mask, input_ids))
+
+    def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Unchecked ``encode``: ``mask`` is already a checked bool mask or None."""
+        return self.encoder(self._embed(input_ids), mask=mask)
 
     def decode(
         self,
@@ -218,8 +227,22 @@ class Seq2SeqTransformer(nn.Module):
         kv_caches: list[KVCache] | None = None,
         cross_kv_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
-        """(B, N) target ids + (B, M, dim) memory -> (B, N, vocab) logits."""
-        memory_mask = drop_full_mask(memory_mask)
+        """(B, N) target ids + (B, M, dim) memory (+ (B, M) memory_mask, True = real token) -> (B, N, vocab) logits."""
+        check_input_ids(decoder_input_ids, self.config.vocab_size, self._max_len(), name="decoder_input_ids")
+        check_memory(memory, decoder_input_ids, self.config.dim)
+        if memory_mask is not None:
+            memory_mask = drop_full_mask(check_attention_mask(memory_mask, memory, name="memory_mask", like="memory"))
+        return self._decode(decoder_input_ids, memory, memory_mask, kv_caches, cross_kv_caches)
+
+    def _decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+        cross_kv_caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """Unchecked ``decode`` (forward and generation pass checked arguments); ``memory_mask`` is bool or None."""
         h = self.decoder(
             self._embed(decoder_input_ids), context=memory, context_mask=memory_mask,
             kv_caches=kv_caches, cross_kv_caches=cross_kv_caches,
@@ -230,9 +253,11 @@ class Seq2SeqTransformer(nn.Module):
         self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """input_ids (B, M), decoder_input_ids (B, N) (<bos> first), attention_mask (B, M) -> logits (B, N, vocab)."""
+        check_input_ids(input_ids, self.config.vocab_size, self._max_len())
         check_input_ids(decoder_input_ids, self.config.vocab_size, self._max_len(), name="decoder_input_ids")
+        check_batch_match(decoder_input_ids, "decoder_input_ids", input_ids.shape[0], "input_ids")
         mask = padding_mask(attention_mask, input_ids)
-        return self.decode(decoder_input_ids, self.encode(input_ids, mask), mask)
+        return self._decode(decoder_input_ids, self._encode(input_ids, mask), mask)
 
     @torch.inference_mode()
     def generate(
@@ -313,6 +338,11 @@ class EncoderClassifier(nn.Module):
 
     def forward_head(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, pre_logits: bool = False) -> torch.Tensor:
         """(B, N, dim) -> pooled (B, dim) with ``pre_logits``, else logits (B, num_classes)."""
+        check_tensor("x", x, ndim=3, floating=True)
+        if x.shape[1] == 0 or x.shape[2] != self.config.dim:
+            fail("x", x, f"shape (B, N >= 1, dim={self.config.dim}), the output of forward_features")
+        if attention_mask is not None:
+            attention_mask = check_attention_mask(attention_mask, x, like="x")  # bool: a 0/1 mask weighs 0 or 1
         if self.config.pooling == "first":
             pooled = x[:, 0]
         elif attention_mask is None:

@@ -16,7 +16,9 @@ from torch import nn
 from visionformers._validate import check_choice, fail
 from visionformers.nn import KVCache, RMSNorm, T5RelativeBias, TransformerBlock
 from visionformers.nn.mlp import ACTIVATIONS
-from visionformers.text.common import check_input_ids, drop_full_mask, padding_mask
+from visionformers.text.common import (
+    check_attention_mask, check_batch_match, check_input_ids, check_memory, drop_full_mask, padding_mask,
+)
 from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
 
 __all__ = ["T5Config", "T5", "T5Encoder"]
@@ -51,8 +53,9 @@ class T5Config:
         if not 0 <= self.dropout < 1:
             fail("dropout", self.dropout, "a probability in [0, 1)")
         for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                fail(name, getattr(self, name), f"a token id in [0, vocab_size={self.vocab_size})")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                fail(name, value, f"a token id in [0, vocab_size={self.vocab_size})")
 
 
 class T5Stack(nn.Module):
@@ -157,9 +160,13 @@ class T5(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, M) ids -> (B, M, dim) encoder states."""
         check_input_ids(input_ids, self.config.vocab_size)
-        return self.encoder(self.embed(input_ids), mask=padding_mask(attention_mask, input_ids))
+        return self._encode(input_ids, padding_mask(attention_mask, input_ids))
 
     forward_features = encode
+
+    def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Unchecked ``encode``: ``mask`` is already a checked bool mask or None."""
+        return self.encoder(self.embed(input_ids), mask=mask)
 
     def decode(
         self,
@@ -169,8 +176,22 @@ class T5(nn.Module):
         kv_caches: list[KVCache] | None = None,
         cross_kv_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
-        """(B, N) decoder ids + (B, M, dim) encoder states -> (B, N, vocab) logits."""
-        memory_mask = drop_full_mask(memory_mask)
+        """(B, N) decoder ids + (B, M, dim) encoder states (+ (B, M) memory_mask, True = real token) -> (B, N, vocab) logits."""
+        check_input_ids(decoder_input_ids, self.config.vocab_size, name="decoder_input_ids")
+        check_memory(memory, decoder_input_ids, self.config.dim)
+        if memory_mask is not None:
+            memory_mask = drop_full_mask(check_attention_mask(memory_mask, memory, name="memory_mask", like="memory"))
+        return self._decode(decoder_input_ids, memory, memory_mask, kv_caches, cross_kv_caches)
+
+    def _decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+        cross_kv_caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """Unchecked ``decode`` (forward and generation pass checked arguments); ``memory_mask`` is bool or None."""
         h = self.decoder(
             self.embed(decoder_input_ids), context=memory, context_mask=memory_mask,
             kv_caches=kv_caches, cross_kv_caches=cross_kv_caches,
@@ -183,9 +204,11 @@ class T5(nn.Module):
         self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """input_ids (B, M), decoder_input_ids (B, N) (start token first), attention_mask (B, M) -> logits (B, N, vocab)."""
+        check_input_ids(input_ids, self.config.vocab_size)
         check_input_ids(decoder_input_ids, self.config.vocab_size, name="decoder_input_ids")
+        check_batch_match(decoder_input_ids, "decoder_input_ids", input_ids.shape[0], "input_ids")
         mask = padding_mask(attention_mask, input_ids)
-        return self.decode(decoder_input_ids, self.encode(input_ids, mask), mask)
+        return self._decode(decoder_input_ids, self._encode(input_ids, mask), mask)
 
     @torch.inference_mode()
     def generate(

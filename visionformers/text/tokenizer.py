@@ -7,6 +7,7 @@ Both map text to ids and back, pad batches into ``(input_ids, attention_mask)`` 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -68,15 +69,39 @@ class Tokenizer(ABC):
         return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        """ids (a list or a 1D tensor) -> str; decoding stops at nothing, special tokens are dropped or shown."""
-        if isinstance(ids, torch.Tensor):
-            if ids.ndim != 1:
-                fail("ids", ids, "a 1D tensor or a list of ints (use batch_decode for a batch)")
-            ids = ids.tolist()
-        return self._decode([int(i) for i in ids], skip_special_tokens)
+        """ids (a list of ints or a 1D integer tensor, each in [0, vocab_size)) -> str; decoding stops at nothing,
+        special tokens are dropped or shown."""
+        return self._decode(self._check_ids(ids, "ids"), skip_special_tokens)
 
     def batch_decode(self, ids: torch.Tensor | Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(row, skip_special_tokens) for row in ids]
+        """ids (a 2D integer tensor or a list of lists of ints) -> one str per row."""
+        if isinstance(ids, torch.Tensor) or hasattr(ids, "tolist"):  # a tensor or a NumPy array
+            if getattr(ids, "ndim", None) != 2:
+                fail("ids", ids if isinstance(ids, torch.Tensor) else type(ids).__name__,
+                     "a 2D tensor or a list of lists of ints (use decode for one sequence)")
+        elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            fail("ids", ids, "a 2D tensor or a list of lists of ints (use decode for one sequence)")
+        return [self._decode(self._check_ids(row, f"ids[{i}]"), skip_special_tokens) for i, row in enumerate(ids)]
+
+    def _check_ids(self, ids, name: str) -> list[int]:
+        """One sequence of token ids -> list of int; ValueError unless every id is an integer in [0, vocab_size)."""
+        accepted = f"a list of ints or a 1D integer tensor of token ids in [0, vocab_size={self.vocab_size})"
+        if isinstance(ids, torch.Tensor):
+            if ids.ndim != 1:
+                fail(name, ids, f"{accepted} (use batch_decode for a batch)")
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                fail(name, ids, accepted)
+            values = ids.tolist()
+        elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            fail(name, ids, accepted)
+        else:
+            values = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # a NumPy array: Python scalars
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                fail(f"{name} (element {v!r})", ids, accepted)
+            if not 0 <= v < self.vocab_size:
+                fail(f"{name} (token id {v})", ids, accepted)
+        return [int(v) for v in values]
 
     def __call__(
         self,
@@ -100,6 +125,11 @@ class Tokenizer(ABC):
             fail("max_length", max_length, "None or an integer >= 2")
         if padding == "max_length" and max_length is None:
             fail("max_length", None, "an integer when padding='max_length'")
+        if device is not None:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError):
+                fail("device", device, "None, a torch.device or a device string such as 'cpu' or 'cuda:0'")
         rows = [self.encode(t, add_special_tokens) for t in texts]
         if max_length is not None:
             rows = [r if len(r) <= max_length else (r[: max_length - 1] + [r[-1]] if add_special_tokens else r[:max_length]) for r in rows]
@@ -119,6 +149,8 @@ class Tokenizer(ABC):
         """Write ``tokenizer.json`` into ``directory`` (atomically), beside ``config.json`` of a model."""
         from visionformers.hub import atomic_write_bytes
 
+        if not isinstance(directory, (str, os.PathLike)):
+            fail("directory", directory, "a directory path (str or os.PathLike)")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / TOKENIZER_NAME, json.dumps(self.to_dict()).encode())
@@ -172,6 +204,9 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
 
     def __init__(self, backend):
+        tk = _require_tokenizers()
+        if not isinstance(backend, tk.Tokenizer):
+            fail("backend", type(backend).__name__, "a tokenizers.Tokenizer (build one with BPETokenizer.train or load_tokenizer)")
         self.backend = backend  # a tokenizers.Tokenizer
         self.special_ids = {tok: backend.token_to_id(tok) for tok in SPECIAL_TOKENS}
         if any(v is None for v in self.special_ids.values()):
@@ -184,11 +219,17 @@ class BPETokenizer(Tokenizer):
         tk = _require_tokenizers()
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 256 + len(SPECIAL_TOKENS):
             fail("vocab_size", vocab_size, f"an integer > {256 + len(SPECIAL_TOKENS)} (the byte alphabet plus specials)")
+        if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
+            fail("min_frequency", min_frequency, "an integer >= 0 (merges of rarer pairs are not learned)")
         if isinstance(texts, (str, os.PathLike)):
             path = Path(texts)
             if not path.is_file():
                 raise FileNotFoundError(f"texts={str(path)!r} is not a file; pass a text file path or an iterable of str")
             texts = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        elif not isinstance(texts, Iterable):
+            fail("texts", type(texts).__name__, "an iterable of str or a text file path")
+        else:
+            texts = _checked_texts(texts)
         backend = tk.Tokenizer(tk.models.BPE(unk_token="<unk>"))
         backend.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = tk.decoders.ByteLevel()
@@ -212,8 +253,18 @@ class BPETokenizer(Tokenizer):
         return {"type": self.kind, "vocab_size": self.vocab_size, "backend": json.loads(self.backend.to_str())}
 
 
+def _checked_texts(texts: Iterable) -> Iterable[str]:
+    """Yield ``texts`` lazily (a corpus may be a generator), raising the ValueError at the first non-str item."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            fail(f"texts[{i}]", text, "a str (texts: an iterable of str or a text file path)")
+        yield text
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Read ``tokenizer.json`` written by ``Tokenizer.save``."""
+    if not isinstance(directory, (str, os.PathLike)):
+        fail("directory", directory, "a directory path (str or os.PathLike) holding tokenizer.json")
     path = Path(directory) / TOKENIZER_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is missing; save a tokenizer with tokenizer.save(directory)")
@@ -226,5 +277,16 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         return ByteTokenizer()
     if kind == BPETokenizer.kind:
         tk = _require_tokenizers()
-        return BPETokenizer(tk.Tokenizer.from_str(json.dumps(data["backend"])))
+        backend = data.get("backend")
+        if not isinstance(backend, dict):
+            raise ValueError(f"{str(path)!r}: backend={backend!r:.80} is not accepted; expected the tokenizers JSON object "
+                             "that BPETokenizer.save writes")
+        try:
+            backend = tk.Tokenizer.from_str(json.dumps(backend))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed model
+            raise ValueError(f"{str(path)!r}: backend is not accepted by the tokenizers library ({e})") from None
+        try:
+            return BPETokenizer(backend)
+        except ValueError as e:
+            raise ValueError(f"{str(path)!r}: {e}") from None
     raise ValueError(f"{str(path)!r}: type={kind!r} is not accepted; expected 'byte' or 'bpe'")
