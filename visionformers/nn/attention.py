@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from visionformers._validate import fail
+from visionformers._validate import check_bool, check_dtype, check_int, check_number, check_probability, fail, is_int
 from visionformers.nn.norm import RMSNorm
 from visionformers.nn.rope import apply_rotary
 
@@ -219,15 +219,23 @@ class Attention(nn.Module):
         norm_eps: float = 1e-6,
     ):
         super().__init__()
+        check_int("dim", dim)
+        check_int("num_heads", num_heads)
+        for name, value in (("head_dim", head_dim), ("context_dim", context_dim), ("window_size", window_size)):
+            check_int(name, value, optional=True)
+        for name, value in (("qkv_bias", qkv_bias), ("qk_norm", qk_norm), ("proj_bias", proj_bias)):
+            check_bool(name, value)
+        check_probability("attn_drop", attn_drop)
+        check_probability("proj_drop", proj_drop)
+        check_number("scale", scale, above=0, optional=True)
+        check_number("norm_eps", norm_eps, at_least=0)
         if head_dim is None:
-            if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads <= 0 or dim % num_heads:
+            if dim % num_heads:
                 fail("dim", dim, f"a multiple of num_heads={num_heads} (or pass head_dim explicitly)")
             head_dim = dim // num_heads
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        if not is_int(num_kv_heads) or num_kv_heads <= 0 or num_heads % num_kv_heads:
             fail("num_kv_heads", num_kv_heads, f"a divisor of num_heads={num_heads}")
-        if window_size is not None and window_size <= 0:
-            fail("window_size", window_size, "a positive integer or None")
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.context_dim = context_dim
         self.scale = scale
@@ -280,6 +288,8 @@ class Attention(nn.Module):
                 fail("context", context, f"a (B, M, {self.context_dim}) tensor for this cross-attention layer")
             if context.shape[0] not in (1, b):
                 fail("context", context, f"batch size 1 or {b} to match x")
+            if context.dtype != self.kv.weight.dtype:
+                check_dtype("context", context, self.kv.weight.dtype)
             k, v = self.kv(context).chunk(2, dim=-1)  # each (B, M, Hkv * D)
             b_ctx, m = context.shape[:2]
             q = q.view(b, n, hq, dq).transpose(1, 2)  # (B, Hq, N, Dq)
@@ -311,6 +321,8 @@ class Attention(nn.Module):
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             fail("x", x, f"a (B, N, {self.dim}) tensor")
+        if x.dtype != self.proj.weight.dtype:  # one compare on the usual path; the check itself allows autocast
+            check_dtype("x", x, self.proj.weight.dtype)
         b, n, _ = x.shape
         q, k, v = self._project(x, context, kv_cache)
         if self.qk_norm:
@@ -339,7 +351,8 @@ class Attention(nn.Module):
                 fail("bias", bias, f"an additive float tensor broadcastable to (B, H, {n}, {nk})")
         dropout_p = self.attn_drop if self.training else 0.0
         out, weights = self._attend(q, k, v, mask, bias, is_causal, dropout_p, return_weights)
-        out = self.proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, H*D) -> (B, N, dim)
+        # (B, N, H*D) -> (B, N, dim); H*D spelled out, as -1 cannot be inferred for an empty batch
+        out = self.proj(out.transpose(1, 2).reshape(b, n, out.shape[1] * out.shape[3]))
         if self.proj_drop_p and self.training:
             out = self.proj_drop(out)
         return (out, weights) if return_weights else out

@@ -7,7 +7,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visionformers._validate import check_choice, fail
+from visionformers._validate import (
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_int,
+    check_number,
+    check_probability,
+    fail,
+)
 from visionformers.nn.attention import Attention, DifferentialAttention, KVCache, LinearAttention
 from visionformers.nn.drop import DropPath
 from visionformers.nn.mlp import Mlp
@@ -23,6 +31,8 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim: int, init_value: float = 1e-5):
         super().__init__()
+        check_int("dim", dim)
+        check_number("init_value", init_value)
         self.gamma = nn.Parameter(init_value * torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,9 +80,19 @@ class TransformerBlock(nn.Module):
     ):
         super().__init__()
         check_choice("attn_type", attn_type, ATTENTION_TYPES)
+        check_int("dim", dim)
+        check_number("mlp_ratio", mlp_ratio, above=0)
+        for name, value in (("mlp_hidden_dim", mlp_hidden_dim), ("context_dim", context_dim), ("cond_dim", cond_dim)):
+            check_int(name, value, optional=True)
+        check_number("norm_eps", norm_eps, at_least=0)
+        check_probability("drop_path", drop_path)
+        check_number("layer_scale_init", layer_scale_init, at_least=0, optional=True, note=" (0: off)")
+        for name, value in (("pre_norm", pre_norm), ("cross_attention", cross_attention), ("is_causal", is_causal),
+                            ("mlp_bias", mlp_bias), ("norm_bias", norm_bias)):
+            check_bool(name, value)
         if cond_dim is not None and not pre_norm:
             fail("pre_norm", pre_norm, "True when cond_dim is set (adaLN-Zero modulates pre-norms)")
-        self.pre_norm, self.is_causal, self.cond_dim = pre_norm, is_causal, cond_dim
+        self.dim, self.pre_norm, self.is_causal, self.cond_dim = dim, pre_norm, is_causal, cond_dim
         self.grad_checkpointing = False
         affine = cond_dim is None  # adaLN supplies scale and shift
         norm_kw = dict(eps=norm_eps, affine=affine, bias=norm_bias) if norm == "layernorm" else dict(eps=norm_eps, affine=affine)
@@ -119,6 +139,8 @@ class TransformerBlock(nn.Module):
         cross-attention; ``cond`` (B, cond_dim) drives adaLN-Zero. ``partition`` = (split, merge) wraps only
         the self-attention call, e.g. Swin's window partition: split(norm1(x)) -> windows -> merge.
         """
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
+            fail("x", x, f"a (B, N, {self.dim}) tensor")
         if self.grad_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None:
             return checkpoint(
                 self._forward, x, mask, bias, rope, context, context_mask, context_bias, cond, None, None, partition,
@@ -134,8 +156,13 @@ class TransformerBlock(nn.Module):
 
     def _forward(self, x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache, partition):
         if self.adaLN is not None:
-            if cond is None:
-                fail("cond", None, f"a (B, {self.cond_dim}) conditioning tensor for this adaLN block")
+            if (
+                not isinstance(cond, torch.Tensor) or cond.ndim != 2 or cond.shape[-1] != self.cond_dim
+                or cond.shape[0] not in (1, x.shape[0])
+            ):
+                fail("cond", cond, f"a (B, {self.cond_dim}) conditioning tensor for this adaLN block (B = 1 or {x.shape[0]})")
+            if cond.dtype != self.adaLN.linear.weight.dtype:
+                check_dtype("cond", cond, self.adaLN.linear.weight.dtype)
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond)  # each (B, dim)
             h = self._self_attention(modulate(self.norm1(x), shift1, scale1), mask, bias, rope, kv_cache, partition)
             x = x + self.drop_path(gate1.unsqueeze(1) * h)

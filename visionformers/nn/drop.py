@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from visionformers._validate import check_probability
+
 __all__ = ["drop_path", "DropPath"]
 
 
@@ -21,6 +23,7 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
+        check_probability("p", p)
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from visionformers._validate import check_image, fail
+from visionformers._validate import check_image, check_int, fail, is_int
 
 __all__ = ["PatchEmbed", "to_2tuple"]
 
@@ -37,14 +37,17 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if output not in ("tokens", "nchw"):
             fail("output", output, '"tokens" or "nchw"')
-        self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
-        for name, size in (("img_size", self.img_size), ("patch_size", self.patch_size)):
-            if len(size) != 2 or min(size) <= 0:
+        for name, size in (("img_size", img_size), ("patch_size", patch_size)):
+            pair = to_2tuple(size) if isinstance(size, (int, tuple, list)) else ()
+            if len(pair) != 2 or not all(is_int(s) and s > 0 for s in pair):
                 fail(name, size, "a positive int or (H, W) pair")
+        self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
         if not pad:
             for i in range(2):
                 if self.img_size[i] % self.patch_size[i]:
                     fail("img_size", self.img_size, f"sizes divisible by patch_size={self.patch_size} (or pad=True)")
+        check_int("in_chans", in_chans)
+        check_int("embed_dim", embed_dim)
         self.grid_size = tuple(-(-s // p) for s, p in zip(self.img_size, self.patch_size))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.in_chans, self.embed_dim = in_chans, embed_dim
@@ -58,7 +61,8 @@ class PatchEmbed(nn.Module):
         return (-(-height // ph), -(-width // pw)) if self.pad else (height // ph, width // pw)
 
     def check_input(self, x: torch.Tensor, name: str = "x") -> None:
-        check_image(name, x, channels=self.in_chans, size=self.img_size if self.strict_img_size else None)
+        check_image(name, x, channels=self.in_chans, size=self.img_size if self.strict_img_size else None,
+                    dtype=self.proj.weight.dtype)
         if not self.pad:
             h, w = x.shape[-2:]
             if h % self.patch_size[0] or w % self.patch_size[1]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers._validate import check_choice
+from visionformers._validate import check_bool, check_choice, check_int, check_probability
 
 __all__ = ["Mlp", "ACTIVATIONS", "activation"]
 
@@ -52,6 +52,11 @@ class Mlp(nn.Module):
     ):
         super().__init__()
         check_choice("act", act, ACTIVATIONS)
+        check_int("dim", dim)
+        check_int("hidden_dim", hidden_dim)
+        check_int("out_dim", out_dim, optional=True)
+        check_bool("bias", bias)
+        check_probability("drop", drop)
         self.act, self.gated = act, act in _GATED
         self.fc1 = nn.Linear(dim, 2 * hidden_dim if self.gated else hidden_dim, bias=bias)
         self.fc2 = nn.Linear(hidden_dim, out_dim or dim, bias=bias)

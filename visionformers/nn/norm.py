@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers._validate import check_choice
+from visionformers._validate import check_bool, check_choice, check_int, check_number
 
 __all__ = ["RMSNorm", "make_norm", "modulate", "AdaLNModulation", "NORMS"]
 
@@ -20,6 +20,9 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
+        check_int("dim", dim)
+        check_number("eps", eps, at_least=0)
+        check_bool("affine", affine)
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
@@ -36,6 +39,8 @@ class RMSNorm(nn.Module):
 def make_norm(kind: str, dim: int, eps: float = 1e-6, affine: bool = True, bias: bool = True) -> nn.Module:
     """Build a norm by name: "layernorm" (Ba et al. 2016) or "rmsnorm"."""
     check_choice("norm", kind, NORMS)
+    check_int("dim", dim)
+    check_number("eps", eps, at_least=0)
     if kind == "rmsnorm":
         return RMSNorm(dim, eps=eps, affine=affine)
     return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine, bias=bias and affine)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from visionformers._validate import fail
+from visionformers._validate import check_number, fail, is_int
 
 __all__ = [
     "sincos_1d",
@@ -25,8 +25,9 @@ def sincos_1d(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch
 
     Layout is sin half then cos half (as MAE / DiT), not interleaved.
     """
-    if dim % 2:
+    if not is_int(dim) or dim <= 0 or dim % 2:
         fail("dim", dim, "an even embedding dimension")
+    check_number("base", base, above=0)
     omega = base ** (-torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2))
     angles = positions.double()[:, None] * omega[None, :]  # (N, D/2)
     return torch.cat((angles.sin(), angles.cos()), dim=1).float()
@@ -37,7 +38,7 @@ def sincos_2d(grid_size: tuple[int, int], dim: int, base: float = 10000.0) -> to
 
     Matches MAE's ``get_2d_sincos_pos_embed``: the first dim/2 channels use the column (x) index.
     """
-    if dim % 4:
+    if not is_int(dim) or dim <= 0 or dim % 4:
         fail("dim", dim, "an embedding dimension divisible by 4 for 2D sin-cos")
     h, w = grid_size
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from visionformers._validate import fail
+from visionformers._validate import check_number, fail, is_int
 
 __all__ = ["apply_rotary", "rotate_half", "RotaryEmbedding", "RotaryEmbedding2D"]
 
@@ -35,8 +35,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0):
         super().__init__()
-        if dim % 2:
+        if not is_int(dim) or dim <= 0 or dim % 2:
             fail("dim", dim, "an even rotary dimension")
+        check_number("base", base, above=0)
         self.dim = dim
         inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
@@ -59,8 +60,9 @@ class RotaryEmbedding2D(nn.Module):
 
     def __init__(self, dim: int, base: float = 100.0):
         super().__init__()
-        if dim % 4:
+        if not is_int(dim) or dim <= 0 or dim % 4:
             fail("dim", dim, "a head dimension divisible by 4 for axial 2D RoPE")
+        check_number("base", base, above=0)
         self.dim = dim
         quarter = dim // 4
         inv_freq = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)

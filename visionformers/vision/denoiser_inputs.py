@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from visionformers._validate import check_tensor, fail
+from visionformers._validate import check_dtype, check_tensor, fail
 
 __all__ = ["check_timesteps", "class_labels_or_null", "check_context"]
 
@@ -47,8 +47,9 @@ def class_labels_or_null(class_labels, num_classes: int | None, batch: int, devi
     return class_labels.to(device=device, dtype=torch.long)
 
 
-def check_context(context, context_mask, context_dim: int | None, batch: int) -> None:
-    """context (B, M, context_dim) float; context_mask None or (B, M) bool, True = attend that token."""
+def check_context(context, context_mask, context_dim: int | None, batch: int, dtype: torch.dtype | None = None) -> None:
+    """context (B, M, context_dim) float (of the model's parameter ``dtype`` when given, any under autocast);
+    context_mask None or (B, M) bool, True = attend that token."""
     if context_dim is None:
         if context is not None or context_mask is not None:
             name, value = ("context", context) if context is not None else ("context_mask", context_mask)
@@ -57,6 +58,8 @@ def check_context(context, context_mask, context_dim: int | None, batch: int) ->
     if context is None:
         fail("context", None, f"a (B, M, {context_dim}) tensor: this model cross-attends to a context")
     check_tensor("context", context, ndim=3, floating=True)
+    if dtype is not None:
+        check_dtype("context", context, dtype)
     if context.shape[0] != batch or context.shape[-1] != context_dim:
         fail("context", context, f"shape ({batch}, M, {context_dim})")
     if context_mask is not None:

@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from visionformers._validate import check_image, fail
+from visionformers._validate import check_bool, check_image, check_int, check_number, check_probability, fail, is_int
 from visionformers.nn import AdaLNModulation, PatchEmbed, TimestepEmbedding, TransformerBlock, modulate, sincos_2d
 from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null
 
@@ -40,21 +40,23 @@ class DiTConfig:
     time_freq_shift: float = 0.0  # DiT divides log(10000) by freq_dim/2; diffusers' DiT port by freq_dim/2 - 1
 
     def __post_init__(self):
-        for name in ("sample_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "freq_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, value, "a positive int")
+        for name in ("sample_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
+            check_int(name, getattr(self, name))
+        if not is_int(self.freq_dim) or self.freq_dim < 2 or self.freq_dim % 2:
+            fail("freq_dim", self.freq_dim, "an even int >= 2 (cos and sin halves of the timestep features)")
+        # the sinusoids of t divide by (freq_dim // 2 - time_freq_shift): it must stay positive
+        check_number("time_freq_shift", self.time_freq_shift, below=self.freq_dim // 2,
+                     note=f" (half the timestep features, freq_dim // 2 = {self.freq_dim // 2})")
+        check_bool("learn_sigma", self.learn_sigma)
         if self.sample_size % self.patch_size:
             fail("sample_size", self.sample_size, f"a multiple of patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
             fail("hidden_size", self.hidden_size, f"a multiple of num_heads={self.num_heads} and of 4 (2D sin-cos)")
-        if not self.mlp_ratio > 0:
-            fail("mlp_ratio", self.mlp_ratio, "a number > 0")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
+        check_number("mlp_ratio", self.mlp_ratio, above=0)
+        if self.num_classes is not None and (not is_int(self.num_classes) or self.num_classes <= 0):
             fail("num_classes", self.num_classes, "None (unconditional) or a positive int")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            fail("class_dropout_prob", self.class_dropout_prob, "a probability in [0, 1)")
-        if self.context_dim is not None and (not isinstance(self.context_dim, int) or self.context_dim <= 0):
+        check_probability("class_dropout_prob", self.class_dropout_prob)
+        if self.context_dim is not None and (not is_int(self.context_dim) or self.context_dim <= 0):
             fail("context_dim", self.context_dim, "None (no cross-attention) or a positive int")
 
     @property
@@ -129,11 +131,12 @@ class DiT(nn.Module):
         context_dim) with context_mask (B, M) bool, True = attend. Returns (B, C or 2C, S, S).
         """
         c = self.config
-        check_image("x", x, channels=c.in_channels, size=(c.sample_size, c.sample_size))
+        dtype = self.patch_embed.proj.weight.dtype
+        check_image("x", x, channels=c.in_channels, size=(c.sample_size, c.sample_size), dtype=dtype)
         b = x.shape[0]
         t = check_timesteps(t, b, x.device)
         labels = class_labels_or_null(class_labels, c.num_classes, b, x.device)
-        check_context(context, context_mask, c.context_dim, b)
+        check_context(context, context_mask, c.context_dim, b, dtype)
 
         cond = self.t_embed(t)  # (B, D)
         if labels is not None:

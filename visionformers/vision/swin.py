@@ -22,7 +22,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from visionformers._validate import check_image, fail
+from visionformers._validate import (
+    check_bool,
+    check_dtype,
+    check_image,
+    check_int,
+    check_number,
+    check_probability,
+    check_tensor,
+    fail,
+    is_int,
+)
 from visionformers.nn import PatchEmbed, TransformerBlock, WindowRelativeBias
 
 __all__ = ["SwinConfig", "SwinTransformer", "PatchMerging", "window_layout", "SwinPlan"]
@@ -56,24 +66,21 @@ class SwinConfig:
         if size is None or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             fail("img_size", self.img_size, "a positive int or an (H, W) tuple of positive ints")
         for name in ("patch_size", "in_chans", "embed_dim", "window_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, value, "a positive int")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            fail("num_classes", self.num_classes, "an int >= 0")
-        if not isinstance(self.depths, tuple) or not self.depths or not all(isinstance(d, int) and d > 0 for d in self.depths):
+            check_int(name, getattr(self, name))
+        check_int("num_classes", self.num_classes, minimum=0)
+        if not isinstance(self.depths, tuple) or not self.depths or not all(is_int(d) and d > 0 for d in self.depths):
             fail("depths", self.depths, "a non-empty tuple of positive ints (blocks per stage)")
         if not isinstance(self.num_heads, tuple) or len(self.num_heads) != len(self.depths):
             fail("num_heads", self.num_heads, f"a tuple of {len(self.depths)} ints, one per stage")
         for i, heads in enumerate(self.num_heads):
-            if not isinstance(heads, int) or heads <= 0 or (self.embed_dim * 2**i) % heads:
+            if not is_int(heads) or heads <= 0 or (self.embed_dim * 2**i) % heads:
                 fail("num_heads", self.num_heads, f"positive divisors of each stage width {[self.embed_dim * 2**j for j in range(len(self.depths))]}")
-        if not self.mlp_ratio > 0:
-            fail("mlp_ratio", self.mlp_ratio, "a number > 0")
+        check_number("mlp_ratio", self.mlp_ratio, above=0)
+        check_number("norm_eps", self.norm_eps, above=0)
+        for name in ("qkv_bias", "patch_norm"):
+            check_bool(name, getattr(self, name))
         for name in ("drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                fail(name, value, "a probability in [0, 1)")
+            check_probability(name, getattr(self, name))
 
     def stage_resolutions(self, grid: tuple[int, int] | None = None) -> list[tuple[int, int]]:
         """Token grid of every stage for a patch grid (default: the build size); odd sizes round up."""
@@ -335,7 +342,7 @@ class SwinStage(nn.Module):
         """x: (B, L, C) stream in the order the plan says -> (B, L', out_dim) in ``plan.order``."""
         if self.downsample is not None:
             src = _with_zero_token(x) if plan.merge_pad else x
-            x = _take(src, plan.merge_gather).view(x.shape[0], -1, 4 * x.shape[-1])  # (B, L', 4C)
+            x = _take(src, plan.merge_gather).view(x.shape[0], plan.merge_gather.numel() // 4, 4 * x.shape[-1])  # (B, L', 4C)
             x = self.downsample(x)
         for j, (block, bp) in enumerate(zip(self.blocks, plan.blocks)):
             if bp.gather is not None:
@@ -343,15 +350,16 @@ class SwinStage(nn.Module):
             b = x.shape[0]
             bias = self.block_bias(j, bp, b)
             n = bp.window[0] * bp.window[1]
+            slots = bp.num_windows * n  # window slots per image (sizes spelled out: -1 is ambiguous for B = 0)
             if bp.split is None and self._in_chunks(x, n):
                 x = _blocks_of_windows(block, x, bias, n)
                 continue
             if bp.split is None:  # stream in this block's window order: the partition is a view
                 split = lambda h, n=n: h.view(-1, n, h.shape[-1])  # (B*nW, N, C)  # noqa: E731
-                merge = lambda o, b=b: o.view(b, -1, o.shape[-1])  # (B, L, C)  # noqa: E731
+                merge = lambda o, b=b, slots=slots: o.view(b, slots, o.shape[-1])  # (B, L, C)  # noqa: E731
             else:
                 split = lambda h, bp=bp, n=n: _take(_with_zero_token(h), bp.split).view(-1, n, h.shape[-1])  # noqa: E731
-                merge = lambda o, bp=bp, b=b: _take(o.view(b, -1, o.shape[-1]), bp.merge)  # noqa: E731
+                merge = lambda o, bp=bp, b=b, slots=slots: _take(o.view(b, slots, o.shape[-1]), bp.merge)  # noqa: E731
             x = block(x, bias=bias, partition=(split, merge))
         return x
 
@@ -457,7 +465,7 @@ class SwinTransformer(nn.Module):
 
     def _stream(self, images: torch.Tensor):
         """Patch embedding -> (B, L, C) stream in the first block's order, and the plan."""
-        check_image("images", images, channels=self.config.in_chans)
+        check_image("images", images, channels=self.config.in_chans, dtype=self.patch_embed.proj.weight.dtype)
         p = self.config.patch_size
         pad_h, pad_w = -images.shape[-2] % p, -images.shape[-1] % p
         if pad_h or pad_w:  # zero-pad bottom/right to a whole patch, as timm's dynamic padding
@@ -483,7 +491,7 @@ class SwinTransformer(nn.Module):
         x, plan, _ = self._run(images, keep=False)
         last = plan.stages[-1]
         x = self.norm(x if last.to_raster is None else _take(x, last.to_raster))
-        return x.view(x.shape[0], *last.resolution, -1)
+        return x.view(x.shape[0], *last.resolution, x.shape[-1])
 
     def forward_intermediates(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, C, H, W) -> the output of every stage, [(B, C_i, h_i, w_i)] (before the final norm)."""
@@ -496,6 +504,12 @@ class SwinTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """features (B, h, w, C) or (B, L, C) -> logits (B, num_classes), or pooled (B, C) with ``pre_logits``."""
+        check_tensor("x", x, ndim=(3, 4), floating=True)
+        c = self.num_features
+        if x.shape[-1] != c or any(n == 0 for n in x.shape[1:-1]):
+            fail("x", x, f"features (B, h, w, {c}) or (B, L, {c}) with at least one token, as forward_features returns")
+        if isinstance(self.head, nn.Linear):
+            check_dtype("x", x, self.head.weight.dtype)
         x = x.flatten(1, -2).mean(dim=1)  # (B, C)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)

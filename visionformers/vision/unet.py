@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers._validate import check_image, fail
+from visionformers._validate import check_bool, check_image, check_int, check_number, check_probability, fail, is_int
 from visionformers.nn import TimestepEmbedding
 from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null
 from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, silu, zero_init_
@@ -49,11 +49,11 @@ class UNetConfig:
 
     def __post_init__(self):
         for name in ("sample_size", "in_channels", "base_channels", "num_res_blocks", "norm_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, value, "a positive int")
+            check_int(name, getattr(self, name))
+        for name in ("mid_attention", "use_scale_shift_norm", "time_flip_sin_to_cos", "self_condition", "learn_sigma"):
+            check_bool(name, getattr(self, name))
         mults = self.channel_mults
-        if not isinstance(mults, tuple) or not mults or not all(isinstance(m, int) and m > 0 for m in mults):
+        if not isinstance(mults, tuple) or not mults or not all(is_int(m) and m > 0 for m in mults):
             fail("channel_mults", mults, "a non-empty tuple of positive ints, e.g. (1, 2, 2, 2)")
         factor = 2 ** (len(mults) - 1)
         if self.sample_size % factor:
@@ -66,16 +66,20 @@ class UNetConfig:
         if not isinstance(self.attention_resolutions, tuple) or any(r not in reachable for r in self.attention_resolutions):
             fail("attention_resolutions", self.attention_resolutions, f"a tuple drawn from the level sizes {reachable}")
         if self.attention_head_dim is not None:
+            check_int("attention_head_dim", self.attention_head_dim, optional=True)
             widths = [self.level_channels[i] for i, r in enumerate(reachable) if r in self.attention_resolutions]
             if self.mid_attention:
                 widths.append(self.level_channels[-1])
             if self.attention_head_dim <= 0 or any(w % self.attention_head_dim for w in widths):
                 fail("attention_head_dim", self.attention_head_dim, f"None or a divisor of the attended widths {widths}")
-        if not 0.0 <= self.dropout < 1.0:
-            fail("dropout", self.dropout, "a probability in [0, 1)")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
+        check_probability("dropout", self.dropout)
+        check_number("norm_eps", self.norm_eps, above=0)
+        # the sinusoids of t divide by (base_channels // 2 - time_freq_shift): it must stay positive
+        check_number("time_freq_shift", self.time_freq_shift, below=self.base_channels // 2,
+                     note=f" (half the timestep features, base_channels // 2 = {self.base_channels // 2})")
+        if self.num_classes is not None and (not is_int(self.num_classes) or self.num_classes <= 0):
             fail("num_classes", self.num_classes, "None (unconditional) or a positive int")
-        if self.context_dim is not None and (not isinstance(self.context_dim, int) or self.context_dim <= 0):
+        if self.context_dim is not None and (not is_int(self.context_dim) or self.context_dim <= 0):
             fail("context_dim", self.context_dim, "None (no cross-attention) or a positive int")
 
     @property
@@ -173,14 +177,15 @@ class UNet(nn.Module):
         (None: zeros). Returns (B, C, H, W), or (B, 2C, H, W) with ``learn_sigma``.
         """
         c = self.config
-        check_image("x", x, channels=c.in_channels)
+        dtype = self.conv_in.weight.dtype
+        check_image("x", x, channels=c.in_channels, dtype=dtype)
         factor = 2 ** (len(c.channel_mults) - 1)
         if x.shape[-2] % factor or x.shape[-1] % factor:
             fail("x", x, f"height and width multiples of {factor} (trained at {c.sample_size}x{c.sample_size})")
         b = x.shape[0]
         t = check_timesteps(t, b, x.device)
         labels = class_labels_or_null(class_labels, c.num_classes, b, x.device)
-        check_context(context, context_mask, c.context_dim, b)
+        check_context(context, context_mask, c.context_dim, b, dtype)
         if c.self_condition:
             if x_self_cond is None:
                 x_self_cond = torch.zeros_like(x)

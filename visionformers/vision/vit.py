@@ -13,7 +13,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from visionformers._validate import check_choice, check_image, fail
+from visionformers._validate import (
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_image,
+    check_int,
+    check_number,
+    check_probability,
+    check_tensor,
+    fail,
+    is_int,
+)
 from visionformers.nn import (
     LearnedPositionEmbedding2D,
     PatchEmbed,
@@ -73,13 +84,12 @@ class ViTConfig:
         if size is None or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             fail("img_size", self.img_size, "a positive int or an (H, W) tuple of positive ints")
         for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, value, "a positive int")
+            check_int(name, getattr(self, name))
         for name in ("num_classes", "num_reg_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                fail(name, value, "an int >= 0")
+            check_int(name, getattr(self, name), minimum=0)
+        for name in ("qkv_bias", "qk_norm", "class_token", "pos_embed_prefix", "dynamic_img_size", "dynamic_img_pad"):
+            check_bool(name, getattr(self, name))
+        check_bool("fc_norm", self.fc_norm, optional=True)
         if not self.dynamic_img_pad and any(s % self.patch_size for s in size):
             fail("img_size", self.img_size, f"sizes divisible by patch_size={self.patch_size} (or dynamic_img_pad=True)")
         if self.embed_dim % self.num_heads:
@@ -92,12 +102,12 @@ class ViTConfig:
             fail("pos_embed", self.pos_embed, f"not 'rope' unless head_dim={self.embed_dim // self.num_heads} is divisible by 4")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             fail("pos_embed", self.pos_embed, f"not 'sincos' unless embed_dim={self.embed_dim} is divisible by 4")
-        if not self.mlp_ratio > 0:
-            fail("mlp_ratio", self.mlp_ratio, "a number > 0")
+        check_number("mlp_ratio", self.mlp_ratio, above=0)
+        check_number("rope_base", self.rope_base, above=0)
+        check_number("norm_eps", self.norm_eps, above=0)
+        check_number("layer_scale_init", self.layer_scale_init, at_least=0, optional=True, note=" (0: off)")
         for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                fail(name, value, "a probability in [0, 1)")
+            check_probability(name, getattr(self, name))
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -184,7 +194,7 @@ class VisionTransformer(nn.Module):
 
     def _check_images(self, images) -> None:
         c = self.config
-        check_image("images", images, channels=c.in_chans)
+        check_image("images", images, channels=c.in_chans, dtype=self.patch_embed.proj.weight.dtype)
         h, w = images.shape[-2:]
         if not (c.dynamic_img_size or c.dynamic_img_pad) and (h, w) != _pair(c.img_size):
             fail("images", images, f"spatial size (H, W)={_pair(c.img_size)} (build with dynamic_img_size=True for others)")
@@ -225,6 +235,14 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """tokens (B, N, D) -> logits (B, num_classes), or pooled features (B, D) with ``pre_logits``."""
+        d, p = self.config.embed_dim, self.num_prefix_tokens
+        check_tensor("x", x, ndim=3, floating=True)
+        least = p + 1 if self.config.global_pool == "avg" else 1  # "avg" pools the tokens after the prefix
+        if x.shape[-1] != d or x.shape[1] < least:
+            fail("x", x, f"tokens (B, N, {d}) with N >= {least}, as forward_features returns")
+        weight = self.head.weight if isinstance(self.head, nn.Linear) else getattr(self.fc_norm, "weight", None)
+        if weight is not None:
+            check_dtype("x", x, weight.dtype)
         if self.config.global_pool == "avg":
             x = x[:, self.num_prefix_tokens :].mean(dim=1)
         else:
@@ -243,7 +261,7 @@ class VisionTransformer(nn.Module):
         recomputed on the math path (``return_weights=True``) to expose its weights.
         """
         depth = self.config.depth
-        if not isinstance(block_idx, int) or not -depth <= block_idx < depth:
+        if not is_int(block_idx) or not -depth <= block_idx < depth:
             fail("block_idx", block_idx, f"an int in [{-depth}, {depth - 1}]")
         block_idx %= depth
         x, rope = self._embed(images)
