@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from visionformers._validate import check_args, script_errors
+from visionformers._validate import check_args, check_device, script_errors
 from visionformers.data import DigitsDataset, ImageFolderDataset
 from visionformers.metrics import (
     build_feature_extractor,
@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in ("resolution", "kid_subsets", "batch_size")]
                + [("kid_subset_size", lambda v: v >= 2, "an int >= 2")])
+    check_device("--device", args.device)
     return args
 
 

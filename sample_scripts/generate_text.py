@@ -10,7 +10,7 @@ import os
 import torch
 
 import visionformers as vf
-from visionformers._validate import check_args, script_errors
+from visionformers._validate import check_args, check_device, script_errors
 from visionformers.text import load_tokenizer
 
 
@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("top_k", lambda v: v is None or v >= 1, "an int >= 1"),
         ("top_p", lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
         ("num_samples", lambda v: v >= 1, "an int >= 1")])
+    check_device("--device", args.device)
     return args
 
 

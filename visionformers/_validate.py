@@ -90,6 +90,22 @@ def check_bool(name: str, value, *, optional: bool = False) -> None:
         fail(name, value, ("None, " if optional else "") + "True or False")
 
 
+def check_device(name: str, device) -> torch.device:
+    """``device`` as a torch.device, or the ValueError naming it: unparseable, or a backend this machine lacks."""
+    accepted = "a torch.device or a string such as 'cpu', 'cuda' or 'cuda:0' naming an available device"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        fail(name, device, accepted)
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            fail(name, device, f"{accepted} (this machine has {count} CUDA device(s))")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        fail(name, device, f"{accepted} (MPS is not available here)")
+    return parsed
+
+
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, fail
+from .._validate import check_choice, check_device, fail
 from .objectives import PREDICTION_TYPES, check_generator, check_model_output, predict_x0_eps
 from .schedules import NoiseSchedule
 
@@ -327,25 +327,10 @@ def sample(
     if callback is not None and not callable(callback):
         fail("callback", callback, "None or a callable taking one dict")
     check_generator(generator)
-    device = _check_device(device) if device is not None else _infer_device(model, cond, generator)
+    device = check_device("device", device) if device is not None else _infer_device(model, cond, generator)
     model_fn = _checked_model(guided_model(model, cond, uncond, guidance_scale))  # validates guidance_scale, uncond
 
     x = torch.randn(tuple(shape), generator=generator,
                     device=generator.device if generator is not None else device).to(device)
     return fn(model_fn, x, sched, steps, prediction_type=prediction_type, generator=generator, callback=callback)
 
-
-def _check_device(device) -> torch.device:
-    """``device`` as a torch.device, or the ValueError naming it (unparseable, or a backend this machine lacks)."""
-    accepted = "a torch.device or a string such as 'cpu', 'cuda' or 'cuda:0' naming an available device"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        fail("device", device, accepted)
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (parsed.index is not None and parsed.index >= count):
-            fail("device", device, f"{accepted} (this machine has {count} CUDA device(s))")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        fail("device", device, f"{accepted} (MPS is not available here)")
-    return parsed

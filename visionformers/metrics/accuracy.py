@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from visionformers._validate import check_tensor, fail
+from visionformers._validate import check_device, check_tensor, fail
 from visionformers.metrics.features import iter_image_batches, model_device
 
 
@@ -61,7 +61,7 @@ def classifier_accuracy(
         fail("topk", topk, "a non-empty sequence of positive ints, e.g. (1, 5)")
     if isinstance(model, torch.nn.Module):
         model.eval()
-    device = torch.device(device) if device is not None else model_device(model)
+    device = check_device("device", device) if device is not None else model_device(model)
     totals: dict[int, int] = {}
     n = 0
     with torch.no_grad():

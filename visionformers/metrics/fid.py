@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from visionformers._validate import fail
+from visionformers._validate import check_device, fail
 from visionformers.metrics.features import FeatureExtractor, iter_image_batches, model_device
 
 STATS_FORMAT = 1  # bump when the .npz layout changes; older caches are then refused, not misread
@@ -52,7 +52,7 @@ def extract_features(
     source, extractor: FeatureExtractor, batch_size: int = 64, device: str | torch.device | None = None
 ) -> np.ndarray:
     """Run ``extractor`` over every image of ``source`` (see ``iter_image_batches``) -> (N, D) float32."""
-    device = torch.device(device) if device is not None else model_device(extractor)
+    device = check_device("device", device) if device is not None else model_device(extractor)
     chunks = []
     with torch.no_grad():
         for images, _ in iter_image_batches(source, batch_size):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from visionformers._validate import check_choice, fail
+from visionformers._validate import check_choice, check_device, fail
 
 __all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "load_tokenizer", "SPECIAL_TOKENS", "TOKENIZER_NAME"]
 
@@ -126,10 +126,7 @@ class Tokenizer(ABC):
         if padding == "max_length" and max_length is None:
             fail("max_length", None, "an integer when padding='max_length'")
         if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError):
-                fail("device", device, "None, a torch.device or a device string such as 'cpu' or 'cuda:0'")
+            check_device("device", device)
         rows = [self.encode(t, add_special_tokens) for t in texts]
         if max_length is not None:
             rows = [r if len(r) <= max_length else (r[: max_length - 1] + [r[-1]] if add_special_tokens else r[:max_length]) for r in rows]

@@ -13,7 +13,7 @@ import numbers
 import torch
 from torch import nn
 
-from .._validate import fail
+from .._validate import check_device, fail
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -169,10 +169,7 @@ class EMA:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "EMA":
         """Move the shadow parameters (dtype applies to floating ones only)."""
         if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError, ValueError):
-                fail("device", device, "None, a torch.device or a string such as 'cpu' or 'cuda:0'")
+            check_device("device", device)
         if dtype is not None and not isinstance(dtype, torch.dtype):
             fail("dtype", dtype, "None or a torch.dtype such as torch.float32")
         self.shadow = [s.to(device=device, dtype=dtype if dtype is not None and s.is_floating_point() else None)
