@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from visionformers._validate import check_tensor, fail
 
 __all__ = [
-    "ModelOutput", "check_input_ids", "check_attention_mask", "check_batch_match", "check_memory", "drop_full_mask",
+    "ModelOutput", "check_input_ids", "check_attention_mask", "check_batch_match", "check_decode_inputs", "check_memory", "drop_full_mask",
     "padding_mask", "token_cross_entropy", "shifted_cross_entropy",
 ]
 
@@ -72,6 +72,18 @@ def check_memory(memory, ids: torch.Tensor, dim: int, name: str = "memory", ids_
     check_tensor(name, memory, ndim=3, floating=True)
     if memory.shape[0] != ids.shape[0] or memory.shape[1] == 0 or memory.shape[2] != dim:
         fail(name, memory, f"shape (B, M, dim)=({ids.shape[0]}, M >= 1, {dim}): B of {ids_name}, the model's dim")
+
+
+def check_decode_inputs(
+    decoder_input_ids, memory, memory_mask, vocab_size: int, dim: int, max_len: int | None = None
+) -> torch.Tensor | None:
+    """The arguments of an encoder-decoder's public ``decode``; returns the bool memory mask (None when absent or
+    all True)."""
+    check_input_ids(decoder_input_ids, vocab_size, max_len, name="decoder_input_ids")
+    check_memory(memory, decoder_input_ids, dim)
+    if memory_mask is None:
+        return None
+    return drop_full_mask(check_attention_mask(memory_mask, memory, name="memory_mask", like="memory"))
 
 
 def drop_full_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

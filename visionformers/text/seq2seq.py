@@ -28,7 +28,7 @@ from visionformers.nn import (
 )
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
-    ModelOutput, check_attention_mask, check_batch_match, check_input_ids, check_memory, drop_full_mask, padding_mask,
+    ModelOutput, check_attention_mask, check_batch_match, check_decode_inputs, check_input_ids, padding_mask,
     token_cross_entropy,
 )
 from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
@@ -228,10 +228,8 @@ class Seq2SeqTransformer(nn.Module):
         cross_kv_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """(B, N) target ids + (B, M, dim) memory (+ (B, M) memory_mask, True = real token) -> (B, N, vocab) logits."""
-        check_input_ids(decoder_input_ids, self.config.vocab_size, self._max_len(), name="decoder_input_ids")
-        check_memory(memory, decoder_input_ids, self.config.dim)
-        if memory_mask is not None:
-            memory_mask = drop_full_mask(check_attention_mask(memory_mask, memory, name="memory_mask", like="memory"))
+        c = self.config
+        memory_mask = check_decode_inputs(decoder_input_ids, memory, memory_mask, c.vocab_size, c.dim, self._max_len())
         return self._decode(decoder_input_ids, memory, memory_mask, kv_caches, cross_kv_caches)
 
     def _decode(

@@ -17,7 +17,7 @@ from visionformers._validate import check_choice, fail
 from visionformers.nn import KVCache, RMSNorm, T5RelativeBias, TransformerBlock
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
-    check_attention_mask, check_batch_match, check_input_ids, check_memory, drop_full_mask, padding_mask,
+    check_batch_match, check_decode_inputs, check_input_ids, padding_mask,
 )
 from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
 
@@ -177,10 +177,7 @@ class T5(nn.Module):
         cross_kv_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """(B, N) decoder ids + (B, M, dim) encoder states (+ (B, M) memory_mask, True = real token) -> (B, N, vocab) logits."""
-        check_input_ids(decoder_input_ids, self.config.vocab_size, name="decoder_input_ids")
-        check_memory(memory, decoder_input_ids, self.config.dim)
-        if memory_mask is not None:
-            memory_mask = drop_full_mask(check_attention_mask(memory_mask, memory, name="memory_mask", like="memory"))
+        memory_mask = check_decode_inputs(decoder_input_ids, memory, memory_mask, self.config.vocab_size, self.config.dim)
         return self._decode(decoder_input_ids, memory, memory_mask, kv_caches, cross_kv_caches)
 
     def _decode(
