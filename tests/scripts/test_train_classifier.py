@@ -11,6 +11,7 @@ from _unet_script_helpers import REPO, _env, load_script, run
 import visionformers as vf
 from visionformers import data
 from visionformers.metrics import classifier_accuracy
+from visionformers.training import pipeline
 
 SCRIPT = REPO / "train_scripts" / "train_classifier.py"
 # A few-thousand-parameter ViT on 8x8 digits: these tests check bookkeeping, not accuracy.
@@ -96,7 +97,7 @@ def test_from_scratch_on_digits_the_presets_shrink_unless_overridden(model, tmp_
     script = load_script(SCRIPT)
     name = model or script.DIGITS_MODEL
     base = vf.create_model(name, num_classes=10, img_size=16, in_chans=1).config
-    expected = vf.registry.replace_config(base, script._json_fields(script.DIGITS_OVERRIDES[name]))
+    expected = vf.registry.replace_config(base, pipeline.json_config_fields(script.DIGITS_OVERRIDES[name]))
     args = script.parse_args([] if model is None else ["--model", model])
     built = script.setup(args, Accelerator(cpu=True))[0].config
     assert built == expected and built != base
