@@ -5,7 +5,7 @@ last clause, flipped by "not": the model has to find the clause after "but" and 
 with the adjective. Test sentences never occur in training. A byte-level BPE learned from the training
 sentences makes each word about one token; ``--tokenizer byte`` reads raw bytes (longer, slower to learn).
 
-    python examples/text_classification.py            # ~99% test accuracy in about a CPU minute
+    python examples/text_classification.py            # ~99% test accuracy (100% measured), ~20 s on 2 cores
 """
 from __future__ import annotations
 
