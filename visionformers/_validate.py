@@ -106,12 +106,6 @@ def check_device(name: str, device) -> torch.device:
     return parsed
 
 
-def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        fail(name, value, "a number >= 0" if allow_zero else "a number > 0")
-
-
 def check_divisible(name: str, value: int, divisor: int, divisor_name: str) -> None:
     if divisor <= 0 or value % divisor != 0:
         fail(name, value, f"a multiple of {divisor_name}={divisor}")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from visionformers._validate import check_choice, check_positive, check_tensor, fail
+from visionformers._validate import check_choice, check_number, check_tensor, fail
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -174,8 +174,8 @@ def mixup_cutmix(
         fail("num_classes", num_classes, "a positive int")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         fail("labels", labels, f"class indices in [0, {num_classes})")
-    check_positive("mixup_alpha", mixup_alpha, allow_zero=True)
-    check_positive("cutmix_alpha", cutmix_alpha, allow_zero=True)
+    check_number("mixup_alpha", mixup_alpha, at_least=0)
+    check_number("cutmix_alpha", cutmix_alpha, at_least=0)
     if not 0 <= label_smoothing < 1:
         fail("label_smoothing", label_smoothing, "a float in [0, 1)")
     if not 0 <= switch_prob <= 1:

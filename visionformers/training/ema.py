@@ -7,13 +7,10 @@ BatchNorm running statistics stay those of the live model.
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import nn
 
-from .._validate import check_device, fail
+from .._validate import check_device, fail, is_int, is_number
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -35,24 +32,20 @@ def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_count(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _check_hparams(decay, warmup, inv_gamma, power, min_decay, update_after_step, fmt: str = "{}") -> None:
     """The EMA hyper-parameters; ``fmt`` spells the argument names (``"state[{!r}]"`` for a state dict)."""
-    if not (_is_real(decay) and 0.0 <= decay <= 1.0):
+    if not (is_number(decay) and 0.0 <= decay <= 1.0):
         fail(fmt.format("decay"), decay, "a number in [0, 1]")
     if not (isinstance(warmup, (bool, int)) and warmup in (0, 1)):
         fail(fmt.format("warmup"), warmup, "True or False")
     for name, value in (("inv_gamma", inv_gamma), ("power", power)):
-        if not (_is_real(value) and value > 0):
+        if not (is_number(value) and value > 0):
             fail(fmt.format(name), value, "a finite number > 0")
-    if not (_is_real(min_decay) and 0.0 <= min_decay <= decay):
+    if not (is_number(min_decay) and 0.0 <= min_decay <= decay):
         fail(fmt.format("min_decay"), min_decay, f"a number in [0, decay={decay}]")
     if not _is_count(update_after_step):
         fail(fmt.format("update_after_step"), update_after_step, "an int >= 0")
