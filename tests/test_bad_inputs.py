@@ -453,6 +453,10 @@ CASES = [
          VE, ("incomplete", "blocks.1", "mlp.fc2.weight")),
     Case("hf-partial-gpt2-no-config", lambda tmp: hf_after_submodule_import()(
         {"h.0.attn.c_attn.weight": torch.zeros(8, 24), "h.0.attn.c_attn.bias": torch.zeros(24)}), VE, ("incomplete",)),
+    Case("list-models-not-a-str", lambda tmp: vf.list_models(5), VE, ("pattern=5",)),
+    Case("optimizer-betas", lambda tmp: vf.training.build_optimizer(vit(), "adamw", 1e-3, 0.0, (1.5, 0.9)), VE,
+         ("betas", "1.5")),
+    Case("generator-seed-str", lambda tmp: vf.training.make_generator("x", 0), VE, ("seed='x'",)),
     Case("timm-not-a-dict", lambda tmp: vf.convert.from_timm([torch.zeros(1)]), VE, ("state_dict", "list")),
     # ---- training checkpoints ----
     Case("resume-missing", lambda tmp: resolve_checkpoint(tmp, str(tmp / "nope")), FE,

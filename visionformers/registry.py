@@ -22,6 +22,8 @@ def register(name: str, cls: type[nn.Module], config) -> None:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style pattern, e.g. ``list_models("swin*")``."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern={pattern!r} is not accepted; expected a shell-style str such as 'vit*'")
     return sorted(n for n in PRESETS if fnmatch.fnmatchcase(n, pattern))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from visionformers._validate import fail
+from visionformers._validate import check_int, fail
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 def make_generator(seed: int, *parts: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A ``torch.Generator`` on ``device`` seeded with ``mix_seed(seed, *parts)``."""
+    for i, part in enumerate((seed, *parts)):
+        check_int("seed" if i == 0 else f"parts[{i - 1}]", part, minimum=None)
     g = torch.Generator(device=device)
     g.manual_seed(mix_seed(seed, *parts))
     return g
@@ -156,6 +158,7 @@ class SeededItems(Dataset):
     ``(seed, epoch, index)``: augmentation randomness is a function of the item alone."""
 
     def __init__(self, dataset: Dataset, seed: int):
+        check_int("seed", seed, minimum=None)
         self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:

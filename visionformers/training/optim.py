@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from visionformers._validate import check_choice, fail
+from visionformers._validate import check_choice, check_number, fail, is_number
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -40,10 +40,11 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019), Adam or SGD with momentum 0.9 over :func:`param_groups`."""
     check_choice("name", name, OPTIMIZERS)
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-        fail("learning_rate", learning_rate, "a number > 0")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        fail("weight_decay", weight_decay, "a number >= 0")
+    check_number("learning_rate", learning_rate, above=0)
+    check_number("weight_decay", weight_decay, at_least=0)
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
+        fail("betas", betas, "two numbers in [0, 1), e.g. (0.9, 0.999)")
+    check_number("eps", eps, above=0)
     groups = param_groups(model, weight_decay)
     if not groups:
         fail("model", type(model).__name__, "a model with at least one trainable parameter")
