@@ -90,6 +90,12 @@ def check_bool(name: str, value, *, optional: bool = False) -> None:
         fail(name, value, ("None, " if optional else "") + "True or False")
 
 
+def check_path(name: str, value) -> None:
+    """A file or directory argument: a non-empty str or os.PathLike (existence is the caller's check)."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        fail(name, value, "a path: a non-empty str or os.PathLike")
+
+
 def check_device(name: str, device) -> torch.device:
     """``device`` as a torch.device, or the ValueError naming it: unparseable, or a backend this machine lacks."""
     accepted = "a torch.device or a string such as 'cpu', 'cuda' or 'cuda:0' naming an available device"

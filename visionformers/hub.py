@@ -19,15 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from visionformers._validate import check_path
 from visionformers.registry import model_classes
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT_VERSION = 1
-
-
-def _check_path(name: str, value) -> None:
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise ValueError(f"{name}={value!r} is not a path; expected a non-empty str or os.PathLike")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -152,7 +148,7 @@ def config_from_dict(config_cls: type, data: dict, source: str = "config"):
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``model.safetensors`` for a registered model (wrappers are stripped)."""
-    _check_path("save_directory", save_directory)
+    check_path("save_directory", save_directory)
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
@@ -169,7 +165,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> Path
 
 def read_config(directory: str | os.PathLike):
     """Parse ``config.json`` -> (model class, config instance); errors name the file and the problem."""
-    _check_path("directory", directory)
+    check_path("directory", directory)
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {str(directory)!r} does not exist")
@@ -226,7 +222,7 @@ def load_weights_file(path: str | os.PathLike, name: str = "path") -> dict[str, 
     Weights nested by trainers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and a DDP ``module.``
     prefix is stripped. ``name`` is the argument that errors name (e.g. ``init_checkpoint``).
     """
-    _check_path(name, path)
+    check_path(name, path)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{name}={str(path)!r} is not a file; pass a local .pth/.pt or .safetensors file")

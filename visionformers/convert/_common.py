@@ -9,6 +9,7 @@ import re
 import torch
 from torch import nn
 
+from visionformers._validate import check_int, is_int
 from visionformers.nn import resample_pos_embed
 from visionformers.vision.swin import SwinConfig
 from visionformers.vision.vit import ViTConfig, vit_grid_size
@@ -63,9 +64,8 @@ def check_vision_args(config, img_size, num_heads) -> None:
     """The optional arguments shared by from_timm / from_torchvision."""
     if config is not None and not isinstance(config, (ViTConfig, SwinConfig)):
         raise ValueError(f"config={config!r} is not accepted; expected None, a ViTConfig or a SwinConfig")
-    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0):
-        raise ValueError(f"num_heads={num_heads!r} is not accepted; expected None or an int >= 1")
-    ok_size = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    check_int("num_heads", num_heads, optional=True)
+    ok_size = lambda v: is_int(v) and v > 0  # noqa: E731
     if img_size is not None and not (ok_size(img_size) or (isinstance(img_size, (tuple, list)) and len(img_size) == 2
                                                            and all(ok_size(v) for v in img_size))):
         raise ValueError(f"img_size={img_size!r} is not accepted; expected None, an int > 0 or (height, width)")

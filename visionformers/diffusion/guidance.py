@@ -12,13 +12,13 @@ dimension once, before sampling starts; each step then runs the model on [x; x] 
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .._validate import fail
+from .._validate import check_number, fail
+from .objectives import check_model_output
 
 
 def batch_cond_uncond(cond: dict, uncond: dict) -> dict:
@@ -63,9 +63,7 @@ def guided_model(
     if uncond is not None and not isinstance(uncond, dict):
         fail("uncond", uncond,
              "None or a dict of unconditional model inputs, e.g. uncond={'class_labels': null_labels}")
-    if (not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool)
-            or not 0 <= guidance_scale < math.inf):  # also rejects NaN
-        fail("guidance_scale", guidance_scale, "a finite number >= 0 (1 disables classifier-free guidance)")
+    check_number("guidance_scale", guidance_scale, at_least=0, note=" (1 disables classifier-free guidance)")
     if guidance_scale == 1:
         return lambda x, t: model(x, t, **cond)
     if not uncond:
@@ -76,11 +74,7 @@ def guided_model(
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         out = model(torch.cat([x, x]), torch.cat([t, t]), **both)  # (2B, ...): conditional half first
-        expected = (2 * x.shape[0], *x.shape[1:])
-        if not isinstance(out, Tensor) or tuple(out.shape) != expected:
-            fail("model output", out if isinstance(out, Tensor) else type(out).__name__,
-                 f"a tensor shaped like its input [x_t; x_t] {expected} "
-                 "(conditional and unconditional passes are batched together)")
+        check_model_output(out, torch.Size((2 * x.shape[0], *x.shape[1:])), "its batched input [x_t; x_t]")
         out_cond, out_uncond = out.chunk(2)
         return torch.lerp(out_uncond, out_cond, w)  # uncond + w * (cond - uncond)
 

@@ -7,13 +7,12 @@ and each pair (x_t, prediction) determines (x0, eps) linearly. The loss and ever
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, check_tensor, fail
+from .._validate import check_choice, check_number, check_tensor, fail
 from .schedules import NoiseSchedule, _expand
 
 PREDICTION_TYPES = ("eps", "x0", "v")
@@ -31,10 +30,6 @@ def check_model_output(pred, expected_shape, like: str) -> None:
 def check_generator(generator) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         fail("generator", generator, "None or a torch.Generator (e.g. torch.Generator().manual_seed(0))")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def predict_x0_eps(pred: Tensor, x_t: Tensor, alpha, sigma, prediction_type: str) -> tuple[Tensor, Tensor]:
@@ -76,8 +71,7 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     check_tensor("snr", snr, floating=True)
-    if not (_is_number(gamma) and gamma > 0):
-        fail("gamma", gamma, "a number > 0 (5 in Hang et al. 2023)")
+    check_number("gamma", gamma, above=0, note=" (5 in Hang et al. 2023)")
     if prediction_type == "x0":
         return snr.clamp(max=gamma)
     if prediction_type == "eps":
@@ -115,10 +109,8 @@ def training_loss(
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if not callable(model):
         fail("model", type(model).__name__, "a callable (x_t, t, **cond) -> prediction")
-    if min_snr_gamma is not None and not (_is_number(min_snr_gamma) and min_snr_gamma > 0):
-        fail("min_snr_gamma", min_snr_gamma, "None or a number > 0 (5 in Hang et al. 2023)")
-    if not (_is_number(offset_noise) and 0 <= offset_noise < math.inf):
-        fail("offset_noise", offset_noise, "a finite number >= 0 (0.1 in Guttenberg 2023)")
+    check_number("min_snr_gamma", min_snr_gamma, above=0, optional=True, note=" (5 in Hang et al. 2023)")
+    check_number("offset_noise", offset_noise, at_least=0, note=" (0.1 in Guttenberg 2023)")
     check_generator(generator)
     if offset_noise > 0 and x0.ndim < 3:
         fail("x0", x0, "a (B, C, ...) tensor when offset_noise > 0 (the offset is per channel)")

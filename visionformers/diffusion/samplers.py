@@ -16,13 +16,12 @@ sigmas and hand the model fractional t (log-sigma interpolation over the discret
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, check_device, fail
+from .._validate import check_choice, check_device, check_number, fail
 from .objectives import PREDICTION_TYPES, check_generator, check_model_output, predict_x0_eps
 from .schedules import NoiseSchedule
 
@@ -66,13 +65,6 @@ def _checked_model(model: Model) -> Model:
     return checked
 
 
-def _check_number(name: str, value, accepted: str, *, minimum: float, strict: bool) -> None:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > minimum if strict else value >= minimum))
-    if not ok:
-        fail(name, value, accepted)
-
-
 def discrete_timesteps(num_train_steps: int, steps: int) -> Tensor:
     """The "trailing" timesteps round(T - i T/steps) - 1, i = 0..steps-1 (Lin et al. 2024, Table 2), as int64.
     1 <= steps <= num_train_steps (more would repeat timesteps and end below t = 0)."""
@@ -90,7 +82,7 @@ def karras_sigmas(sched: NoiseSchedule, steps: int, rho: float = 7.0) -> Tensor:
         fail("sched", type(sched).__name__, "a visionformers.diffusion.NoiseSchedule")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         fail("steps", steps, "an int > 0")
-    _check_number("rho", rho, "a finite number > 0 (7 in Karras et al. 2022)", minimum=0, strict=True)
+    check_number("rho", rho, above=0, note=" (7 in Karras et al. 2022)")
     s_min, s_max = sched.log_sigmas[0].exp(), sched.log_sigmas[-1].exp()
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
@@ -143,8 +135,7 @@ def sample_ddim(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
     s = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (eq. 16). eta = 0: deterministic
     DDIM; eta = 1: the DDPM posterior. ``eta`` is reachable through ``sample(sampler=partial(sample_ddim, eta=..))``."""
     model = _check_args(model, x, sched, steps, prediction_type, generator, callback, discrete=True)
-    _check_number("eta", eta, "a finite number >= 0 (0: deterministic DDIM, 1: DDPM variance)", minimum=0,
-                  strict=False)
+    check_number("eta", eta, at_least=0, note=" (0: deterministic DDIM, 1: DDPM variance)")
     ts = discrete_timesteps(sched.num_train_steps, steps)
     ab = sched.alphas_cumprod[ts]
     ab_prev = torch.cat([ab[1:], ab.new_ones(1)])

@@ -6,10 +6,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from visionformers._validate import check_tensor, fail
+from visionformers._validate import check_tensor, fail, is_int
 
 __all__ = [
-    "ModelOutput", "check_input_ids", "check_attention_mask", "check_batch_match", "check_decode_inputs", "check_memory", "drop_full_mask",
+    "ModelOutput", "check_input_ids", "check_attention_mask", "check_batch_match", "check_decode_inputs", "check_memory",
+    "check_token_id", "drop_full_mask",
     "padding_mask", "token_cross_entropy", "shifted_cross_entropy",
 ]
 
@@ -44,6 +45,16 @@ def check_input_ids(
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             fail(f"{name} (token id {bad})", input_ids, f"token ids in [0, vocab_size={vocab_size})")
+
+
+def check_token_id(name: str, value, vocab_size: int | None, *, optional: bool = False, note: str = "") -> None:
+    """A special token id: an int (not a bool) in [0, vocab_size) (any int when vocab_size is None)."""
+    if optional and value is None:
+        return
+    if not is_int(value) or (vocab_size is not None and not 0 <= value < vocab_size):
+        where = ("an integer token id" if vocab_size is None
+                 else f"a token id in [0, {vocab_size}) (vocab_size={vocab_size})")
+        fail(name, value, ("None or " if optional else "") + where + note)
 
 
 def check_attention_mask(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from visionformers._validate import fail
+from visionformers.text.common import check_token_id
 from visionformers.nn import KVCache
 
 __all__ = ["check_generation_args", "next_token", "decode", "generate_seq2seq", "use_decoding_layout"]
@@ -48,13 +49,8 @@ def check_generation_args(
         fail("top_k", top_k, "None or an integer >= 1")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         fail("top_p", top_p, "None or a number in (0, 1]")
-    for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if token is None:
-            continue
-        if isinstance(token, bool) or not isinstance(token, int):
-            fail(name, token, "None or an integer token id")
-        if vocab_size is not None and not 0 <= token < vocab_size:
-            fail(name, token, f"None or a token id in [0, {vocab_size})")
+    check_token_id("eos_token_id", eos_token_id, vocab_size, optional=True)
+    check_token_id("pad_token_id", pad_token_id, vocab_size, optional=True)
 
 
 def next_token(

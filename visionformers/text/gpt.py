@@ -17,7 +17,7 @@ from torch import nn
 from visionformers._validate import check_choice, fail
 from visionformers.nn import KVCache, LearnedPositionEmbedding, TransformerBlock
 from visionformers.nn.mlp import ACTIVATIONS
-from visionformers.text.common import ModelOutput, check_input_ids, shifted_cross_entropy
+from visionformers.text.common import ModelOutput, check_input_ids, check_token_id, shifted_cross_entropy
 from visionformers.text.generation import check_generation_args, decode, use_decoding_layout
 
 __all__ = ["GPTConfig", "GPT"]
@@ -53,10 +53,8 @@ class GPTConfig:
         for name in ("dropout", "attn_drop"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, getattr(self, name), "a probability in [0, 1)")
-        eos = self.eos_token_id
-        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size):
-            fail("eos_token_id", eos, f"None or a token id in [0, vocab_size={self.vocab_size}) (GPT-2's default "
-                 f"{GPT2_EOS} needs its 50257-token vocabulary)")
+        check_token_id("eos_token_id", self.eos_token_id, self.vocab_size, optional=True,
+                       note=f" (GPT-2's default {GPT2_EOS} needs its 50257-token vocabulary)")
 
 
 class GPT(nn.Module):

@@ -28,8 +28,8 @@ from visionformers.nn import (
 )
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
-    ModelOutput, check_attention_mask, check_batch_match, check_decode_inputs, check_input_ids, padding_mask,
-    token_cross_entropy,
+    ModelOutput, check_attention_mask, check_batch_match, check_decode_inputs, check_input_ids, check_token_id,
+    padding_mask, token_cross_entropy,
 )
 from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
 
@@ -182,9 +182,7 @@ class Seq2SeqConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 fail(name, value, "a positive integer")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                fail(name, value, f"a token id in [0, vocab_size={self.vocab_size})")
+            check_token_id(name, getattr(self, name), self.vocab_size)
 
 
 class Seq2SeqTransformer(nn.Module):

@@ -17,7 +17,7 @@ from visionformers._validate import check_choice, fail
 from visionformers.nn import KVCache, RMSNorm, T5RelativeBias, TransformerBlock
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
-    check_batch_match, check_decode_inputs, check_input_ids, padding_mask,
+    check_batch_match, check_decode_inputs, check_input_ids, check_token_id, padding_mask,
 )
 from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
 
@@ -53,9 +53,7 @@ class T5Config:
         if not 0 <= self.dropout < 1:
             fail("dropout", self.dropout, "a probability in [0, 1)")
         for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                fail(name, value, f"a token id in [0, vocab_size={self.vocab_size})")
+            check_token_id(name, getattr(self, name), self.vocab_size)
 
 
 class T5Stack(nn.Module):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from visionformers._validate import check_choice, check_device, fail
+from visionformers._validate import check_choice, check_device, check_path, fail
 
 __all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "load_tokenizer", "SPECIAL_TOKENS", "TOKENIZER_NAME"]
 
@@ -146,8 +146,7 @@ class Tokenizer(ABC):
         """Write ``tokenizer.json`` into ``directory`` (atomically), beside ``config.json`` of a model."""
         from visionformers.hub import atomic_write_bytes
 
-        if not isinstance(directory, (str, os.PathLike)):
-            fail("directory", directory, "a directory path (str or os.PathLike)")
+        check_path("directory", directory)
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / TOKENIZER_NAME, json.dumps(self.to_dict()).encode())
@@ -260,8 +259,7 @@ def _checked_texts(texts: Iterable) -> Iterable[str]:
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Read ``tokenizer.json`` written by ``Tokenizer.save``."""
-    if not isinstance(directory, (str, os.PathLike)):
-        fail("directory", directory, "a directory path (str or os.PathLike) holding tokenizer.json")
+    check_path("directory", directory)
     path = Path(directory) / TOKENIZER_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is missing; save a tokenizer with tokenizer.save(directory)")
