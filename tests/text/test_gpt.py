@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 
 import visionformers as vf
+import visionformers.nn.linear as linear_mod
+from visionformers.nn.linear import native_linear_available
 from visionformers.text import GPT, ByteTokenizer, load_tokenizer
 from visionformers.text.generation import use_decoding_layout
 
@@ -55,7 +57,14 @@ def test_kv_cache_generation_equals_recomputation(gpt):
     assert len(set(expected[0, 5:].tolist())) > 1  # the check is not vacuous
 
 
-def test_decoding_layout_is_lossless_and_trainable(gpt):
+@pytest.mark.skipif(not native_linear_available(), reason="needs the native kernel (Linux with a C compiler)")
+def test_generate_keeps_weights_as_they_are_with_the_native_kernel(gpt):
+    gpt.generate(torch.randint(0, 256, (1, 3)), 2)
+    assert all(p.is_contiguous() for p in gpt.parameters())  # the kernel reads nn.Linear's (out, in) rows
+
+
+def test_decoding_layout_is_lossless_and_trainable(gpt, monkeypatch):
+    monkeypatch.setattr(linear_mod, "_kernel", None)  # the layout is for BLAS, where the native kernel is missing
     ids = torch.randint(0, 256, (2, 7))
     before = gpt(ids).logits
     use_decoding_layout(gpt)

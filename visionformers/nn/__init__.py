@@ -12,6 +12,7 @@ from visionformers.nn.attention import (
 from visionformers.nn.blocks import LayerScale, TransformerBlock
 from visionformers.nn.drop import DropPath, drop_path
 from visionformers.nn.embed import PatchEmbed
+from visionformers.nn.linear import Linear
 from visionformers.nn.mlp import Mlp
 from visionformers.nn.norm import AdaLNModulation, RMSNorm, make_norm, modulate
 from visionformers.nn.positional import (

@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from visionformers._validate import check_bool, check_dtype, check_int, check_number, check_probability, fail, is_int
+from visionformers.nn.linear import Linear
 from visionformers.nn.norm import RMSNorm
 from visionformers.nn.rope import apply_rotary
 
@@ -243,14 +244,14 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
         if context_dim is None:
-            self.qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=qkv_bias)  # one matmul for q, k, v
+            self.qkv = Linear(dim, q_dim + 2 * kv_dim, bias=qkv_bias)  # one matmul for q, k, v
         else:
-            self.q = nn.Linear(dim, q_dim, bias=qkv_bias)
-            self.kv = nn.Linear(context_dim, 2 * kv_dim, bias=qkv_bias)
+            self.q = Linear(dim, q_dim, bias=qkv_bias)
+            self.kv = Linear(context_dim, 2 * kv_dim, bias=qkv_bias)
         self.qk_norm, self.proj_drop_p = qk_norm, proj_drop
         self.q_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(self._out_heads_dim(), dim, bias=proj_bias)
+        self.proj = Linear(self._out_heads_dim(), dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _out_heads_dim(self) -> int:

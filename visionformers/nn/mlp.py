@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers._validate import check_bool, check_choice, check_int, check_probability
+from visionformers.nn.linear import Linear
 
 __all__ = ["Mlp", "ACTIVATIONS", "activation"]
 
@@ -58,8 +59,8 @@ class Mlp(nn.Module):
         check_bool("bias", bias)
         check_probability("drop", drop)
         self.act, self.gated = act, act in _GATED
-        self.fc1 = nn.Linear(dim, 2 * hidden_dim if self.gated else hidden_dim, bias=bias)
-        self.fc2 = nn.Linear(hidden_dim, out_dim or dim, bias=bias)
+        self.fc1 = Linear(dim, 2 * hidden_dim if self.gated else hidden_dim, bias=bias)
+        self.fc2 = Linear(hidden_dim, out_dim or dim, bias=bias)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

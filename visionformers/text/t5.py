@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from visionformers._validate import check_choice, fail
 from visionformers.nn import KVCache, RMSNorm, T5RelativeBias, TransformerBlock
+from visionformers.nn.linear import Linear, linear
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
     check_batch_match, check_decode_inputs, check_input_ids, check_token_id, padding_mask,
@@ -148,7 +148,7 @@ class T5(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.dim)  # shared by encoder, decoder and (tied) output
         self.encoder = T5Stack(c, is_decoder=False)
         self.decoder = T5Stack(c, is_decoder=True)
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head = None if c.tie_embeddings else Linear(c.dim, c.vocab_size, bias=False)
         _init_t5(self, c)
 
     @property
@@ -193,7 +193,7 @@ class T5(nn.Module):
         )
         if self.lm_head is not None:
             return self.lm_head(h)
-        return F.linear(h * self.config.dim**-0.5, self.embed.weight)  # tied: rescale as Mesh-TF / HF
+        return linear(h * self.config.dim**-0.5, self.embed.weight)  # tied: rescale as Mesh-TF / HF
 
     def forward(
         self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -1,0 +1,148 @@
+"""nn.linear: the native decoding kernel against F.linear, when it is taken, and the cached native build."""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import visionformers as vf
+import visionformers.nn.linear as linear_mod
+from visionformers import _native
+from visionformers.nn import Linear
+from visionformers.nn.linear import NATIVE_MAX_ROWS, linear, native_linear_available
+
+CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the calls that took the native kernel."""
+    calls = []
+    run = linear_mod._run
+
+    def counted(fn, x, w, b):
+        calls.append(tuple(x.shape))
+        return run(fn, x, w, b)
+
+    monkeypatch.setattr(linear_mod, "_run", counted)
+    return calls
+
+
+def test_native_kernel_is_built_where_a_compiler_exists():
+    # Linux with a C compiler (CI): the kernel must build and pass its self-check; elsewhere linear falls back
+    assert native_linear_available() == (CAN_BUILD and _native.enabled())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, NATIVE_MAX_ROWS])
+@pytest.mark.parametrize("out_features,in_features", [(7, 3), (37, 53), (301, 300), (2304, 768)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_matches_f_linear(rows, out_features, in_features, with_bias, native_calls):
+    x = torch.randn(rows, 1, in_features)
+    w = torch.randn(out_features, in_features)
+    b = torch.randn(out_features) if with_bias else None
+    with torch.inference_mode():
+        y = linear(x, w, b)
+    ref = F.linear(x, w, b)
+    assert y.shape == ref.shape == (rows, 1, out_features)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * in_features**0.5)
+    assert len(native_calls) == (1 if native_linear_available() else 0)
+
+
+@pytest.mark.skipif(not native_linear_available(), reason="needs the native kernel (Linux with a C compiler)")
+def test_native_result_does_not_depend_on_thread_count():
+    # every output element is one reduction in a fixed order, whichever thread computes it: bit-identical
+    x, w, b = torch.randn(3, 768), torch.randn(3072, 768), torch.randn(3072)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            one = linear(x, w, b)
+            torch.set_num_threads(2)
+            two = linear(x, w, b)
+            again = linear(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(two, again)
+
+
+def test_not_taken_where_f_linear_must_run(native_calls):
+    w, b = torch.randn(16, 8), torch.randn(16)
+    x = torch.randn(2, 8)
+    cases = {
+        "many rows": (torch.randn(NATIVE_MAX_ROWS + 1, 8), w, b),
+        "float64": (x.double(), w.double(), b.double()),
+        "transposed weight": (x, torch.randn(8, 16).t(), b),
+        "strided input": (torch.randn(2, 16)[:, ::2], w, b),
+        "bias of another dtype": (x, w, b.double()),
+    }
+    with torch.inference_mode():
+        for name, (xi, wi, bi) in cases.items():
+            if name == "bias of another dtype":
+                with pytest.raises(RuntimeError):  # F.linear's own error: the native path does not hide it
+                    linear(xi, wi, bi)
+                continue
+            torch.testing.assert_close(linear(xi, wi, bi), F.linear(xi, wi, bi), msg=name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(x, w, b).dtype == torch.bfloat16  # autocast applies as it does to F.linear
+    assert native_calls == []
+
+
+def test_autograd_uses_f_linear_and_gets_gradients(native_calls):
+    layer = Linear(8, 16)
+    x = torch.randn(1, 8, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert native_calls == []
+    assert layer.weight.grad.abs().sum() > 0 and layer.bias.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    with torch.no_grad():  # no autograd needed: the kernel may run
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert len(native_calls) == (1 if native_linear_available() else 0)
+
+
+def test_linear_module_is_an_nn_linear_with_the_same_state():
+    torch.manual_seed(0)
+    ours = Linear(8, 16)
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(8, 16)
+    assert isinstance(ours, torch.nn.Linear)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(ours.state_dict()[k], ref.state_dict()[k]) for k in ref.state_dict())
+
+
+def test_generation_is_the_same_with_and_without_the_kernel(monkeypatch):
+    model = vf.create_model("gpt_tiny").eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    with_kernel = model.generate(prompt, 12)
+    monkeypatch.setattr(linear_mod, "_kernel", None)  # as on a machine without a compiler
+    fallback = vf.create_model("gpt_tiny").eval()
+    fallback.load_state_dict(model.state_dict())
+    assert torch.equal(fallback.generate(prompt, 12), with_kernel)
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("VISIONFORMERS_NATIVE", "0")
+    assert not _native.enabled() and _native.load("linear_rows") is None
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux with a C compiler")
+def test_build_is_cached_per_source_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONFORMERS_CACHE", str(tmp_path))
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    source = _native._SOURCES / "linear_rows.c"
+    first = _native._build("linear_rows", source, compiler)
+    assert first is not None and first.parent == tmp_path / "native"
+    stamp = first.stat().st_mtime_ns
+    assert _native._build("linear_rows", source, compiler) == first and first.stat().st_mtime_ns == stamp
+    changed = tmp_path / "linear_rows.c"
+    changed.write_text(source.read_text() + "\n/* another version */\n")
+    assert _native._build("linear_rows", changed, compiler) not in (None, first)  # a new source, a new library
+    assert sorted(p.suffix for p in (tmp_path / "native").iterdir()) == [".so", ".so"]  # no temporary left
+
+
+def test_failed_build_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONFORMERS_CACHE", str(tmp_path))
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    assert _native._build("broken", broken, sys.executable) is None  # "compiler" that cannot compile it
+    assert list((tmp_path / "native").iterdir()) == []
