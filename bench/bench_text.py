@@ -1,6 +1,7 @@
 """Text models, ours vs transformers, same process, same weights (random, converted with from_hf).
 
-1. GPT-2 124M greedy generation: 64 new tokens after a 16-token prompt, batch 1 -> tokens/s.
+1. GPT-2 124M greedy generation: 64 new tokens after a 16-token prompt, batch 1 -> tokens/s; on CPU also ours
+   with nn.linear's native kernel switched off (the BLAS path), to show what the kernel adds.
 2. BERT-base forward: batch 8, length 128 -> sequences/s.
 Median of --repeats interleaved runs after a warm-up; the ratio (> 1: ours is faster) is the median of the
 per-round ratios, with its quartiles.
@@ -26,6 +27,7 @@ def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int 
 
     from visionformers.convert.from_hf import config_from_hf, from_hf
     from visionformers.hub import load_into
+    from visionformers.nn.linear import native_kernel_off, native_linear_available
     from visionformers.text import GPT
 
     cfg = hf.GPT2Config()  # 124M
@@ -45,12 +47,27 @@ def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int 
     def run_ours():
         return ours.generate(ids, new_tokens)
 
-    same = run_ref()[0].tolist() == run_ours()[0].tolist()
-    times = interleaved_times({"transformers": run_ref, "ours": run_ours}, runs=repeats, warmup=1, device=device)
+    candidates = {"transformers": run_ref, "ours": run_ours}
+    if device == "cpu" and native_linear_available():  # also ours on the BLAS path: what the native kernel adds
+        blas = GPT(ours.config).eval()
+        blas.load_state_dict(ours.state_dict())
+
+        def run_ours_blas():
+            with native_kernel_off():
+                return blas.generate(ids, new_tokens)
+
+        candidates["ours, BLAS"] = run_ours_blas
+    expected = run_ref()[0].tolist()
+    same = all(run()[0].tolist() == expected for name, run in candidates.items() if name != "transformers")
+    times = interleaved_times(candidates, runs=repeats, warmup=1, device=device)
     t_ref, t_ours = (statistics.median(times[k]) for k in ("transformers", "ours"))
     print(f"GPT-2 124M greedy, {prompt_len}-token prompt + {new_tokens} new, batch 1 (same tokens: {same})")
     print(f"  transformers {new_tokens / t_ref:8.1f} tokens/s   ours {new_tokens / t_ours:8.1f} tokens/s   "
           f"ratio {ratio_text(times, 'transformers', 'ours')}")
+    if "ours, BLAS" in times:
+        t_blas = statistics.median(times["ours, BLAS"])
+        print(f"  ours without the native kernel {new_tokens / t_blas:8.1f} tokens/s: "
+              f"{ratio_text(times, 'transformers', 'ours, BLAS')}; the kernel: {ratio_text(times, 'ours, BLAS', 'ours')}")
     return t_ref, t_ours
 
 

@@ -11,7 +11,7 @@ import visionformers as vf
 import visionformers.nn.linear as linear_mod
 from visionformers import _native
 from visionformers.nn import Linear
-from visionformers.nn.linear import NATIVE_MAX_ROWS, linear, native_linear_available
+from visionformers.nn.linear import NATIVE_MAX_ROWS, linear, native_kernel_off, native_linear_available
 
 CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 
@@ -110,14 +110,25 @@ def test_linear_module_is_an_nn_linear_with_the_same_state():
     assert all(torch.equal(ours.state_dict()[k], ref.state_dict()[k]) for k in ref.state_dict())
 
 
-def test_generation_is_the_same_with_and_without_the_kernel(monkeypatch):
+def test_generation_is_the_same_with_and_without_the_kernel():
     model = vf.create_model("gpt_tiny").eval()
     prompt = torch.randint(0, model.config.vocab_size, (2, 5))
     with_kernel = model.generate(prompt, 12)
-    monkeypatch.setattr(linear_mod, "_kernel", None)  # as on a machine without a compiler
     fallback = vf.create_model("gpt_tiny").eval()
     fallback.load_state_dict(model.state_dict())
-    assert torch.equal(fallback.generate(prompt, 12), with_kernel)
+    with native_kernel_off():  # as on a machine without a compiler
+        assert torch.equal(fallback.generate(prompt, 12), with_kernel)
+
+
+def test_native_kernel_off_is_scoped(native_calls):
+    x, w = torch.randn(1, 8), torch.randn(16, 8)
+    with torch.inference_mode():
+        with native_kernel_off():
+            assert not native_linear_available()
+            linear(x, w)
+        assert native_calls == []
+        linear(x, w)
+    assert len(native_calls) == (1 if native_linear_available() else 0)
 
 
 def test_switched_off_by_environment(monkeypatch):

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import visionformers as vf
-import visionformers.nn.linear as linear_mod
-from visionformers.nn.linear import native_linear_available
+from visionformers.nn.linear import native_kernel_off, native_linear_available
 from visionformers.text import GPT, ByteTokenizer, load_tokenizer
 from visionformers.text.generation import use_decoding_layout
 
@@ -63,11 +62,11 @@ def test_generate_keeps_weights_as_they_are_with_the_native_kernel(gpt):
     assert all(p.is_contiguous() for p in gpt.parameters())  # the kernel reads nn.Linear's (out, in) rows
 
 
-def test_decoding_layout_is_lossless_and_trainable(gpt, monkeypatch):
-    monkeypatch.setattr(linear_mod, "_kernel", None)  # the layout is for BLAS, where the native kernel is missing
+def test_decoding_layout_is_lossless_and_trainable(gpt):
     ids = torch.randint(0, 256, (2, 7))
     before = gpt(ids).logits
-    use_decoding_layout(gpt)
+    with native_kernel_off():  # the layout is for BLAS, where the native kernel is missing
+        use_decoding_layout(gpt)
     assert gpt.token_embed.weight.stride() == (1, 261)  # (vocab, dim) stored column-major
     torch.testing.assert_close(gpt(ids).logits, before)
     gpt(ids, labels=ids).loss.backward()  # training still works after generate() re-laid the weights out

@@ -10,7 +10,9 @@ with ``F.linear`` to float rounding (the sums run in another order) and are dete
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from torch import nn
 
 from visionformers import _native
 
-__all__ = ["Linear", "linear", "native_linear_available", "NATIVE_MAX_ROWS"]
+__all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "NATIVE_MAX_ROWS"]
 
 # Rows up to which the kernel is used. Here (2 cores, AVX2) it is 1.6-3x faster than MKL from 1 to 8 rows, 1.1-1.3x
 # at 16 and slower from 24 on, where a BLAS matrix product reuses each weight enough to win.
@@ -66,6 +68,18 @@ def _self_check(fn) -> bool:
 def native_linear_available() -> bool:
     """Whether ``linear`` has its native decoding path here (builds it on the first call)."""
     return _load_kernel() is not None
+
+
+@contextlib.contextmanager
+def native_kernel_off() -> Iterator[None]:
+    """Inside, ``linear`` is plain ``F.linear`` (for comparisons and debugging; process-wide, not per thread)."""
+    global _kernel
+    saved = _load_kernel()
+    _kernel = None
+    try:
+        yield
+    finally:
+        _kernel = saved
 
 
 def _native_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -1,0 +1,59 @@
+"""nn.linear's native kernel vs F.linear (BLAS) on GPT-2 124M's weight matrices, CPU fp32, same process.
+
+For each number of rows, the 48 per-layer products of one GPT-2 forward step (12 x qkv 768->2304, attention
+output 768->768, MLP 768->3072 and 3072->768) and the tied 50257 x 768 output layer, timed in interleaved
+rounds; printed with the bandwidth at which the weights stream and, for scale, ``sum()`` over the same
+matrices (a plain streaming read on all threads). Rows 1 is token-by-token decoding.
+
+    python bench/bench_linear.py [--rows 1 2 4 8 16 32] [--runs 9] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import env_line, interleaved_times, ratio_text  # noqa: E402
+
+from visionformers.nn.linear import NATIVE_MAX_ROWS, linear, native_linear_available  # noqa: E402
+
+
+def gpt2_matrices() -> list[torch.Tensor]:
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
+    return [torch.randn(out_features, in_features) for out_features, in_features in shapes]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(env_line("cpu") + f", native kernel available: {native_linear_available()} (used up to {NATIVE_MAX_ROWS} rows)")
+    torch.manual_seed(0)
+    weights = gpt2_matrices()
+    gb = sum(w.numel() for w in weights) * 4 / 1e9
+    with torch.inference_mode():
+        times = interleaved_times({"sum()": lambda: [w.sum() for w in weights]}, runs=args.runs)
+        print(f"sum() over the same {gb * 1e3:.0f} MB: {gb / statistics.median(times['sum()']):.1f} GB/s")
+        for rows in args.rows:
+            xs = {k: torch.randn(rows, k) for k in (768, 3072)}
+            times = interleaved_times({
+                "F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+                "nn.linear": lambda: [linear(xs[w.shape[1]], w) for w in weights],
+            }, runs=args.runs)
+            bw = {name: gb / statistics.median(t) for name, t in times.items()}
+            print(f"rows {rows:3d}: F.linear {statistics.median(times['F.linear']) * 1e3:7.1f} ms ({bw['F.linear']:5.1f} GB/s)  "
+                  f"nn.linear {statistics.median(times['nn.linear']) * 1e3:7.1f} ms ({bw['nn.linear']:5.1f} GB/s)  "
+                  f"{ratio_text(times, 'F.linear', 'nn.linear')}")
+
+
+if __name__ == "__main__":
+    main()
