@@ -67,6 +67,23 @@ def test_native_result_does_not_depend_on_thread_count():
     assert torch.equal(one, two) and torch.equal(two, again)
 
 
+def test_edge_shapes_and_default_dtype(native_calls):
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)  # the output is float32 like the inputs, whatever the default
+        x, w, b = torch.randn(2, 5, dtype=torch.float32), torch.randn(7, 5, dtype=torch.float32), torch.randn(7, dtype=torch.float32)
+        with torch.inference_mode():
+            y = linear(x, w, b)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, F.linear(x, w, b))
+    finally:
+        torch.set_default_dtype(default)
+    with torch.inference_mode():
+        for x, w in ((torch.randn(0, 5), torch.randn(7, 5)), (torch.randn(2, 5), torch.randn(0, 5)),
+                     (torch.randn(2, 0), torch.randn(7, 0))):  # no rows, no outputs, no inputs
+            torch.testing.assert_close(linear(x, w), F.linear(x, w))
+
+
 def test_not_taken_where_f_linear_must_run(native_calls):
     w, b = torch.randn(16, 8), torch.randn(16)
     x = torch.randn(2, 8)

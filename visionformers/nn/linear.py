@@ -47,7 +47,7 @@ def _load_kernel():
 
 def _run(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows, k = weight.shape
-    y = torch.empty(x.shape[:-1] + (rows,))
+    y = torch.empty(x.shape[:-1] + (rows,), dtype=_F32)  # not the default dtype, which a user may change
     fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
        x.numel() // k, rows, k, torch.get_num_threads())
     return y
@@ -87,7 +87,7 @@ def _native_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if x.dtype != _F32 or weight.dtype != _F32 or not x.is_cpu or not weight.is_cpu or weight.ndim != 2 or not x.ndim:
         return False
     k = weight.shape[1]
-    if x.numel() > NATIVE_MAX_ROWS * k or x.shape[-1] != k or not x.is_contiguous() or not weight.is_contiguous():
+    if not k or x.numel() > NATIVE_MAX_ROWS * k or x.shape[-1] != k or not x.is_contiguous() or not weight.is_contiguous():
         return False
     if bias is not None and (
         bias.dtype != _F32 or not bias.is_cpu or bias.ndim != 1 or bias.shape[0] != weight.shape[0]
