@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(env_line("cpu") + f", native kernel available: {native_linear_available()} (used up to {NATIVE_MAX_ROWS} rows)")
+    print(f"{env_line('cpu')}, native kernel: {native_linear_available()} (used up to {NATIVE_MAX_ROWS} rows)")
     torch.manual_seed(0)
     weights = gpt2_matrices()
     gb = sum(w.numel() for w in weights) * 4 / 1e9
@@ -49,10 +49,9 @@ def main() -> None:
                 "F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
                 "nn.linear": lambda: [linear(xs[w.shape[1]], w) for w in weights],
             }, runs=args.runs)
-            bw = {name: gb / statistics.median(t) for name, t in times.items()}
-            print(f"rows {rows:3d}: F.linear {statistics.median(times['F.linear']) * 1e3:7.1f} ms ({bw['F.linear']:5.1f} GB/s)  "
-                  f"nn.linear {statistics.median(times['nn.linear']) * 1e3:7.1f} ms ({bw['nn.linear']:5.1f} GB/s)  "
-                  f"{ratio_text(times, 'F.linear', 'nn.linear')}")
+            ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            cells = [f"{name} {t:7.1f} ms ({gb / t * 1e3:5.1f} GB/s)" for name, t in ms.items()]
+            print(f"rows {rows:3d}: " + "  ".join(cells) + f"  {ratio_text(times, 'F.linear', 'nn.linear')}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def test_edge_shapes_and_default_dtype(native_calls):
     default = torch.get_default_dtype()
     try:
         torch.set_default_dtype(torch.float64)  # the output is float32 like the inputs, whatever the default
-        x, w, b = torch.randn(2, 5, dtype=torch.float32), torch.randn(7, 5, dtype=torch.float32), torch.randn(7, dtype=torch.float32)
+        f32 = dict(dtype=torch.float32)
+        x, w, b = torch.randn(2, 5, **f32), torch.randn(7, 5, **f32), torch.randn(7, **f32)
         with torch.inference_mode():
             y = linear(x, w, b)
         assert y.dtype == torch.float32
