@@ -2,13 +2,15 @@
  *
  * W is (R, K) row-major, as nn.Linear stores it; x is (M, K); y is (M, R). At decoding's one row per step the
  * product only streams W from memory. CPU BLAS runs this case on one core (16 GB/s here, where both cores read
- * 23 GB/s), so the rows of W are split over the threads, four at a time, and each thread streams its own
- * contiguous block. Every dot product is one vectorised reduction in a fixed order: deterministic run to run.
+ * 23 GB/s), so the rows of W are split over the threads, four at a time, in chunks of 64 contiguous rows handed
+ * out as threads finish (a core that another process holds up does not stall the others, as a static split
+ * would). Every dot product is one vectorised reduction in a fixed order, whichever thread computes it:
+ * deterministic run to run and for any number of threads.
  * Built on first use by visionformers/_native.py with the system C compiler and OpenMP (PyTorch's libgomp).
  */
 void vf_linear_rows(const float *restrict W, const float *restrict x, const float *restrict b, float *restrict y,
                     long M, long R, long K, int nthreads) {
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (R * K >= 65536)
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads) if (R * K >= 65536)
     for (long r0 = 0; r0 < R; r0 += 4) {
         const long nr = R - r0 < 4 ? R - r0 : 4;
         for (long m = 0; m < M; m++) {
