@@ -175,3 +175,22 @@ def test_failed_build_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
     broken.write_text("this is not C\n")
     assert _native._build("broken", broken, sys.executable) is None  # "compiler" that cannot compile it
     assert list((tmp_path / "native").iterdir()) == []
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux with a C compiler")
+def test_unusable_cache_means_no_kernel_not_an_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("VISIONFORMERS_CACHE", str(blocker))
+    monkeypatch.setattr(_native, "_loaded", {})  # forget the library this process already loaded
+    assert _native.load("linear_rows") is None
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux with a C compiler")
+def test_corrupt_cached_library_means_no_kernel_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONFORMERS_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "_loaded", {})
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    built = _native._build("linear_rows", _native._SOURCES / "linear_rows.c", compiler)
+    built.write_bytes(b"not a shared library")
+    assert _native.load("linear_rows") is None
