@@ -32,6 +32,7 @@ bench: $(VENV)/.installed-test  # side-by-side timings against the references (f
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_vision.py
 	$(PY) bench/bench_unet.py
+	$(PY) bench/bench_linear.py
 	$(PY) bench/bench_text.py
 
 clean:
