@@ -1,4 +1,6 @@
-"""Every script and example answers --help (argparse formats help strings with %, so a stray % breaks it)."""
+"""Every script, example and benchmark answers --help (argparse formats help strings with %, so a stray % breaks it)."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,3 +17,14 @@ def test_help_prints_usage_and_exits_zero(path, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:") and "--help" in out
+
+
+BENCHMARKS = sorted((ROOT / "bench").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
+def test_benchmark_help_prints_usage(path):
+    # benchmarks parse sys.argv themselves and are run as scripts: run them so (importing torch, ~2 s each)
+    done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage:") and "--help" in done.stdout
