@@ -22,9 +22,9 @@ from visionformers import _native
 
 __all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "NATIVE_MAX_ROWS"]
 
-# Rows up to which the kernel is used. Here (2 cores, AVX2) it is 1.6-3x faster than MKL from 1 to 8 rows, 1.1-1.3x
-# at 16 and slower from 24 on, where a BLAS matrix product reuses each weight enough to win.
-NATIVE_MAX_ROWS = 8
+# Rows up to which the kernel is used. On GPT-2's matrices here (2 cores, AVX2) it is 1.6-3x faster than MKL from 1
+# to 16 rows and even with it at 64-96; with many rows a BLAS matrix product, blocked for the caches, wins.
+NATIVE_MAX_ROWS = 16
 _UNSET = object()
 _F32 = torch.float32
 _PLAIN = (torch.Tensor, nn.Parameter)
