@@ -107,6 +107,17 @@ def test_not_taken_where_f_linear_must_run(native_calls):
     assert native_calls == []
 
 
+def test_torch_func_transforms_use_f_linear(native_calls):
+    w, b = torch.randn(16, 8), torch.randn(16)
+    x = torch.randn(3, 1, 8)
+    with torch.no_grad():
+        batched = torch.vmap(lambda t: linear(t, w, b))(x)  # each call sees one row: the kernel's size
+    torch.testing.assert_close(batched, F.linear(x, w, b))
+    jacobian = torch.func.jacrev(lambda t: linear(t, w, b))(torch.randn(8))
+    torch.testing.assert_close(jacobian, w)
+    assert native_calls == []
+
+
 def test_autograd_uses_f_linear_and_gets_gradients(native_calls):
     layer = Linear(8, 16)
     x = torch.randn(1, 8, requires_grad=True)

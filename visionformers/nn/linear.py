@@ -3,10 +3,11 @@
 Token-by-token decoding is a chain of products of one row with a weight matrix, bound by how fast the
 weights stream from memory. On CPU, BLAS runs that case on one core; ``csrc/linear_rows.c`` splits the
 rows of W over PyTorch's threads and streams them at the machine's full read bandwidth (GPT-2 124M:
-the 48 per-layer products take 15 instead of 22 ms per token on 2 cores). It is taken only for
+the 48 per-layer products take 14 instead of 22 ms per token on 2 cores). It is taken only for
 inference on CPU fp32 inputs of at most ``NATIVE_MAX_ROWS`` rows, with contiguous tensors, outside
-autograd, autocast, ``torch.compile`` and tracing; everything else is ``F.linear``. The results agree
-with ``F.linear`` to float rounding (the sums run in another order) and are deterministic run to run.
+autograd, ``torch.func`` transforms, autocast, ``torch.compile`` and tracing; everything else is
+``F.linear``. The results agree with ``F.linear`` to float rounding (the sums run in another order)
+and are deterministic run to run and for any number of threads.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ NATIVE_MAX_ROWS = 16
 _UNSET = object()
 _F32 = torch.float32
 _PLAIN = (torch.Tensor, nn.Parameter)
+# torch.func's wrapper tensors (vmap's batched tensors, grad's tracking tensors) look like plain tensors
+_is_transformed = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
 _kernel = _UNSET
 
 
@@ -102,6 +105,8 @@ def _native_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if needs_grad and torch.is_grad_enabled():
         return False
     if type(x) is not torch.Tensor or type(weight) not in _PLAIN:  # subclasses keep their own dispatch
+        return False
+    if _is_transformed(x) or _is_transformed(weight):  # torch.func (vmap, grad): no plain memory behind them
         return False
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"))
 
