@@ -104,6 +104,8 @@ def test_not_taken_where_f_linear_must_run(native_calls):
             torch.testing.assert_close(linear(xi, wi, bi), F.linear(xi, wi, bi), msg=name)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert linear(x, w, b).dtype == torch.bfloat16  # autocast applies as it does to F.linear
+    with torch.no_grad():  # (F.linear cannot take a sparse weight under inference_mode)
+        torch.testing.assert_close(linear(x[None], w.to_sparse(), b), F.linear(x[None], w, b), msg="sparse weight")
     assert native_calls == []
 
 

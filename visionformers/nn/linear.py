@@ -28,6 +28,7 @@ __all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "
 NATIVE_MAX_ROWS = 16
 _UNSET = object()
 _F32 = torch.float32
+_STRIDED = torch.strided
 _PLAIN = (torch.Tensor, nn.Parameter)
 # torch.func's wrapper tensors (vmap's batched tensors, grad's tracking tensors) look like plain tensors
 _is_transformed = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
@@ -89,7 +90,7 @@ def _native_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     # Runs on every call of every Linear: cheap checks first, no device objects (~2 us, F.linear is ~5 us).
     if x.dtype != _F32 or weight.dtype != _F32 or not x.is_cpu or not weight.is_cpu:
         return False
-    if weight.ndim != 2 or not x.ndim:
+    if weight.ndim != 2 or not x.ndim or x.layout != _STRIDED or weight.layout != _STRIDED:  # not sparse
         return False
     k = weight.shape[1]
     if not k or x.numel() > NATIVE_MAX_ROWS * k or x.shape[-1] != k:
