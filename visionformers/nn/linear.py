@@ -107,9 +107,9 @@ def _native_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return False
     if type(x) is not torch.Tensor or type(weight) not in _PLAIN:  # subclasses keep their own dispatch
         return False
-    if _is_transformed(x) or _is_transformed(weight):  # torch.func (vmap, grad): no plain memory behind them
-        return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"))
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
+        return False  # (first: dynamo must not reach the functorch query below, which it cannot trace)
+    return not (_is_transformed(x) or _is_transformed(weight))  # torch.func (vmap, grad): no plain memory behind
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
