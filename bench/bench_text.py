@@ -2,7 +2,8 @@
 
 1. GPT-2 124M greedy generation: 64 new tokens after a 16-token prompt, batch 1 -> tokens/s; on CPU also ours
    with nn.linear's native kernel switched off (the BLAS path), to show what the kernel adds.
-2. BERT-base forward: batch 8, length 128 -> sequences/s.
+2. T5-small greedy generation: 32 new tokens after a 32-token input, batch 1 -> tokens/s (also on the BLAS path).
+3. BERT-base forward: batch 8, length 128 -> sequences/s.
 Median of --repeats interleaved runs after a warm-up; the ratio (> 1: ours is faster) is the median of the
 per-round ratios, with its quartiles.
 
@@ -21,13 +22,40 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_times, ratio_text  # noqa: E402
 
+from visionformers.nn.linear import native_kernel_off, native_linear_available  # noqa: E402
+
+
+def blas_path(device: str, ours: torch.nn.Module, generate) -> dict:
+    """{"ours, BLAS": a run of ``generate`` on a copy of ours with nn.linear's native kernel off}, on CPU where the
+    kernel exists (else {}): what the kernel adds, timed in the same rounds."""
+    if device != "cpu" or not native_linear_available():
+        return {}
+    blas = type(ours)(ours.config).eval()
+    blas.load_state_dict(ours.state_dict())
+
+    def run():
+        with native_kernel_off():
+            return generate(blas)
+
+    return {"ours, BLAS": run}
+
+
+def report_generation(title: str, times: dict[str, list[float]], tokens: int) -> None:
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print(title)
+    print(f"  transformers {rate['transformers']:8.1f} tokens/s   ours {rate['ours']:8.1f} tokens/s   "
+          f"ratio {ratio_text(times, 'transformers', 'ours')}")
+    if "ours, BLAS" in times:
+        print(f"  ours without the native kernel {rate['ours, BLAS']:8.1f} tokens/s: "
+              f"{ratio_text(times, 'transformers', 'ours, BLAS')}; "
+              f"the kernel: {ratio_text(times, 'ours, BLAS', 'ours')}")
+
 
 def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int = 64) -> tuple[float, float]:
     import transformers as hf
 
     from visionformers.convert.from_hf import config_from_hf, from_hf
     from visionformers.hub import load_into
-    from visionformers.nn.linear import native_kernel_off, native_linear_available
     from visionformers.text import GPT
 
     cfg = hf.GPT2Config()  # 124M
@@ -42,32 +70,54 @@ def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int 
         # min_new_tokens instead would add two logits processors (a 50k-vocab isin + where per step) and an
         # EOS stopping check that only the reference pays.
         with torch.inference_mode():
-            return ref.generate(ids, do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=cfg.eos_token_id)
+            return ref.generate(
+                ids, do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=cfg.eos_token_id
+            )
 
     def run_ours():
         return ours.generate(ids, new_tokens)
 
-    candidates = {"transformers": run_ref, "ours": run_ours}
-    if device == "cpu" and native_linear_available():  # also ours on the BLAS path: what the native kernel adds
-        blas = GPT(ours.config).eval()
-        blas.load_state_dict(ours.state_dict())
-
-        def run_ours_blas():
-            with native_kernel_off():
-                return blas.generate(ids, new_tokens)
-
-        candidates["ours, BLAS"] = run_ours_blas
+    blas = blas_path(device, ours, lambda model: model.generate(ids, new_tokens))
+    candidates = {"transformers": run_ref, "ours": run_ours, **blas}
     expected = run_ref()[0].tolist()
     same = all(run()[0].tolist() == expected for name, run in candidates.items() if name != "transformers")
     times = interleaved_times(candidates, runs=repeats, warmup=1, device=device)
+    report_generation(f"GPT-2 124M greedy, {prompt_len}-token prompt + {new_tokens} new, batch 1 (same tokens: {same})",
+                      times, new_tokens)
     t_ref, t_ours = (statistics.median(times[k]) for k in ("transformers", "ours"))
-    print(f"GPT-2 124M greedy, {prompt_len}-token prompt + {new_tokens} new, batch 1 (same tokens: {same})")
-    print(f"  transformers {new_tokens / t_ref:8.1f} tokens/s   ours {new_tokens / t_ours:8.1f} tokens/s   "
-          f"ratio {ratio_text(times, 'transformers', 'ours')}")
-    if "ours, BLAS" in times:
-        t_blas = statistics.median(times["ours, BLAS"])
-        print(f"  ours without the native kernel {new_tokens / t_blas:8.1f} tokens/s: "
-              f"{ratio_text(times, 'transformers', 'ours, BLAS')}; the kernel: {ratio_text(times, 'ours, BLAS', 'ours')}")
+    return t_ref, t_ours
+
+
+def bench_t5(device: str, repeats: int, input_len: int = 32, new_tokens: int = 32) -> tuple[float, float]:
+    import transformers as hf
+
+    from visionformers.convert.from_hf import config_from_hf, from_hf
+    from visionformers.hub import load_into
+    from visionformers.text import T5
+
+    cfg = hf.T5Config(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)  # t5-small, 60M
+    ref = hf.T5ForConditionalGeneration(cfg).eval().to(device)
+    ours = T5(config_from_hf(cfg)).eval()
+    load_into(ours, from_hf({k: v.cpu() for k, v in ref.state_dict().items()}))
+    ours.to(device)
+    ids = torch.randint(2, cfg.vocab_size, (1, input_len), device=device)
+
+    def run_ref():  # both stop at the same EOS, if the random weights emit one: tokens/s counts what was made
+        with torch.inference_mode():
+            return ref.generate(ids, do_sample=False, max_new_tokens=new_tokens)
+
+    def run_ours():
+        return ours.generate(ids, new_tokens)
+
+    blas = blas_path(device, ours, lambda model: model.generate(ids, new_tokens))
+    candidates = {"transformers": run_ref, "ours": run_ours, **blas}
+    expected = run_ref()[0].tolist()
+    made = len(expected) - 1  # after the decoder start token
+    same = all(run()[0].tolist() == expected for name, run in candidates.items() if name != "transformers")
+    times = interleaved_times(candidates, runs=repeats, warmup=1, device=device)
+    report_generation(f"T5-small greedy, {input_len}-token input, {made} new tokens, batch 1 (same tokens: {same})",
+                      times, made)
+    t_ref, t_ours = (statistics.median(times[k]) for k in ("transformers", "ours"))
     return t_ref, t_ours
 
 
@@ -115,6 +165,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, fp32")
     bench_gpt2(args.device, args.repeats)
+    bench_t5(args.device, args.repeats)
     bench_bert(args.device, args.repeats)
 
 
