@@ -25,30 +25,34 @@ from common import interleaved_times, ratio_text  # noqa: E402
 from visionformers.nn.linear import native_kernel_off, native_linear_available  # noqa: E402
 
 
-def blas_path(device: str, ours: torch.nn.Module, generate) -> dict:
-    """{"ours, BLAS": a run of ``generate`` on a copy of ours with nn.linear's native kernel off}, on CPU where the
-    kernel exists (else {}): what the kernel adds, timed in the same rounds."""
-    if device != "cpu" or not native_linear_available():
-        return {}
-    blas = type(ours)(ours.config).eval()
-    blas.load_state_dict(ours.state_dict())
+def compare_generation(title: str, device: str, repeats: int, run_ref, ours: torch.nn.Module, generate,
+                       new_tokens_of) -> tuple[float, float]:
+    """Time transformers' ``run_ref()`` against ``generate(ours)`` in interleaved rounds, and, on CPU where
+    nn.linear's native kernel exists, ``generate`` on a copy of ours with the kernel off (what the kernel adds).
+    ``title`` gets {tokens} (``new_tokens_of`` the reference's first row) and {same} (every output equal)."""
+    candidates = {"transformers": run_ref, "ours": lambda: generate(ours)}
+    if device == "cpu" and native_linear_available():
+        blas = type(ours)(ours.config).eval()
+        blas.load_state_dict(ours.state_dict())
 
-    def run():
-        with native_kernel_off():
-            return generate(blas)
+        def run_blas():
+            with native_kernel_off():
+                return generate(blas)
 
-    return {"ours, BLAS": run}
-
-
-def report_generation(title: str, times: dict[str, list[float]], tokens: int) -> None:
+        candidates["ours, BLAS"] = run_blas
+    expected = run_ref()[0].tolist()
+    same = all(run()[0].tolist() == expected for name, run in candidates.items() if name != "transformers")
+    tokens = new_tokens_of(expected)
+    times = interleaved_times(candidates, runs=repeats, warmup=1, device=device)
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
-    print(title)
+    print(title.format(tokens=tokens, same=same))
     print(f"  transformers {rate['transformers']:8.1f} tokens/s   ours {rate['ours']:8.1f} tokens/s   "
           f"ratio {ratio_text(times, 'transformers', 'ours')}")
     if "ours, BLAS" in times:
         print(f"  ours without the native kernel {rate['ours, BLAS']:8.1f} tokens/s: "
               f"{ratio_text(times, 'transformers', 'ours, BLAS')}; "
               f"the kernel: {ratio_text(times, 'ours, BLAS', 'ours')}")
+    return statistics.median(times["transformers"]), statistics.median(times["ours"])
 
 
 def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int = 64) -> tuple[float, float]:
@@ -74,18 +78,11 @@ def bench_gpt2(device: str, repeats: int, prompt_len: int = 16, new_tokens: int 
                 ids, do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=cfg.eos_token_id
             )
 
-    def run_ours():
-        return ours.generate(ids, new_tokens)
-
-    blas = blas_path(device, ours, lambda model: model.generate(ids, new_tokens))
-    candidates = {"transformers": run_ref, "ours": run_ours, **blas}
-    expected = run_ref()[0].tolist()
-    same = all(run()[0].tolist() == expected for name, run in candidates.items() if name != "transformers")
-    times = interleaved_times(candidates, runs=repeats, warmup=1, device=device)
-    report_generation(f"GPT-2 124M greedy, {prompt_len}-token prompt + {new_tokens} new, batch 1 (same tokens: {same})",
-                      times, new_tokens)
-    t_ref, t_ours = (statistics.median(times[k]) for k in ("transformers", "ours"))
-    return t_ref, t_ours
+    return compare_generation(
+        f"GPT-2 124M greedy, {prompt_len}-token prompt + {{tokens}} new, batch 1 (same tokens: {{same}})",
+        device, repeats, run_ref, ours, lambda model: model.generate(ids, new_tokens),
+        lambda row: len(row) - prompt_len,
+    )
 
 
 def bench_t5(device: str, repeats: int, input_len: int = 32, new_tokens: int = 32) -> tuple[float, float]:
@@ -106,19 +103,11 @@ def bench_t5(device: str, repeats: int, input_len: int = 32, new_tokens: int = 3
         with torch.inference_mode():
             return ref.generate(ids, do_sample=False, max_new_tokens=new_tokens)
 
-    def run_ours():
-        return ours.generate(ids, new_tokens)
-
-    blas = blas_path(device, ours, lambda model: model.generate(ids, new_tokens))
-    candidates = {"transformers": run_ref, "ours": run_ours, **blas}
-    expected = run_ref()[0].tolist()
-    made = len(expected) - 1  # after the decoder start token
-    same = all(run()[0].tolist() == expected for name, run in candidates.items() if name != "transformers")
-    times = interleaved_times(candidates, runs=repeats, warmup=1, device=device)
-    report_generation(f"T5-small greedy, {input_len}-token input, {made} new tokens, batch 1 (same tokens: {same})",
-                      times, made)
-    t_ref, t_ours = (statistics.median(times[k]) for k in ("transformers", "ours"))
-    return t_ref, t_ours
+    return compare_generation(
+        f"T5-small greedy, {input_len}-token input, {{tokens}} new tokens, batch 1 (same tokens: {{same}})",
+        device, repeats, run_ref, ours, lambda model: model.generate(ids, new_tokens),
+        lambda row: len(row) - 1,  # T5's output starts with the decoder start token
+    )
 
 
 def bench_bert(device: str, repeats: int, batch: int = 8, length: int = 128) -> tuple[float, float]:
