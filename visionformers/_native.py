@@ -34,7 +34,7 @@ __all__ = ["enabled", "load", "cache_dir"]
 _log = logging.getLogger(__name__)
 _SOURCES = Path(__file__).parent / "nn" / "csrc"
 _FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler does not know -march=native
-_COMMON_FLAGS = ["-std=c99", "-fopenmp", "-shared", "-fPIC"]
+_COMMON_FLAGS = ["-std=c99", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]  # fp-contract: fused multiply-adds
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 

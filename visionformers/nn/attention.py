@@ -313,12 +313,15 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: KVCache | None = None,
         return_weights: bool = False,
+        project: bool = True,
     ):
         """x: (B, N, dim); context: (B, M, context_dim) for cross-attention.
 
         ``mask`` (bool, True = attend): (B, Nk) key padding, (B, Nq, Nk), or broadcastable 4D.
         ``bias``: additive, broadcastable to (B, H, Nq, Nk). ``rope``: (cos, sin) for the new positions,
-        broadcastable to (B, H, N, D). Returns (B, N, dim), or (out, weights) with ``return_weights``.
+        broadcastable to (B, H, N, D). Returns (B, N, dim), or (out, weights) with ``return_weights``;
+        ``project=False`` returns the heads before the output projection, (B, N, H*D), for a caller that
+        fuses ``proj`` with what follows (``TransformerBlock``).
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             fail("x", x, f"a (B, N, {self.dim}) tensor")
@@ -353,7 +356,10 @@ class Attention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         out, weights = self._attend(q, k, v, mask, bias, is_causal, dropout_p, return_weights)
         # (B, N, H*D) -> (B, N, dim); H*D spelled out, as -1 cannot be inferred for an empty batch
-        out = self.proj(out.transpose(1, 2).reshape(b, n, out.shape[1] * out.shape[3]))
+        out = out.transpose(1, 2).reshape(b, n, out.shape[1] * out.shape[3])
+        if not project:
+            return (out, weights) if return_weights else out
+        out = self.proj(out)
         if self.proj_drop_p and self.training:
             out = self.proj_drop(out)
         return (out, weights) if return_weights else out

@@ -18,6 +18,7 @@ from visionformers._validate import (
 )
 from visionformers.nn.attention import Attention, DifferentialAttention, KVCache, LinearAttention
 from visionformers.nn.drop import DropPath
+from visionformers.nn.fused import linear_add_norm, native_epilogue_available
 from visionformers.nn.mlp import Mlp
 from visionformers.nn.norm import AdaLNModulation, make_norm, modulate
 
@@ -148,13 +149,35 @@ class TransformerBlock(nn.Module):
             )
         return self._forward(x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache, partition)
 
-    def _self_attention(self, h, mask, bias, rope, kv_cache, partition):
-        if partition is not None:
+    def _self_attention(self, h, mask, bias, rope, kv_cache, partition, project=True):
+        kw = dict(mask=mask, bias=bias, is_causal=self.is_causal, rope=rope, project=project)
+        if partition is not None:  # the merge is per token, so it may come before the output projection
             split, merge = partition
-            return merge(self.attn(split(h), mask=mask, bias=bias, is_causal=self.is_causal, rope=rope))
-        return self.attn(h, mask=mask, bias=bias, is_causal=self.is_causal, rope=rope, kv_cache=kv_cache)
+            return merge(self.attn(split(h), **kw))
+        return self.attn(h, kv_cache=kv_cache, **kw)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Inference on CPU with the native epilogues (``nn.fused``), in a block without extra branches."""
+        return (
+            not self.training and not torch.is_grad_enabled() and x.is_cpu
+            and self.adaLN is None and self.cross_attn is None
+            and isinstance(self.ls1, nn.Identity) and isinstance(self.ls2, nn.Identity)
+            and native_epilogue_available()
+        )
+
+    def _forward_fused(self, x, mask, bias, rope, kv_cache, partition):
+        """The plain block's math with each product's bias fused into the residual add, norm or activation."""
+        if self.pre_norm:
+            heads = self._self_attention(self.norm1(x), mask, bias, rope, kv_cache, partition, project=False)
+            x, h = linear_add_norm(heads, self.attn.proj, x, self.norm2)
+            return linear_add_norm(self.mlp.hidden(h), self.mlp.fc2, x, None)[0]
+        heads = self._self_attention(x, mask, bias, rope, kv_cache, partition, project=False)
+        x = linear_add_norm(heads, self.attn.proj, x, self.norm1, keep_sum=False)[1]
+        return linear_add_norm(self.mlp.hidden(x), self.mlp.fc2, x, self.norm2, keep_sum=False)[1]
 
     def _forward(self, x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache, partition):
+        if context is None and self._fusable(x):
+            return self._forward_fused(x, mask, bias, rope, kv_cache, partition)
         if self.adaLN is not None:
             if (
                 not isinstance(cond, torch.Tensor) or cond.ndim != 2 or cond.shape[-1] != self.cond_dim

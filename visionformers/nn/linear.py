@@ -21,7 +21,7 @@ from torch import nn
 
 from visionformers import _native
 
-__all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "NATIVE_MAX_ROWS"]
+__all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "native_inference_ready", "NATIVE_MAX_ROWS"]
 
 # Rows up to which the kernel is used. On GPT-2's matrices here (2 cores, AVX2) it is 1.6-3x faster than MKL from 1
 # to 16 rows and even with it at 64-96; with many rows a BLAS matrix product, blocked for the caches, wins.
@@ -86,30 +86,31 @@ def native_kernel_off() -> Iterator[None]:
         _kernel = saved
 
 
-def _native_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    # Runs on every call of every Linear: cheap checks first, no device objects (~2 us, F.linear is ~5 us).
-    if x.dtype != _F32 or weight.dtype != _F32 or not x.is_cpu or not weight.is_cpu:
+def native_inference_ready(*tensors: torch.Tensor) -> bool:
+    """Whether a native kernel may read these tensors' memory: plain CPU fp32 contiguous tensors, outside
+    autograd, ``torch.func`` transforms, autocast, ``torch.compile`` and tracing."""
+    # (compile first: dynamo must not reach the functorch query below, which it cannot trace)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
         return False
-    if weight.ndim != 2 or not x.ndim or x.layout != _STRIDED or weight.layout != _STRIDED:  # not sparse
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.dtype != _F32 or not t.is_cpu or t.layout != _STRIDED or not t.is_contiguous():
+            return False
+        if type(t) not in _PLAIN or (grad and t.requires_grad) or _is_transformed(t):
+            return False  # subclasses keep their own dispatch; torch.func's wrappers have no plain memory
+    return True
+
+
+def _native_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    # Runs on every call of every Linear: cheap shape checks first (~2 us, F.linear is ~5 us).
+    if x.dtype != _F32 or weight.ndim != 2 or not x.ndim:
         return False
     k = weight.shape[1]
     if not k or x.numel() > NATIVE_MAX_ROWS * k or x.shape[-1] != k:
         return False
-    if not x.is_contiguous() or not weight.is_contiguous():
-        return False
-    if bias is not None and (
-        bias.dtype != _F32 or not bias.is_cpu or bias.ndim != 1 or bias.shape[0] != weight.shape[0]
-        or not bias.is_contiguous()
-    ):
-        return False
-    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    if needs_grad and torch.is_grad_enabled():
-        return False
-    if type(x) is not torch.Tensor or type(weight) not in _PLAIN:  # subclasses keep their own dispatch
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
-        return False  # (first: dynamo must not reach the functorch query below, which it cannot trace)
-    return not (_is_transformed(x) or _is_transformed(weight))  # torch.func (vmap, grad): no plain memory behind
+    if bias is None:
+        return native_inference_ready(x, weight)
+    return bias.ndim == 1 and bias.shape[0] == weight.shape[0] and native_inference_ready(x, weight, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers._validate import check_bool, check_choice, check_int, check_probability
-from visionformers.nn.linear import Linear
+from visionformers.nn.fused import native_bias_act_, native_epilogue_available
+from visionformers.nn.linear import NATIVE_MAX_ROWS, Linear, linear, native_inference_ready
 
 __all__ = ["Mlp", "ACTIVATIONS", "activation"]
 
@@ -39,6 +40,13 @@ def activation_(name: str, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=True)
 
 
+def bias_act_(h: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """In-place ``activation(h + bias)``, one fused pass where the native kernel takes it (``nn.fused``)."""
+    if native_bias_act_(h, bias, act):
+        return h
+    return activation_(act, h if bias is None else h.add_(bias))
+
+
 class Mlp(nn.Module):
     """Position-wise feed-forward network; gated variants compute act(x W) * (x V) with one fused matmul."""
 
@@ -63,16 +71,23 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden_dim, out_dim or dim, bias=bias)
         self.drop = nn.Dropout(drop)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """act(x W1 + b1), or act(x W) * (x V) when gated: (..., dim) -> (..., hidden_dim), fc2's input."""
+        if self.gated:
+            gate, up = self.fc1(x).chunk(2, dim=-1)  # fc1 rows: [gate; up]
+            return activation(_GATED[self.act], gate) * up
+        if torch.is_grad_enabled():
+            return activation(self.act, self.fc1(x))
+        # inference: nothing keeps fc1's output for backward, so the activation reuses its memory; with many
+        # rows the product runs bias-free and the bias joins the activation's pass
+        w, b = self.fc1.weight, self.fc1.bias
+        if x.numel() > NATIVE_MAX_ROWS * x.shape[-1] and b is not None and native_epilogue_available() and native_inference_ready(x, w, b):
+            return bias_act_(linear(x, w), b, self.act)
+        return activation_(self.act, self.fc1(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (..., out_dim)."""
-        h = self.fc1(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)  # fc1 rows: [gate; up]
-            h = activation(_GATED[self.act], gate) * up
-        elif not torch.is_grad_enabled():
-            h = activation_(self.act, h)  # inference: nothing keeps h for backward, so reuse its memory
-        else:
-            h = activation(self.act, h)
+        h = self.hidden(x)
         if self.training and self.drop.p > 0:  # else skip the no-op module calls (decoding runs this per token)
             return self.drop(self.fc2(self.drop(h)))
         return self.fc2(h)

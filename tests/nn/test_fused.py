@@ -1,0 +1,168 @@
+"""nn.fused: the native epilogues against PyTorch ops, when they are taken, and the fused block path."""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import visionformers.nn.blocks as blocks_mod
+import visionformers.nn.fused as fused_mod
+import visionformers.nn.mlp as mlp_mod
+from visionformers import _native
+from visionformers.nn import Mlp, RMSNorm, TransformerBlock
+from visionformers.nn.fused import linear_add_norm, native_bias_act_, native_epilogue_available
+from visionformers.nn.mlp import activation
+
+CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+needs_kernel = pytest.mark.skipif(not native_epilogue_available(), reason="needs the native kernel (Linux with a C compiler)")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls that reached the native kernels."""
+    calls = []
+    lib = fused_mod._load()
+    if lib is None:
+        return calls
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            return lambda *args: (calls.append(name), fn(*args))[1]
+
+    monkeypatch.setattr(fused_mod, "_lib", Counting())
+    return calls
+
+
+def test_kernel_is_built_where_a_compiler_exists():
+    assert native_epilogue_available() == (CAN_BUILD and _native.enabled())
+
+
+@needs_kernel
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("rows,cols", [(1, 5), (3, 16), (7, 37), (1024, 384)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_act_matches_pytorch(act, rows, cols, with_bias, kernel_calls):
+    h = 4 * torch.randn(rows, cols)
+    b = torch.randn(cols) if with_bias else None
+    ref = activation(act, h if b is None else h + b)
+    out = h.clone()
+    with torch.inference_mode():
+        assert native_bias_act_(out, b, act)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+    assert kernel_calls == ["vf_bias_act"]
+
+
+@needs_kernel
+def test_bias_act_extremes():
+    # huge and tiny inputs: no overflow to NaN, no subnormal tails; NaN stays NaN as in PyTorch
+    h = torch.tensor([-1e30, -200.0, -30.0, -5.0, -1e-30, 0.0, 1e-30, 5.0, 30.0, 200.0, 1e30, float("nan")])
+    for act in ("gelu", "gelu_tanh", "relu", "silu"):
+        out = h.clone()
+        with torch.inference_mode():
+            native_bias_act_(out, None, act)
+        ref = activation(act, h)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_bias_act_declines_what_it_cannot_take():
+    h = torch.randn(8, 16, dtype=torch.float64)
+    with torch.inference_mode():
+        assert not native_bias_act_(h.clone(), None, "gelu")  # float64
+        assert not native_bias_act_(torch.randn(8, 16).t(), None, "gelu")  # not contiguous
+    x = torch.randn(8, 16, requires_grad=True)
+    assert not native_bias_act_(x, None, "gelu")  # autograd
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 600])
+@pytest.mark.parametrize("norm_kind", ["none", "affine", "no_bias", "plain"])
+@pytest.mark.parametrize("keep_sum", [True, False])
+def test_linear_add_norm_matches_pytorch(rows, norm_kind, keep_sum, kernel_calls):
+    layer = nn.Linear(40, 24)
+    norm = {
+        "none": None,
+        "affine": nn.LayerNorm(24, eps=1e-6),
+        "no_bias": nn.LayerNorm(24, bias=False),
+        "plain": nn.LayerNorm(24, elementwise_affine=False),
+    }[norm_kind]
+    if norm is not None and norm.weight is not None:
+        nn.init.normal_(norm.weight)
+        if norm.bias is not None:
+            nn.init.normal_(norm.bias)
+    x, residual = torch.randn(rows, 1, 40), torch.randn(rows, 1, 24)
+    with torch.inference_mode():
+        s, h = linear_add_norm(x, layer, residual, norm, keep_sum=keep_sum)
+        ref_s = residual + layer(x)
+        ref_h = None if norm is None else norm(ref_s)
+    keep_sum = keep_sum or norm is None  # without a norm the sum is the result
+    assert (s is None) != keep_sum and (h is None) == (norm is None)
+    if keep_sum:
+        torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=1e-5)
+    if norm is not None:
+        torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+    assert kernel_calls == ["vf_add_norm"]
+
+
+def test_linear_add_norm_falls_back_to_pytorch(kernel_calls):
+    layer, residual = nn.Linear(8, 6), torch.randn(40, 6)
+    x = torch.randn(40, 8)
+    # autograd: PyTorch ops, gradients flow
+    s, h = linear_add_norm(x.requires_grad_(), layer, residual, nn.LayerNorm(6))
+    h.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.inference_mode():
+        s, h = linear_add_norm(x.detach(), layer, residual, RMSNorm(6))  # not a LayerNorm
+        torch.testing.assert_close(h, RMSNorm(6)(residual + layer(x)))
+        s, h = linear_add_norm(x.double(), layer.double(), residual.double(), None)  # float64
+        assert s.dtype == torch.float64
+    assert kernel_calls == []
+
+
+def _unfused(monkeypatch, block, *args, **kwargs):
+    with monkeypatch.context() as m:
+        m.setattr(blocks_mod, "native_epilogue_available", lambda: False)
+        m.setattr(mlp_mod, "native_epilogue_available", lambda: False)
+        return block(*args, **kwargs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pre_norm", [True, False])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "swiglu"])
+@pytest.mark.parametrize("tokens", [1, 50])
+def test_block_fused_inference_equals_the_plain_path(pre_norm, act, tokens, kernel_calls, monkeypatch):
+    block = TransformerBlock(48, 4, pre_norm=pre_norm, mlp_act=act, qkv_bias=True).eval()
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, tokens, 48)
+    with torch.inference_mode():
+        out = block(x)
+        assert "vf_add_norm" in kernel_calls  # the fused path was taken
+        kernel_calls.clear()
+        ref = _unfused(monkeypatch, block, x)
+        assert kernel_calls == []
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_block_training_and_layer_scale_keep_the_plain_path(kernel_calls):
+    block = TransformerBlock(32, 4)
+    x = torch.randn(2, 9, 32)
+    block(x).sum().backward()  # training: autograd path
+    scaled = TransformerBlock(32, 4, layer_scale_init=0.1).eval()
+    with torch.inference_mode():
+        scaled(x)  # a layer scale between the product and the residual: not fused
+    assert "vf_add_norm" not in kernel_calls
+
+
+@needs_kernel
+def test_mlp_hidden_fuses_bias_and_activation(kernel_calls):
+    mlp = Mlp(24, 64).eval()
+    x = torch.randn(50, 24)
+    with torch.inference_mode():
+        out = mlp(x)
+    assert kernel_calls == ["vf_bias_act"]
+    torch.testing.assert_close(out, mlp.fc2(F.gelu(mlp.fc1(x))), rtol=1e-5, atol=1e-5)
