@@ -66,7 +66,7 @@ def _cpu_identity() -> str:
 
 
 def _build(name: str, source: Path, compiler: str) -> Path | None:
-    text = source.read_bytes()
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # + shared headers
     out_dir = cache_dir() / "native"
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join([text, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))

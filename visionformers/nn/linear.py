@@ -21,7 +21,8 @@ from torch import nn
 
 from visionformers import _native
 
-__all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "native_inference_ready", "NATIVE_MAX_ROWS"]
+__all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "native_inference_ready", "native_ready",
+           "NATIVE_MAX_ROWS"]
 
 # Rows up to which the kernel is used. On GPT-2's matrices here (2 cores, AVX2) it is 1.6-3x faster than MKL from 1
 # to 16 rows and even with it at 64-96; with many rows a BLAS matrix product, blocked for the caches, wins.
@@ -89,12 +90,20 @@ def native_kernel_off() -> Iterator[None]:
 def native_inference_ready(*tensors: torch.Tensor) -> bool:
     """Whether a native kernel may read these tensors' memory: plain CPU fp32 contiguous tensors, outside
     autograd, ``torch.func`` transforms, autocast, ``torch.compile`` and tracing."""
+    return native_ready(*tensors)
+
+
+def native_ready(*tensors: torch.Tensor, inference: bool = True, memory_format=torch.contiguous_format) -> bool:
+    """``native_inference_ready``; with ``inference=False`` the tensors may require grad (for a kernel wrapped in
+    an autograd Function), and 4-D tensors must be contiguous in ``memory_format`` (e.g. channels_last)."""
     # (compile first: dynamo must not reach the functorch query below, which it cannot trace)
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
         return False
-    grad = torch.is_grad_enabled()
+    grad = inference and torch.is_grad_enabled()
     for t in tensors:
-        if t.dtype != _F32 or not t.is_cpu or t.layout != _STRIDED or not t.is_contiguous():
+        if t.dtype != _F32 or not t.is_cpu or t.layout != _STRIDED:
+            return False
+        if not (t.is_contiguous(memory_format=memory_format) if t.ndim == 4 else t.is_contiguous()):
             return False
         if type(t) not in _PLAIN or (grad and t.requires_grad) or _is_transformed(t):
             return False  # subclasses keep their own dispatch; torch.func's wrappers have no plain memory

@@ -19,7 +19,8 @@ from torch import nn
 from visionformers._validate import check_bool, check_image, check_int, check_number, check_probability, fail, is_int
 from visionformers.nn import TimestepEmbedding
 from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null
-from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, silu, zero_init_
+from visionformers.nn.group_norm import group_norm_act
+from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, relayout, zero_init_
 
 __all__ = ["UNetConfig", "UNet"]
 
@@ -202,7 +203,7 @@ class UNet(nn.Module):
 
         out_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         if self.cpu_channels_last and x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = relayout(x, torch.channels_last)
         h = self.conv_in(x)  # keeps x's layout: conv, GroupNorm, cat, upsampling and attention below all do
         skips = [h]
         for level in self.down_levels:
@@ -227,4 +228,4 @@ class UNet(nn.Module):
                     h = level.attentions[i](h, context, context_mask)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.conv_out(silu(self.norm_out(h))).contiguous(memory_format=out_format)
+        return relayout(self.conv_out(group_norm_act(h, self.norm_out, "silu")), out_format)

@@ -1,0 +1,90 @@
+/* Vector math shared by the native kernels: 16-float vectors (GCC vector extensions: AVX-512 registers where
+ * -march=native has them, two AVX2 or four SSE registers otherwise), exp, erf and the activations.
+ * exp is a degree-5 polynomial on [-ln2/2, ln2/2] after range reduction (Cephes expf); erf is a rational fit.
+ * Included by the kernels in this directory; visionformers/_native.py keys each build by these headers too.
+ */
+#ifndef VF_VMATH_H
+#define VF_VMATH_H
+#include <math.h>
+#include <string.h>
+
+#define VL 16
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef int vi __attribute__((vector_size(4 * VL)));
+
+enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4 };
+
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf splat(float a) { return (vf){0} + a; }
+static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+static inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
+static inline vf recip(vf d) {  /* 1/d: 14-bit estimate and one Newton step (relative error ~1e-8, no divider) */
+    const vf r = (vf)_mm512_rcp14_ps((__m512)d);
+    return r * (2.0f - d * r);
+}
+#else
+static inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
+static inline vf vmin(vf a, vf b) { return select(a < b, a, b); }
+static inline vf recip(vf d) { return 1.0f / d; }
+#endif
+
+static inline vf v_exp(vf x) {
+    x = vmin(vmax(x, splat(-80.0f)), splat(88.3f));  /* from e^-80: results stay normal floats (no slow subnormals) */
+    const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round(x / ln 2) */
+    const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;              /* x - n ln 2, in two parts */
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const vf e = p * r * r + r + 1.0f;
+    const vi pow2n = (__builtin_convertvector(n, vi) + 127) << 23;          /* 2^n as float bits */
+    return e * (vf)pow2n;
+}
+
+/* erf(x) = x P(x^2) / Q(x^2) below |x| = 3.92, +-1 beyond (float's erf is +-1 there): the rational minimax fit of
+ * Eigen's and XLA's float erf, |error| <= 4.3e-7; no exp and one reciprocal, three times cheaper than exp-based. */
+static inline vf v_erf(vf x) {
+    const vi sign = (vi)x & (int)0x80000000;
+    const vi saturated = (vf)((vi)x ^ sign) >= 3.92f;  /* erf rounds to +-1 in float from |x| = 3.92 on */
+    x = vmin(vmax(x, splat(-4.0f)), splat(4.0f));
+    const vf x2 = x * x;
+    vf p = splat(-2.72614225801306e-10f);
+    p = p * x2 + 2.77068142495902e-08f;
+    p = p * x2 + -2.10102402082508e-06f;
+    p = p * x2 + -5.69250639462346e-05f;
+    p = p * x2 + -7.34990630326855e-04f;
+    p = p * x2 + -2.95459980854025e-03f;
+    p = p * x2 + -1.60960333262415e-02f;
+    vf q = splat(-1.45660718464996e-05f);
+    q = q * x2 + -2.13374055278905e-04f;
+    q = q * x2 + -1.68282697438203e-03f;
+    q = q * x2 + -7.37332916720468e-03f;
+    q = q * x2 + -1.42647390514189e-02f;
+    return select(saturated, (vf)(sign | 0x3f800000), x * p * recip(q));
+}
+
+static inline vf v_act(vf x, int act) {
+    switch (act) {
+    case ACT_GELU:  /* x Phi(x) = x/2 (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel 2016, sec. 2) */
+        return 0.5f * x * (1.0f + v_erf(x * 0.70710678118654752f));
+    case ACT_GELU_TANH: {  /* x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh u = 1 - 2 / (e^2u + 1) */
+        const vf u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (2.0f - 2.0f * recip(v_exp(2.0f * u) + 1.0f));
+    }
+    case ACT_RELU:
+        return select(x < 0.0f, splat(0.0f), x);  /* NaN stays NaN, as in ATen */
+    case ACT_SILU:
+        return x * recip(1.0f + v_exp(-x));
+    default:
+        return x;
+    }
+}
+
+#endif
