@@ -6,10 +6,14 @@ rounds; printed with the bandwidth at which the weights stream and, for scale, `
 matrices (a plain streaming read on all threads). Rows 1 is token-by-token decoding.
 
     python bench/bench_linear.py [--rows 1 2 4 8 16 32] [--runs 9] [--threads N]
+
+The kernel is forced on (``VISIONFORMERS_LINEAR_ROWS=1``) unless that variable is set: models use it only where
+it measures faster than BLAS at first use (``nn/linear.py``), and this script shows by how much either way.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -19,6 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env_line, interleaved_times, ratio_text  # noqa: E402
+
+os.environ.setdefault("VISIONFORMERS_LINEAR_ROWS", "1")
 
 from visionformers.nn.linear import NATIVE_MAX_ROWS, linear, native_linear_available  # noqa: E402
 

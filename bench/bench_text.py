@@ -40,6 +40,9 @@ def compare_generation(title: str, device: str, repeats: int, run_ref, ours: tor
                 return generate(blas)
 
         candidates["ours, BLAS"] = run_blas
+    elif device == "cpu":
+        print("  (nn.linear's native kernel is not used here: no faster than BLAS on this machine, measured at first"
+              " use; VISIONFORMERS_LINEAR_ROWS=1 forces it)")
     expected = run_ref()[0].tolist()
     same = all(run()[0].tolist() == expected for name, run in candidates.items() if name != "transformers")
     tokens = new_tokens_of(expected)

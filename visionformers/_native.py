@@ -15,6 +15,7 @@ directory (default ``$XDG_CACHE_HOME/visionformers``, else ``~/.cache/visionform
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -25,11 +26,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["enabled", "load", "cache_dir"]
+__all__ = ["enabled", "load", "cache_dir", "Kernel"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = Path(__file__).parent / "nn" / "csrc"
@@ -37,6 +39,7 @@ _FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where the compile
 _COMMON_FLAGS = ["-std=c99", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]  # fp-contract: fused multiply-adds
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_UNSET = object()
 
 
 def enabled() -> bool:
@@ -117,3 +120,41 @@ def load(name: str) -> ctypes.CDLL | None:
                 _log.info("native kernel %s: not available: %s", name, err)
         _loaded[name] = lib
         return lib
+
+
+class Kernel:
+    """One native library for one Python module: built and loaded on first use, its functions' signatures set by
+    ``configure(lib)``, and kept only if ``self_check(lib)`` (the kernel against PyTorch ops) passes and, where
+    the gain depends on the machine, ``worth_it(lib)`` (a measurement) says so.
+
+    ``get()`` returns the library or None (then the caller runs PyTorch ops); the answer is remembered.
+    """
+
+    def __init__(self, name: str, configure: Callable[[ctypes.CDLL], None], self_check: Callable[[ctypes.CDLL], bool],
+                 worth_it: Callable[[ctypes.CDLL], bool] | None = None):
+        self.name, self._configure, self._self_check, self._worth_it = name, configure, self_check, worth_it
+        self._lib: ctypes.CDLL | None | object = _UNSET
+
+    def get(self) -> ctypes.CDLL | None:
+        if self._lib is _UNSET:
+            lib = load(self.name)
+            if lib is not None:
+                self._configure(lib)
+                if not self._self_check(lib):
+                    _log.warning("native kernel %s disagrees with PyTorch in its self-check; using PyTorch ops", self.name)
+                    lib = None
+                elif self._worth_it is not None and not self._worth_it(lib):
+                    _log.info("native kernel %s: no faster than PyTorch on this machine; not used", self.name)
+                    lib = None
+            self._lib = lib
+        return self._lib
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside, ``get()`` is None: PyTorch ops only (comparisons, debugging; process-wide, not per thread)."""
+        saved = self.get()
+        self._lib = None
+        try:
+            yield
+        finally:
+            self._lib = saved

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import visionformers.nn.drop as drop_mod
 from visionformers.nn.drop import dropout, drop_path
 
-needs_kernel = pytest.mark.skipif(drop_mod._load() is None, reason="needs the native kernel (Linux with a C compiler)")
+needs_kernel = pytest.mark.skipif(drop_mod._KERNEL.get() is None, reason="needs the native kernel (Linux with a C compiler)")
 CL = torch.channels_last
 
 

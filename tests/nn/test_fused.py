@@ -21,20 +21,9 @@ needs_kernel = pytest.mark.skipif(not native_epilogue_available(), reason="needs
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the calls that reached the native kernels."""
-    calls = []
-    lib = fused_mod._load()
-    if lib is None:
-        return calls
-
-    class Counting:
-        def __getattr__(self, name):
-            fn = getattr(lib, name)
-            return lambda *args: (calls.append(name), fn(*args))[1]
-
-    monkeypatch.setattr(fused_mod, "_lib", Counting())
-    return calls
+def kernel_calls(count_native_calls):
+    """Counts the calls that reached the native kernel."""
+    return count_native_calls(fused_mod._KERNEL)
 
 
 def test_kernel_is_built_where_a_compiler_exists():

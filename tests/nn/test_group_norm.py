@@ -18,20 +18,9 @@ CL = torch.channels_last
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
+def kernel_calls(count_native_calls):
     """Counts the calls that reached the native kernel."""
-    calls = []
-    lib = gn_mod._load()
-    if lib is None:
-        return calls
-
-    class Counting:
-        def __getattr__(self, name):
-            fn = getattr(lib, name)
-            return lambda *args: (calls.append(name), fn(*args))[1]
-
-    monkeypatch.setattr(gn_mod, "_lib", Counting())
-    return calls
+    return count_native_calls(gn_mod._KERNEL)
 
 
 def make_norm(groups, channels, affine=True, eps=1e-6, seed=0):

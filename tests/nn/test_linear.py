@@ -207,3 +207,31 @@ def test_corrupt_cached_library_means_no_kernel_not_an_error(tmp_path, monkeypat
     built = _native._build("linear_rows", _native._SOURCES / "linear_rows.c", compiler)
     built.write_bytes(b"not a shared library")
     assert _native.load("linear_rows") is None
+
+
+@pytest.mark.skipif(not native_linear_available(), reason="needs the native kernel (Linux with a C compiler)")
+@pytest.mark.parametrize("choice", ["0", "1", "auto"])
+def test_kernel_is_used_where_it_pays(choice, monkeypatch):
+    """VISIONFORMERS_LINEAR_ROWS: 1 always, 0 never, auto by timing the kernel against BLAS on this machine."""
+    monkeypatch.setenv("VISIONFORMERS_LINEAR_ROWS", choice)
+    lib = linear_mod._KERNEL.get()
+    calls = []
+    original = linear_mod._run
+    monkeypatch.setattr(linear_mod, "_run", lambda fn, *a: (calls.append(1), original(fn, *a))[1])
+    decision = linear_mod._faster_than_blas(lib)
+    assert decision is {"0": False, "1": True}.get(choice, decision)
+    if choice == "auto":
+        assert isinstance(decision, bool) and len(calls) == 6 * 8  # six rounds over eight matrices were timed
+
+
+@pytest.mark.skipif(not CAN_BUILD or not _native.enabled(), reason="needs Linux with a C compiler")
+def test_kernel_wrapper_keeps_a_library_only_when_checked_and_worth_it():
+    configured = []
+    ok = _native.Kernel("linear_rows", configured.append, lambda lib: True)
+    assert ok.get() is not None and len(configured) == 1
+    assert ok.get() is ok.get() and len(configured) == 1  # decided once
+    with ok.disabled():
+        assert ok.get() is None
+    assert ok.get() is not None
+    assert _native.Kernel("linear_rows", lambda lib: None, lambda lib: False).get() is None  # failed self-check
+    assert _native.Kernel("linear_rows", lambda lib: None, lambda lib: True, worth_it=lambda lib: False).get() is None

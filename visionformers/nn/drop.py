@@ -21,22 +21,10 @@ from visionformers.nn.linear import native_ready
 
 __all__ = ["dropout", "drop_path", "DropPath"]
 
-_UNSET = object()
-_lib = _UNSET
 
-
-def _load():
-    global _lib
-    if _lib is _UNSET:
-        _lib = None
-        lib = _native.load("dropout")
-        if lib is not None:
-            lib.vf_dropout.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_uint64, ctypes.c_uint32,
-                                                               ctypes.c_float, ctypes.c_int]
-            lib.vf_dropout.restype = None
-            if _self_check(lib):
-                _lib = lib
-    return _lib
+def _configure(lib) -> None:
+    lib.vf_dropout.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
+    lib.vf_dropout.restype = None
 
 
 def _apply(lib, x: torch.Tensor, seed: int, p: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,9 +41,10 @@ def _self_check(lib) -> bool:
     kept = (a != 0).double().mean().item()
     ok = torch.equal(a, b) and abs(kept - 0.7) < 0.01 and torch.allclose(a[a != 0], torch.tensor(1 / 0.7))
     ok = ok and not torch.equal(a, _apply(lib, x, 54321, 0.3))
-    if not ok:
-        _native._log.warning("native dropout kernel failed its self-check; using F.dropout")
     return bool(ok)
+
+
+_KERNEL = _native.Kernel("dropout", _configure, _self_check)
 
 
 def _memory_format(x: torch.Tensor):
@@ -70,14 +59,14 @@ def _memory_format(x: torch.Tensor):
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, seed, fmt):
-        ctx.p, ctx.seed, ctx.fmt = p, seed, fmt
-        return _apply(_lib, x, seed, p)
+        ctx.p, ctx.seed, ctx.fmt, ctx.lib = p, seed, fmt, _KERNEL.get()  # backward: the forward's library
+        return _apply(ctx.lib, x, seed, p)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         # the same mask and scale, element for element: grad in the forward input's memory order
-        return _apply(_lib, grad.contiguous(memory_format=ctx.fmt), ctx.seed, ctx.p), None, None, None
+        return _apply(ctx.lib, grad.contiguous(memory_format=ctx.fmt), ctx.seed, ctx.p), None, None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = False) -> torch.Tensor:
@@ -85,12 +74,12 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = Fa
     if not training or p == 0.0:
         return x
     fmt = _memory_format(x) if 0.0 < p < 1.0 else None
-    if fmt is None or not native_ready(x, inference=False, memory_format=fmt) or _load() is None:
+    if fmt is None or not native_ready(x, inference=False, memory_format=fmt) or _KERNEL.get() is None:
         return F.dropout(x, p, training=True, inplace=inplace)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())  # from PyTorch's generator
     if torch.is_grad_enabled() and x.requires_grad:
         return _Dropout.apply(x, p, seed, fmt)
-    return _apply(_lib, x, seed, p, out=x if inplace else None)
+    return _apply(_KERNEL.get(), x, seed, p, out=x if inplace else None)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

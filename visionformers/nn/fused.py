@@ -25,27 +25,16 @@ __all__ = ["native_bias_act_", "linear_add_norm", "native_epilogue_available"]
 
 _ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 _REFERENCE = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu}
-_UNSET = object()
-_lib = _UNSET
 
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _load():
-    global _lib
-    if _lib is _UNSET:
-        _lib = None
-        lib = _native.load("epilogue")
-        if lib is not None:
-            lib.vf_bias_act.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2
-            lib.vf_add_norm.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
-            for fn in (lib.vf_bias_act, lib.vf_add_norm):
-                fn.restype = None
-            if _self_check(lib):
-                _lib = lib
-    return _lib
+def _configure(lib) -> None:
+    lib.vf_bias_act.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2
+    lib.vf_add_norm.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.vf_bias_act.restype = lib.vf_add_norm.restype = None
 
 
 def _self_check(lib) -> bool:
@@ -66,20 +55,20 @@ def _self_check(lib) -> bool:
     ref = x + (y + b)
     ok &= torch.allclose(s, ref, rtol=1e-6, atol=1e-6)
     ok &= torch.allclose(out, F.layer_norm(ref, (n,), w, beta, 1e-5), rtol=1e-5, atol=1e-5)
-    if not ok:
-        _native._log.warning("native epilogue kernels disagree with PyTorch; using PyTorch ops")
     return bool(ok)
+
+
+_KERNEL = _native.Kernel("epilogue", _configure, _self_check)
 
 
 def native_epilogue_available() -> bool:
     """Whether the fused epilogues have their native kernel here (builds it on the first call)."""
-    return _load() is not None
+    return _KERNEL.get() is not None
 
 
 def _native_rows(*tensors: torch.Tensor | None) -> int:
     """Rows of the first tensor when all can go to the kernel (CPU fp32 contiguous, inference), else 0."""
-    lib = _load()
-    if lib is None or not native_inference_ready(*(t for t in tensors if t is not None)):
+    if _KERNEL.get() is None or not native_inference_ready(*(t for t in tensors if t is not None)):
         return 0
     first = tensors[0]
     return first.numel() // first.shape[-1] if first.ndim and first.shape[-1] else 0
@@ -89,7 +78,7 @@ def native_bias_act_(h: torch.Tensor, bias: torch.Tensor | None, act: str) -> bo
     """h = act(h + bias) in place, natively; False (h untouched) where the kernel cannot take it."""
     rows = _native_rows(h, bias) if act in _ACT_CODES else 0
     if rows:
-        _lib.vf_bias_act(h.data_ptr(), _ptr(bias), rows, h.shape[-1], _ACT_CODES[act], torch.get_num_threads())
+        _KERNEL.get().vf_bias_act(h.data_ptr(), _ptr(bias), rows, h.shape[-1], _ACT_CODES[act], torch.get_num_threads())
     return bool(rows)
 
 
@@ -117,6 +106,6 @@ def linear_add_norm(
     s = y if keep_sum else None
     h = None if norm is None else (torch.empty_like(y) if keep_sum else y)
     w, beta, eps = (None, None, 0.0) if norm is None else (norm.weight, norm.bias, norm.eps)
-    _lib.vf_add_norm(residual.data_ptr(), y.data_ptr(), _ptr(bias), _ptr(s), _ptr(h), _ptr(w), _ptr(beta),
+    _KERNEL.get().vf_add_norm(residual.data_ptr(), y.data_ptr(), _ptr(bias), _ptr(s), _ptr(h), _ptr(w), _ptr(beta),
                      rows, y.shape[-1], eps, torch.get_num_threads())
     return s, h

@@ -23,22 +23,12 @@ from visionformers.nn.linear import native_ready
 __all__ = ["group_norm_act", "native_group_norm_available"]
 
 _ACT_CODES = {None: 0, "silu": 4}  # csrc/vmath.h's codes
-_UNSET = object()
-_lib = _UNSET
 
 
-def _load():
-    global _lib
-    if _lib is _UNSET:
-        _lib = None
-        lib = _native.load("group_norm")
-        if lib is not None:
-            lib.vf_group_norm_fwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-            lib.vf_group_norm_bwd.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int]
-            lib.vf_group_norm_fwd.restype = lib.vf_group_norm_bwd.restype = ctypes.c_int
-            if _self_check(lib):
-                _lib = lib
-    return _lib
+def _configure(lib) -> None:
+    lib.vf_group_norm_fwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.vf_group_norm_bwd.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int]
+    lib.vf_group_norm_fwd.restype = lib.vf_group_norm_bwd.restype = ctypes.c_int
 
 
 def _reference(x, weight, bias, groups, eps, act):
@@ -65,9 +55,10 @@ def _check_against_aten(lib) -> bool:
         ok &= torch.allclose(y, _reference(x, w, b, 8, 1e-5, act), rtol=1e-5, atol=1e-5)
         for got, ref in ((dx, xr.grad), (dw, wr.grad), (db, br.grad)):
             ok &= torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
-    if not ok:
-        _native._log.warning("native group_norm kernel disagrees with PyTorch; using PyTorch ops")
     return bool(ok)
+
+
+_KERNEL = _native.Kernel("group_norm", _configure, _self_check)
 
 
 def _ptr(t):
@@ -98,7 +89,8 @@ def _backward(lib, dy, x, mean, rstd, weight, bias, groups, act):
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, act):
-        y, mean, rstd = _forward(_lib, x, weight, bias, groups, eps, act)
+        ctx.lib = _KERNEL.get()  # the backward runs the library the forward ran
+        y, mean, rstd = _forward(ctx.lib, x, weight, bias, groups, eps, act)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
         ctx.groups, ctx.act = groups, act
         return y
@@ -108,13 +100,13 @@ class _GroupNormAct(torch.autograd.Function):
     def backward(ctx, dy):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
-        dx, dw, db = _backward(_lib, dy, x, mean, rstd, weight, bias, ctx.groups, ctx.act)
+        dx, dw, db = _backward(ctx.lib, dy, x, mean, rstd, weight, bias, ctx.groups, ctx.act)
         return dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None, None, None, None
 
 
 def native_group_norm_available() -> bool:
     """Whether ``group_norm_act`` has its native kernel here (builds it on the first call)."""
-    return _load() is not None
+    return _KERNEL.get() is not None
 
 
 def group_norm_act(x: torch.Tensor, norm: nn.GroupNorm, act: str | None = None) -> torch.Tensor:
@@ -122,13 +114,13 @@ def group_norm_act(x: torch.Tensor, norm: nn.GroupNorm, act: str | None = None) 
     weight, bias = (norm.weight, norm.bias) if norm.affine else (None, None)
     params = () if weight is None else (weight, bias)
     if (
-        x.ndim == 4 and x.shape[1] == norm.num_channels and x.shape[0] >= torch.get_num_threads()
+        x.ndim == 4 and x.shape[1] == norm.num_channels and x.shape[0] >= torch.get_num_threads() and x.numel()
         and native_ready(x, *params, inference=False, memory_format=torch.channels_last)
-        and _load() is not None
+        and _KERNEL.get() is not None
     ):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _GroupNormAct.apply(x, weight, bias, norm.num_groups, norm.eps, act)
-        return _forward(_lib, x, weight, bias, norm.num_groups, norm.eps, act)[0]
+        return _forward(_KERNEL.get(), x, weight, bias, norm.num_groups, norm.eps, act)[0]
     y = norm(x)
     if act is None:
         return y

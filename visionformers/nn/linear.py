@@ -1,19 +1,22 @@
 """The one linear layer, y = x W^T + b (``nn.Linear``'s layout), with a native path for decoding.
 
 Token-by-token decoding is a chain of products of one row with a weight matrix, bound by how fast the
-weights stream from memory. On CPU, BLAS runs that case on one core; ``csrc/linear_rows.c`` splits the
+weights stream from memory. On some CPUs BLAS runs that case on one core; ``csrc/linear_rows.c`` splits the
 rows of W over PyTorch's threads and streams them at the machine's full read bandwidth (GPT-2 124M:
 the 48 per-layer products take 14 instead of 22 ms per token on 2 cores). It is taken only for
 inference on CPU fp32 inputs of at most ``NATIVE_MAX_ROWS`` rows, with contiguous tensors, outside
 autograd, ``torch.func`` transforms, autocast, ``torch.compile`` and tracing; everything else is
 ``F.linear``. The results agree with ``F.linear`` to float rounding (the sums run in another order)
-and are deterministic run to run and for any number of threads.
+and are deterministic run to run and for any number of threads. Whether the kernel pays is measured once per
+process against BLAS (``_faster_than_blas``); ``VISIONFORMERS_LINEAR_ROWS=1`` / ``0`` uses it always / never.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Iterator
+import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,27 +30,16 @@ __all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "
 # Rows up to which the kernel is used. On GPT-2's matrices here (2 cores, AVX2) it is 1.6-3x faster than MKL from 1
 # to 16 rows and even with it at 64-96; with many rows a BLAS matrix product, blocked for the caches, wins.
 NATIVE_MAX_ROWS = 16
-_UNSET = object()
 _F32 = torch.float32
 _STRIDED = torch.strided
 _PLAIN = (torch.Tensor, nn.Parameter)
 # torch.func's wrapper tensors (vmap's batched tensors, grad's tracking tensors) look like plain tensors
 _is_transformed = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
-_kernel = _UNSET
 
 
-def _load_kernel():
-    global _kernel
-    if _kernel is _UNSET:
-        _kernel = None
-        lib = _native.load("linear_rows")
-        if lib is not None:
-            fn = lib.vf_linear_rows
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-            fn.restype = None
-            if _self_check(fn):
-                _kernel = fn
-    return _kernel
+def _configure(lib) -> None:
+    lib.vf_linear_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.vf_linear_rows.restype = None
 
 
 def _run(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -58,33 +50,61 @@ def _run(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return y
 
 
-def _self_check(fn) -> bool:
+def _self_check(lib) -> bool:
     """The built kernel against F.linear on a serial and a threaded shape, each with a ragged last block."""
     g = torch.Generator().manual_seed(0)
     for m, r, k in ((3, 37, 53), (1, 301, 300)):
         x, w, b = torch.randn(m, k, generator=g), torch.randn(r, k, generator=g), torch.randn(r, generator=g)
         for bias in (b, None):
-            if not torch.allclose(_run(fn, x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-4):
-                _native._log.warning("native linear kernel disagrees with F.linear; using F.linear")
+            if not torch.allclose(_run(lib.vf_linear_rows, x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-4):
                 return False
     return True
 
 
+def _faster_than_blas(lib) -> bool:
+    """Whether the kernel streams one row's product faster than BLAS on this machine (measured once, ~0.1 s).
+
+    Machines differ: where MKL runs one-row products on a single core (2-core AVX2 here) the kernel is 1.4-1.8x
+    faster; where MKL already reads at full bandwidth on all cores (AVX-512 here) it is ~0.9x. The working set
+    (8 x 16 MB) is larger than the caches, as a model's weights are, and BLAS gets the (in, out) layout that
+    ``use_decoding_layout`` gives it. The kernel is kept if it is clearly (5%) faster.
+    """
+    choice = os.environ.get("VISIONFORMERS_LINEAR_ROWS", "auto")
+    if choice in ("0", "1"):
+        return choice == "1"
+    with torch.inference_mode():
+        return _time_against_blas(lib)
+
+
+def _time_against_blas(lib) -> bool:
+    mats = [torch.full((1024, 4096), 0.5) for _ in range(8)]  # kernel: (out, in) rows; BLAS: the (in, out) view
+    x_in, x_out = torch.ones(1, 4096), torch.ones(1, 1024)
+    fn, times = lib.vf_linear_rows, {"kernel": [], "blas": []}
+    for _ in range(6):
+        start = time.perf_counter()
+        for w in mats:
+            _run(fn, x_in, w, None)
+        times["kernel"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for w in mats:
+            F.linear(x_out, w.t())
+        times["blas"].append(time.perf_counter() - start)
+    kernel, blas = (statistics.median(t[1:]) for t in times.values())  # the first round warms up
+    _native._log.info("native linear kernel: %.2f ms, BLAS %.2f ms for 8 x 16 MB", kernel * 1e3, blas * 1e3)
+    return kernel < 0.95 * blas
+
+
+_KERNEL = _native.Kernel("linear_rows", _configure, _self_check, worth_it=_faster_than_blas)
+
+
 def native_linear_available() -> bool:
     """Whether ``linear`` has its native decoding path here (builds it on the first call)."""
-    return _load_kernel() is not None
+    return _KERNEL.get() is not None
 
 
-@contextlib.contextmanager
-def native_kernel_off() -> Iterator[None]:
+def native_kernel_off() -> contextlib.AbstractContextManager[None]:
     """Inside, ``linear`` is plain ``F.linear`` (for comparisons and debugging; process-wide, not per thread)."""
-    global _kernel
-    saved = _load_kernel()
-    _kernel = None
-    try:
-        yield
-    finally:
-        _kernel = saved
+    return _KERNEL.disabled()
 
 
 def native_inference_ready(*tensors: torch.Tensor) -> bool:
@@ -125,9 +145,9 @@ def _native_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; a few rows on CPU in inference go through the native kernel."""
     if _native_eligible(x, weight, bias):
-        fn = _load_kernel()
-        if fn is not None:
-            return _run(fn, x, weight, bias)
+        lib = _KERNEL.get()
+        if lib is not None:
+            return _run(lib.vf_linear_rows, x, weight, bias)
     return F.linear(x, weight, bias)
 
 
