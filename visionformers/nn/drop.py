@@ -75,7 +75,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = Fa
         return x
     fmt = _memory_format(x) if 0.0 < p < 1.0 else None
     if fmt is None or not native_ready(x, inference=False, memory_format=fmt) or _KERNEL.get() is None:
-        return F.dropout(x, p, training=True, inplace=inplace)
+        # in place only outside autograd: ATen's in-place dropout keeps a float mask for backward, 4x the bool one
+        return F.dropout(x, p, training=True, inplace=inplace and not (torch.is_grad_enabled() and x.requires_grad))
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())  # from PyTorch's generator
     if torch.is_grad_enabled() and x.requires_grad:
         return _Dropout.apply(x, p, seed, fmt)

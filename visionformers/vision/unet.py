@@ -157,13 +157,28 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(c.norm_groups, width, eps=c.norm_eps)
         self.conv_out = zero_init_(nn.Conv2d(width, c.out_channels, 3, padding=1))  # the net starts at 0
         # Run the activations NHWC (channels_last) on CPU whatever the caller's layout, and store the convolution
-        # weights NHWC: oneDNN's convolutions read and write NHWC directly, while from NCHW activations each of the
-        # ~65 convolutions reorders its input into a blocked layout and its output back, and from NCHW weights it
-        # reorders every weight on every call, forward and backward (bench/bench_unet.py: the weights alone make a
-        # CPU training step 1.26x faster). Values are unchanged up to float summation order, the state dict is the
-        # same, and the output comes back in x's layout. (On CUDA the NHWC weights make cuDNN run NHWC as well.)
+        # weights NHWC there: oneDNN's convolutions read and write NHWC directly, while from NCHW activations each
+        # of the ~65 convolutions reorders its input into a blocked layout and its output back, and from NCHW
+        # weights it reorders every weight on every call, forward and backward (bench/bench_unet.py: the weights
+        # alone make a CPU training step 1.26x faster). Values are unchanged up to float summation order, the state
+        # dict is the same, and the output comes back in x's layout. Elsewhere (CUDA) weights stay NCHW: NHWC
+        # weights with NCHW activations make cuDNN copy every convolution's input, and autograd keeps the copies.
         self.cpu_channels_last = True
-        self.to(memory_format=torch.channels_last)
+        self._set_weight_layout()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # .to(device), .cuda(), .float(), ... keep each weight's strides
+        self._set_weight_layout()
+        return self
+
+    def _set_weight_layout(self) -> None:
+        """Convolution weights channels_last on CPU (with ``cpu_channels_last``), contiguous NCHW elsewhere."""
+        for p in self.parameters():
+            if p.ndim == 4:
+                fmt = torch.channels_last if p.device.type == "cpu" and self.cpu_channels_last else torch.contiguous_format
+                if not p.is_contiguous(memory_format=fmt):
+                    with torch.no_grad():
+                        p.data = p.data.contiguous(memory_format=fmt)
 
     def forward(
         self,
