@@ -1,4 +1,5 @@
-"""nn.linear: the native decoding kernel against F.linear, when it is taken, and the cached native build."""
+"""nn.linear: the native decoding kernel and the oneDNN path against F.linear, when each is taken, and the cached
+native build."""
 import os
 import shutil
 import sys
@@ -11,7 +12,9 @@ import visionformers as vf
 import visionformers.nn.linear as linear_mod
 from visionformers import _native
 from visionformers.nn import Linear
-from visionformers.nn.linear import NATIVE_MAX_ROWS, linear, native_kernel_off, native_linear_available
+from visionformers.nn.linear import (
+    NATIVE_MAX_ROWS, ONEDNN_MIN_K, linear, native_kernel_off, native_linear_available, onednn_linear_chosen,
+)
 
 CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 
@@ -235,3 +238,79 @@ def test_kernel_wrapper_keeps_a_library_only_when_checked_and_worth_it():
     assert ok.get() is not None
     assert _native.Kernel("linear_rows", lambda lib: None, lambda lib: False).get() is None  # failed self-check
     assert _native.Kernel("linear_rows", lambda lib: None, lambda lib: True, worth_it=lambda lib: False).get() is None
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the products that went to oneDNN."""
+    calls = []
+    product = linear_mod._onednn_product
+
+    def counted(x, w, b):
+        calls.append(tuple(x.shape))
+        return product(x, w, b)
+
+    monkeypatch.setattr(linear_mod, "_onednn_product", counted)
+    return calls
+
+
+ONEDNN_HERE = linear_mod._onednn_agrees()
+
+
+@pytest.mark.skipif(not ONEDNN_HERE, reason="needs PyTorch built with oneDNN")
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape", [(NATIVE_MAX_ROWS + 1, ONEDNN_MIN_K), (2, 33, ONEDNN_MIN_K + 3), (300, 768)])
+def test_onednn_matches_f_linear(shape, with_bias, onednn_calls, monkeypatch):
+    monkeypatch.setattr(linear_mod, "_onednn", True)
+    x, w = torch.randn(shape), torch.randn(45, shape[-1]) / shape[-1] ** 0.5
+    b = torch.randn(45) if with_bias else None
+    with torch.inference_mode():
+        got = linear(x, w, b)
+    reference = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.float32 and got.shape == shape[:-1] + (45,)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+    assert onednn_calls == [shape]
+
+
+@pytest.mark.skipif(not ONEDNN_HERE, reason="needs PyTorch built with oneDNN")
+def test_onednn_not_taken_where_f_linear_must_run(onednn_calls, monkeypatch):
+    monkeypatch.setattr(linear_mod, "_onednn", True)
+    k = ONEDNN_MIN_K
+    w, b = torch.randn(16, k), torch.randn(16)
+    x = torch.randn(NATIVE_MAX_ROWS + 4, k)
+    cases = {
+        "few inputs": (torch.randn(64, k - 1), torch.randn(16, k - 1), b),
+        "float64": (x.double(), w.double(), b.double()),
+        "strided input": (torch.randn(x.shape[0], 2 * k)[:, ::2], w, b),
+        "transposed weight": (x, torch.randn(k, 16).t(), b),
+        "no rows": (x[:0], w, b),
+    }
+    with torch.inference_mode():
+        for name, (xi, wi, bi) in cases.items():
+            torch.testing.assert_close(linear(xi, wi, bi), F.linear(xi, wi, bi), msg=name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(x, w, b).dtype == torch.bfloat16
+    assert onednn_calls == []
+    layer = Linear(k, 16)
+    xg = torch.randn(NATIVE_MAX_ROWS + 4, k, requires_grad=True)
+    layer(xg).sum().backward()  # autograd: F.linear, gradients as usual
+    assert onednn_calls == [] and layer.weight.grad is not None and xg.grad is not None
+    monkeypatch.setattr(linear_mod, "_onednn", False)  # not chosen on this machine
+    with torch.inference_mode():
+        linear(x, w, b)
+    assert onednn_calls == []
+
+
+@pytest.mark.parametrize("choice", ["0", "1", "auto"])
+def test_onednn_chosen_by_environment_or_timing(choice, monkeypatch, onednn_calls):
+    """VISIONFORMERS_LINEAR_ONEDNN: 1 always (where it agrees with F.linear), 0 never, auto by timing."""
+    monkeypatch.setenv("VISIONFORMERS_LINEAR_ONEDNN", choice)
+    monkeypatch.setattr(linear_mod, "_onednn", None)
+    decision = onednn_linear_chosen()
+    assert isinstance(decision, bool) and onednn_linear_chosen() is decision  # decided once
+    if choice == "0":
+        assert decision is False and onednn_calls == []
+    elif choice == "1":
+        assert decision is ONEDNN_HERE and len(onednn_calls) == (2 if ONEDNN_HERE else 0)  # the agreement check
+    elif ONEDNN_HERE:
+        assert len(onednn_calls) == 2 + 8 * 2  # the check, then eight rounds of the two products were timed

@@ -102,7 +102,7 @@ def linear_add_norm(
     if rows <= NATIVE_MAX_ROWS:  # the rows kernel adds the bias for free
         y, bias = linear(x, weight, bias), None
     else:
-        y = F.linear(x, weight)  # a BLAS product without addmm's bias copy
+        y = linear(x, weight)  # a bias-free product (no addmm bias copy): the bias joins the pass below
     s = y if keep_sum else None
     h = None if norm is None else (torch.empty_like(y) if keep_sum else y)
     w, beta, eps = (None, None, 0.0) if norm is None else (norm.weight, norm.bias, norm.eps)

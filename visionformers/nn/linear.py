@@ -9,6 +9,15 @@ autograd, ``torch.func`` transforms, autocast, ``torch.compile`` and tracing; ev
 ``F.linear``. The results agree with ``F.linear`` to float rounding (the sums run in another order)
 and are deterministic run to run and for any number of threads. Whether the kernel pays is measured once per
 process against BLAS (``_faster_than_blas``); ``VISIONFORMERS_LINEAR_ROWS=1`` / ``0`` uses it always / never.
+
+Products of many rows (prefill, encoders, vision blocks) are BLAS-bound. PyTorch's x86 wheels send ``F.linear``
+to MKL; oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor emits for CPU linears) is
+the other library in the same wheel, and which is faster depends on the CPU: 10-20% faster than MKL at
+BERT-base / ViT-B sizes on a Zen 4 EPYC, slower on an AVX-512 Xeon. ``linear`` measures the two once per process
+(``_onednn_faster``) and sends inference products with more than ``NATIVE_MAX_ROWS`` rows and at least
+``ONEDNN_MIN_K`` inputs to the faster one; ``VISIONFORMERS_LINEAR_ONEDNN=1`` / ``0`` uses oneDNN always / never.
+Both compute in fp32 (oneDNN in its strict fp32 mode unless ``torch.backends.mkldnn`` says otherwise) and
+agree to float rounding.
 """
 from __future__ import annotations
 
@@ -25,11 +34,14 @@ from torch import nn
 from visionformers import _native
 
 __all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "native_inference_ready", "native_ready",
-           "NATIVE_MAX_ROWS"]
+           "onednn_linear_chosen", "NATIVE_MAX_ROWS", "ONEDNN_MIN_K"]
 
 # Rows up to which the kernel is used. On GPT-2's matrices here (2 cores, AVX2) it is 1.6-3x faster than MKL from 1
 # to 16 rows and even with it at 64-96; with many rows a BLAS matrix product, blocked for the caches, wins.
 NATIVE_MAX_ROWS = 16
+# Inputs from which oneDNN may take a product: with 96-192 inputs (Swin-T's first stages) it was no faster than MKL
+# even where it wins at 768 (Zen 4, 2 cores: 170-178 vs 188-197 GFLOP/s at 96, even at 192, +2-4% at 384).
+ONEDNN_MIN_K = 384
 _F32 = torch.float32
 _STRIDED = torch.strided
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -130,24 +142,95 @@ def native_ready(*tensors: torch.Tensor, inference: bool = True, memory_format=t
     return True
 
 
-def _native_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    # Runs on every call of every Linear: cheap shape checks first (~2 us, F.linear is ~5 us).
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _onednn_agrees() -> bool:
+    """oneDNN's product is in this build and agrees with F.linear (bias and none, a ragged shape, 3-D input)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    g = torch.Generator().manual_seed(0)
+    k = ONEDNN_MIN_K + 5
+    x, w, b = torch.randn(3, 41, k, generator=g), torch.randn(37, k, generator=g), torch.randn(37, generator=g)
+    try:
+        return all(
+            torch.allclose(_onednn_product(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-4) for bias in (b, None)
+        )
+    except RuntimeError:  # a build whose oneDNN cannot run this CPU's kernels
+        return False
+
+
+def _onednn_faster() -> bool:
+    """Whether oneDNN runs a transformer MLP's two products (256 rows, 768 <-> 3072) clearly (5%) faster than
+    BLAS here: median ratio of seven paired rounds after one warm-up round, ~0.15 s once per process."""
+    choice = os.environ.get("VISIONFORMERS_LINEAR_ONEDNN", "auto")
+    if choice == "0":
+        return False
+    with torch.inference_mode():
+        if not _onednn_agrees():
+            return False
+        if choice == "1":
+            return True
+        g = torch.Generator().manual_seed(0)
+        x1, w1, b1 = torch.randn(256, 768, generator=g), torch.randn(3072, 768, generator=g), torch.randn(3072, generator=g)
+        x2, w2, b2 = torch.randn(256, 3072, generator=g), torch.randn(768, 3072, generator=g), torch.randn(768, generator=g)
+        ratios = []
+        for round_ in range(8):
+            times = []
+            for fn in (F.linear, _onednn_product):
+                start = time.perf_counter()
+                fn(x1, w1, b1), fn(x2, w2, b2)
+                times.append(time.perf_counter() - start)
+            if round_:  # the first round warms up
+                ratios.append(times[0] / times[1])
+    ratio = statistics.median(ratios)
+    _native._log.info("oneDNN linear: %.2fx BLAS on 256 x 768 <-> 3072", ratio)
+    return ratio >= 1.05
+
+
+_onednn: bool | None = None  # decided on first use
+
+
+def onednn_linear_chosen() -> bool:
+    """Whether ``linear`` sends inference products of many rows to oneDNN here (measured on the first call)."""
+    global _onednn
+    if _onednn is None:
+        _onednn = _onednn_faster()
+    return _onednn
+
+
+def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """"rows" (the native kernel may take it), "onednn" or "blas". Runs on every call of every Linear: cheap shape
+    checks first (~2 us; F.linear is ~5 us)."""
     if x.dtype != _F32 or weight.ndim != 2 or not x.ndim:
-        return False
+        return "blas"
     k = weight.shape[1]
-    if not k or x.numel() > NATIVE_MAX_ROWS * k or x.shape[-1] != k:
-        return False
+    if not k or x.shape[-1] != k or not x.numel():
+        return "blas"
+    if x.numel() <= NATIVE_MAX_ROWS * k:
+        path = "rows"
+    elif k >= ONEDNN_MIN_K:
+        path = "onednn"
+    else:
+        return "blas"
     if bias is None:
-        return native_inference_ready(x, weight)
-    return bias.ndim == 1 and bias.shape[0] == weight.shape[0] and native_inference_ready(x, weight, bias)
+        ready = native_inference_ready(x, weight)
+    else:
+        ready = bias.ndim == 1 and bias.shape[0] == weight.shape[0] and native_inference_ready(x, weight, bias)
+    return path if ready else "blas"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; a few rows on CPU in inference go through the native kernel."""
-    if _native_eligible(x, weight, bias):
+    """``F.linear(x, weight, bias)``; on CPU in inference, a few rows go through the native kernel and many rows
+    through oneDNN where it measures faster than BLAS."""
+    path = _path(x, weight, bias)
+    if path == "rows":
         lib = _KERNEL.get()
         if lib is not None:
             return _run(lib.vf_linear_rows, x, weight, bias)
+    elif path == "onednn" and (_onednn if _onednn is not None else onednn_linear_chosen()):
+        return _onednn_product(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
