@@ -295,6 +295,11 @@ def test_onednn_not_taken_where_f_linear_must_run(onednn_calls, monkeypatch):
     xg = torch.randn(NATIVE_MAX_ROWS + 4, k, requires_grad=True)
     layer(xg).sum().backward()  # autograd: F.linear, gradients as usual
     assert onednn_calls == [] and layer.weight.grad is not None and xg.grad is not None
+    with monkeypatch.context() as m, torch.inference_mode():
+        m.setattr(torch.backends.mkldnn, "enabled", False)  # the user turned oneDNN off
+        assert not torch._C._get_mkldnn_enabled()
+        linear(x, w, b)
+    assert torch.backends.mkldnn.enabled
     monkeypatch.setattr(linear_mod, "_onednn", False)  # not chosen on this machine
     with torch.inference_mode():
         linear(x, w, b)

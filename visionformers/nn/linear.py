@@ -229,7 +229,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         lib = _KERNEL.get()
         if lib is not None:
             return _run(lib.vf_linear_rows, x, weight, bias)
-    elif path == "onednn" and (_onednn if _onednn is not None else onednn_linear_chosen()):
+    elif path == "onednn" and onednn_linear_chosen() and torch.backends.mkldnn.enabled:  # (the user's switch)
         return _onednn_product(x, weight, bias)
     return F.linear(x, weight, bias)
 
