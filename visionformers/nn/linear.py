@@ -88,22 +88,28 @@ def _faster_than_blas(lib) -> bool:
         return _time_against_blas(lib)
 
 
+def _speedup(blas, candidate, rounds: int) -> float:
+    """How many times faster ``candidate()`` runs than ``blas()``: the median ratio over paired rounds, one call
+    of each per round, the first round a warm-up (as ``bench/common.py`` pairs its rounds)."""
+    ratios = []
+    for round_ in range(rounds):
+        times = []
+        for fn in (blas, candidate):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        if round_:
+            ratios.append(times[0] / times[1])
+    return statistics.median(ratios)
+
+
 def _time_against_blas(lib) -> bool:
     mats = [torch.full((1024, 4096), 0.5) for _ in range(8)]  # kernel: (out, in) rows; BLAS: the (in, out) view
     x_in, x_out = torch.ones(1, 4096), torch.ones(1, 1024)
-    fn, times = lib.vf_linear_rows, {"kernel": [], "blas": []}
-    for _ in range(6):
-        start = time.perf_counter()
-        for w in mats:
-            _run(fn, x_in, w, None)
-        times["kernel"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for w in mats:
-            F.linear(x_out, w.t())
-        times["blas"].append(time.perf_counter() - start)
-    kernel, blas = (statistics.median(t[1:]) for t in times.values())  # the first round warms up
-    _native._log.info("native linear kernel: %.2f ms, BLAS %.2f ms for 8 x 16 MB", kernel * 1e3, blas * 1e3)
-    return kernel < 0.95 * blas
+    fn = lib.vf_linear_rows
+    ratio = _speedup(lambda: [F.linear(x_out, w.t()) for w in mats], lambda: [_run(fn, x_in, w, None) for w in mats], 6)
+    _native._log.info("native linear kernel: %.2fx BLAS for 8 x 16 MB", ratio)
+    return ratio >= 1.05
 
 
 _KERNEL = _native.Kernel("linear_rows", _configure, _self_check, worth_it=_faster_than_blas)
@@ -175,16 +181,8 @@ def _onednn_faster() -> bool:
         g = torch.Generator().manual_seed(0)
         x1, w1, b1 = torch.randn(256, 768, generator=g), torch.randn(3072, 768, generator=g), torch.randn(3072, generator=g)
         x2, w2, b2 = torch.randn(256, 3072, generator=g), torch.randn(768, 3072, generator=g), torch.randn(768, generator=g)
-        ratios = []
-        for round_ in range(8):
-            times = []
-            for fn in (F.linear, _onednn_product):
-                start = time.perf_counter()
-                fn(x1, w1, b1), fn(x2, w2, b2)
-                times.append(time.perf_counter() - start)
-            if round_:  # the first round warms up
-                ratios.append(times[0] / times[1])
-    ratio = statistics.median(ratios)
+        ratio = _speedup(lambda: (F.linear(x1, w1, b1), F.linear(x2, w2, b2)),
+                         lambda: (_onednn_product(x1, w1, b1), _onednn_product(x2, w2, b2)), 8)
     _native._log.info("oneDNN linear: %.2fx BLAS on 256 x 768 <-> 3072", ratio)
     return ratio >= 1.05
 
