@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers.nn import Attention
+from visionformers.nn.conv import Conv2d
 from visionformers.nn.drop import dropout
 from visionformers.nn.group_norm import group_norm_act
 
@@ -73,11 +74,11 @@ class ResBlock(nn.Module):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
         self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=norm_eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels)
         self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=norm_eps)
         self.dropout = dropout
-        self.conv2 = zero_init_(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.conv2 = zero_init_(Conv2d(out_channels, out_channels, 3, padding=1))
         # a 1x1 conv ("NIN shortcut" in DDPM) only where the width changes
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -152,7 +153,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)

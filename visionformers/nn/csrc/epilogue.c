@@ -6,13 +6,13 @@
  *   vf_add_norm:  v = x + (y + b); s = v and/or h = LayerNorm(v) (Ba et al. 2016, eq. 4): a residual
  *                 branch's output bias, the residual add and the next norm in one pass (pre-norm keeps s,
  *                 the residual stream, and h, the next sublayer's input; post-norm keeps only h).
- * Math on 16-float vectors (vmath.h).
+ * Math on vectors of VL floats (vmath.h).
  * Results match ATen's to float rounding; every row is computed the same way on any thread: deterministic.
  * Built on first use by visionformers/_native.py with the system C compiler and OpenMP (PyTorch's libgomp).
  */
 #include "vmath.h"
 
-/* h (M, N) = act(h + b), b (N,) or NULL; the last N % 16 columns go through the same vector code */
+/* h (M, N) = act(h + b), b (N,) or NULL; the last N % VL columns go through the same vector code */
 void vf_bias_act(float *restrict h, const float *restrict b, long M, long N, int act, int nthreads) {
     const long full = N - N % VL;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (M * N >= 32768)
