@@ -1,6 +1,7 @@
 """The one attention of visionformers.
 
-``attend`` is the only caller of ``F.scaled_dot_product_attention`` in the project; ``attend_math`` is
+``attend`` is the only caller of ``F.scaled_dot_product_attention`` in the project (short sequences in CPU
+inference go to the native kernel of ``nn.short_attention`` instead); ``attend_math`` is
 the plain reference path (softmax(q k^T * scale + bias) v, Vaswani et al. 2017, eq. 1) that can also
 return the weights. ``Attention`` wraps them with projections and covers self- and cross-attention,
 MHA / GQA / MQA, causal and key-padding masks, additive biases (relative, ALiBi), a KV cache,
@@ -25,6 +26,8 @@ from visionformers._validate import check_bool, check_dtype, check_int, check_nu
 from visionformers.nn.linear import Linear
 from visionformers.nn.norm import RMSNorm
 from visionformers.nn.rope import apply_rotary
+from visionformers.nn.short_attention import MAX_TOKENS as SHORT_MAX_TOKENS
+from visionformers.nn.short_attention import short_attention
 
 __all__ = [
     "attend",
@@ -106,6 +109,10 @@ def attend(
     if is_causal and mask is None and bias is None and nq == nk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     attn_mask = _merge_masks(mask, bias, is_causal, nq, nk, q.dtype, q.device)
+    if dropout_p == 0.0 and nq == nk <= SHORT_MAX_TOKENS and q.is_cpu:  # Swin's windows: the native kernel (CPU inference)
+        out = short_attention(q, k, v, attn_mask, scale)
+        if out is not None:
+            return out
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 

@@ -133,7 +133,8 @@ def native_inference_ready(*tensors: torch.Tensor) -> bool:
 
 def native_ready(*tensors: torch.Tensor, inference: bool = True, memory_format=torch.contiguous_format) -> bool:
     """``native_inference_ready``; with ``inference=False`` the tensors may require grad (for a kernel wrapped in
-    an autograd Function), and 4-D tensors must be contiguous in ``memory_format`` (e.g. channels_last)."""
+    an autograd Function), and 4-D tensors must be contiguous in ``memory_format`` (e.g. channels_last); with
+    ``memory_format=None`` any strides are accepted (a kernel that reads through strides checks them itself)."""
     # (compile first: dynamo must not reach the functorch query below, which it cannot trace)
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
         return False
@@ -141,7 +142,9 @@ def native_ready(*tensors: torch.Tensor, inference: bool = True, memory_format=t
     for t in tensors:
         if t.dtype != _F32 or not t.is_cpu or t.layout != _STRIDED:
             return False
-        if not (t.is_contiguous(memory_format=memory_format) if t.ndim == 4 else t.is_contiguous()):
+        if memory_format is not None and not (
+            t.is_contiguous(memory_format=memory_format) if t.ndim == 4 else t.is_contiguous()
+        ):
             return False
         if type(t) not in _PLAIN or (grad and t.requires_grad) or _is_transformed(t):
             return False  # subclasses keep their own dispatch; torch.func's wrappers have no plain memory

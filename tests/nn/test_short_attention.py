@@ -1,0 +1,122 @@
+"""nn.short_attention: the native attention for short sequences against float64 math, and when attend takes it."""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import visionformers.nn.attention as attention_mod
+import visionformers.nn.short_attention as sa_mod
+from visionformers import _native
+from visionformers.nn import Attention
+from visionformers.nn.attention import attend
+from visionformers.nn.short_attention import MAX_TOKENS, native_short_attention_available, short_attention
+
+CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+needs_kernel = pytest.mark.skipif(not native_short_attention_available(), reason="needs the native kernel")
+
+
+def qkv_views(b, h, n, d, seed=0):
+    """q, k, v as the strided (B, H, N, D) views of one fused (B, N, 3, H, D) projection, as Attention makes them."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, 3, h, d, generator=g).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def reference64(q, k, v, bias, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.double() @ k.double().transpose(-2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias.double()
+    weights = scores.softmax(-1).nan_to_num(0.0)  # fully masked rows: zeros, as ATen's CPU SDPA
+    return weights @ v.double()
+
+
+def test_kernel_is_built_where_a_compiler_exists():
+    assert native_short_attention_available() == (CAN_BUILD and _native.enabled())
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 7, 49, MAX_TOKENS])
+@pytest.mark.parametrize("d", [16, 32, 64])
+@pytest.mark.parametrize("bias_shape", [None, "1H", "BH", "B1", "2d"])
+def test_matches_float64(n, d, bias_shape):
+    b, h = 3, 4
+    q, k, v = qkv_views(b, h, n, d)
+    g = torch.Generator().manual_seed(1)
+    shapes = {"1H": (1, h, n, n), "BH": (b, h, n, n), "B1": (b, 1, n, n), "2d": (n, n)}
+    bias = None if bias_shape is None else 2 * torch.randn(shapes[bias_shape], generator=g)
+    with torch.inference_mode():
+        out = short_attention(q, k, v, bias, None)
+    assert out is not None and out.shape == (b, h, n, d)
+    assert out.transpose(1, 2).is_contiguous()  # (B, N, H, D) memory: the caller's merge of the heads is a view
+    torch.testing.assert_close(out.double(), reference64(q, k, v, bias), rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_masks_scale_and_fully_masked_rows():
+    b, h, n, d = 2, 3, 49, 32
+    q, k, v = qkv_views(b, h, n, d, seed=2)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(b, h, n, n, generator=g).masked_fill(torch.rand(b, 1, n, n, generator=g) < 0.5, float("-inf"))
+    bias[1, :, 5] = float("-inf")  # query 5 of the second sample sees no key
+    with torch.inference_mode():
+        out = short_attention(q, k, v, bias, 0.3)
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3)
+    torch.testing.assert_close(out.double(), reference64(q, k, v, bias, 0.3), rtol=1e-5, atol=2e-6)
+    assert torch.equal(out[1, :, 5], torch.zeros(h, d)) and torch.equal(sdpa[1, :, 5], out[1, :, 5])
+
+
+@needs_kernel
+def test_result_does_not_depend_on_thread_count():
+    q, k, v = qkv_views(8, 3, 49, 32)
+    bias = torch.randn(1, 3, 49, 49)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            with torch.inference_mode():
+                outs.append(short_attention(q, k, v, bias, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernel
+def test_declines_what_it_cannot_take():
+    q, k, v = qkv_views(2, 2, 9, 32)
+    with torch.inference_mode():
+        long_q, long_k, long_v = qkv_views(1, 2, MAX_TOKENS + 1, 32)
+        assert short_attention(long_q, long_k, long_v, None, None) is None  # too many tokens
+        odd = qkv_views(1, 2, 9, 12)  # a head dim that is not a multiple of any vector width
+        assert short_attention(*odd, None, None) is None
+        assert short_attention(q, k, v, torch.ones(2, 2, 9, 9, dtype=torch.bool), None) is None  # bool masks: SDPA
+        assert short_attention(q, k, v, torch.randn(2, 1, 1, 9), None) is None  # a bias broadcast over queries
+        assert short_attention(q.double(), k.double(), v.double(), None, None) is None
+        assert short_attention(q, k[:, :, :5], v[:, :, :5], None, None) is None  # Nq != Nk
+    qg = q.detach().clone().requires_grad_()
+    assert short_attention(qg, k, v, None, None) is None  # autograd: SDPA
+
+
+@needs_kernel
+def test_attend_and_attention_take_it_in_inference_only(monkeypatch):
+    calls = []
+    original = sa_mod._run
+    monkeypatch.setattr(sa_mod, "_run", lambda *a: (calls.append(1), original(*a))[1])
+    torch.manual_seed(0)
+    layer = Attention(96, 3, qkv_bias=True).eval()
+    x, bias = torch.randn(4, 49, 96), torch.randn(1, 3, 49, 49)
+    with torch.inference_mode():
+        fast = layer(x, bias=bias)
+    assert calls == [1]
+    with torch.no_grad(), monkeypatch.context() as m:
+        m.setattr(attention_mod, "SHORT_MAX_TOKENS", 0)  # SDPA for the comparison
+        ref = layer(x, bias=bias)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    layer(x.requires_grad_(), bias=bias).sum().backward()  # training: SDPA, gradients as usual
+    q, k, v = qkv_views(1, 2, 9, 32)
+    attend(q, k, v, bias=torch.randn(1, 2, 9, 9), dropout_p=0.1)  # dropout: SDPA
+    assert calls == []

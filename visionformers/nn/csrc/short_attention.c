@@ -1,0 +1,153 @@
+/* Softmax attention over short sequences, out = softmax(scale q k^T + bias) v (Vaswani et al. 2017, eq. 1), for
+ * CPU fp32 inference: Swin's 7x7 windows (49 tokens, head dim 32) and any other attention of at most 64 keys.
+ *
+ * ATen's CPU flash attention tiles for long sequences; at 49 keys most of its time is per-tile bookkeeping, and
+ * its (B, H, N, D) output needs another copy to reach the (B, N, H*D) rows that the output projection reads.
+ * Here one (batch, head) pair is one task: its keys are transposed once into a small (D, NP) block in L1 cache,
+ * each query row's NP scores are a few vectors accumulated in registers (vectorised over keys), the softmax
+ * runs on those vectors, and the weighted sum of the values (vectorised over D) is written straight into
+ * out (B, N, H, D). NP is N rounded up to whole vectors; padding keys score -inf.
+ *
+ * q, k, v are read through strides (the views of a fused qkv product need no copy): element (b, h, n, d) of q
+ * is q[b*qs[0] + h*qs[1] + n*qs[2] + d]. bias, when given, is (N, N) rows at bs[0]*b + bs[1]*h (0: broadcast).
+ * Scores are sum_d q k in float, times scale, plus bias, as SDPA computes them. A row whose scores are all -inf
+ * (fully masked) gives zeros, as ATen's CPU SDPA does. Each task is computed the same way on any thread:
+ * deterministic. Built on first use by visionformers/_native.py.
+ */
+#include <math.h>
+#include "vmath.h"
+
+#define MAX_N 64   /* keys and queries per sequence */
+#define MAX_D 128  /* head dim; a multiple of VL */
+
+/* scores of two query rows at once: each key vector loaded once for both */
+static inline __attribute__((always_inline)) void scores2(const float *q0, const float *q1, const float *kt, long D,
+                                                          vf *s0, vf *s1, const int NV, float scale) {
+    vf a0[MAX_N / VL], a1[MAX_N / VL];
+    for (int j = 0; j < NV; j++) a0[j] = a1[j] = splat(0.0f);
+    for (long d = 0; d < D; d++) {
+        const vf x0 = splat(q0[d]), x1 = splat(q1[d]);
+        const float *row = kt + d * NV * VL;
+        for (int j = 0; j < NV; j++) {
+            const vf kv = load(row + j * VL);
+            a0[j] += x0 * kv;
+            a1[j] += x1 * kv;
+        }
+    }
+    for (int j = 0; j < NV; j++) { s0[j] = a0[j] * scale; s1[j] = a1[j] * scale; }
+}
+
+/* p = exp(s + bias - max) of one query row, padding keys and masked keys 0; returns 1 / sum, or 0 when every key
+ * is masked (the row's output is then 0, as ATen's) */
+static inline float softmax_row(vf *s, const float *bi, long N, int NV, vi pad, float *p) {
+    const vf zero = splat(0.0f);
+    if (bi) {
+        for (int j = 0; j < NV - 1; j++) s[j] += load(bi + j * VL);
+        float t[VL] = {0};
+        memcpy(t, bi + (NV - 1) * VL, (N - (NV - 1) * VL) * sizeof(float));
+        s[NV - 1] += load(t);
+    }
+    s[NV - 1] = select(pad, splat(-INFINITY), s[NV - 1]);
+    vf mx = s[0];
+    for (int j = 1; j < NV; j++) mx = vmax(mx, s[j]);
+    float m = mx[0];
+    for (int l = 1; l < VL; l++) m = mx[l] > m ? mx[l] : m;
+    if (m == -INFINITY) {
+        memset(p, 0, (size_t)NV * VL * sizeof(float));
+        return 0.0f;
+    }
+    vf sum = zero;
+    for (int j = 0; j < NV; j++) {
+        const vf x = s[j] - m;
+        const vf e = select(x > -87.0f, v_exp(x), zero);  /* exp(-inf) = 0 (v_exp clamps at e^-80) */
+        sum += e;
+        store(p + j * VL, e);
+    }
+    float total = 0.0f;
+    for (int l = 0; l < VL; l++) total += sum[l];
+    return 1.0f / total;
+}
+
+/* o_r = inv_r sum_j p_r[j] v_j for R = 1 or 2 query rows, DV vectors of the head dim held in registers */
+static inline __attribute__((always_inline)) void weighted_sum(const float *p0, const float *p1, const float *v,
+                                                               long vn, long N, float *o0, float *o1, const int DV,
+                                                               const int R, float inv0, float inv1) {
+    vf a0[MAX_D / VL], a1[MAX_D / VL];
+    for (int d = 0; d < DV; d++) a0[d] = a1[d] = splat(0.0f);
+    for (long j = 0; j < N; j++) {
+        const vf x0 = splat(p0[j]), x1 = splat(R == 2 ? p1[j] : 0.0f);
+        for (int d = 0; d < DV; d++) {
+            const vf vv = load(v + j * vn + d * VL);
+            a0[d] += x0 * vv;
+            if (R == 2) a1[d] += x1 * vv;
+        }
+    }
+    for (int d = 0; d < DV; d++) {
+        store(o0 + d * VL, a0[d] * inv0);
+        if (R == 2) store(o1 + d * VL, a1[d] * inv1);
+    }
+}
+
+
+static void task(const float *q, const float *k, const float *v, const float *bias, float *out, long N, long D,
+                 long qn, long kn, long vn, long on, int NV, float scale, float *kt) {
+    const long NP = (long)NV * VL;
+    for (long j = 0; j < NP; j++)  /* kt (D, NP) = k^T, zero past N */
+        for (long d = 0; d < D; d++) kt[d * NP + j] = j < N ? k[j * kn + d] : 0.0f;
+    vf iota;  /* lane numbers of the last key vector, where the padding keys are */
+    for (int l = 0; l < VL; l++) iota[l] = (float)((NV - 1) * VL + l);
+    const vi pad = iota >= (float)N;
+    const int DV = (int)(D / VL);
+    for (long i = 0; i < N; i += 2) {  /* query rows two at a time (the last one alone when N is odd) */
+        const int R = i + 1 < N ? 2 : 1;
+        const long i1 = R == 2 ? i + 1 : i;
+        vf s0[MAX_N / VL], s1[MAX_N / VL];
+        switch (NV) {  /* a constant count per case: the accumulators stay in registers */
+        case 1: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 1, scale); break;
+        case 2: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 2, scale); break;
+        case 3: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 3, scale); break;
+        case 4: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 4, scale); break;
+        case 5: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 5, scale); break;
+        case 6: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 6, scale); break;
+        case 7: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 7, scale); break;
+        default: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 8, scale); break;
+        }
+        float p0[MAX_N], p1[MAX_N];
+        const float inv0 = softmax_row(s0, bias ? bias + i * N : NULL, N, NV, pad, p0);
+        const float inv1 = R == 2 ? softmax_row(s1, bias ? bias + i1 * N : NULL, N, NV, pad, p1) : 0.0f;
+        float *o0 = out + i * on, *o1 = out + i1 * on;
+        if (R == 2) {
+            switch (DV) {
+            case 1: weighted_sum(p0, p1, v, vn, N, o0, o1, 1, 2, inv0, inv1); break;
+            case 2: weighted_sum(p0, p1, v, vn, N, o0, o1, 2, 2, inv0, inv1); break;
+            case 4: weighted_sum(p0, p1, v, vn, N, o0, o1, 4, 2, inv0, inv1); break;
+            default:
+                for (long d = 0; d < D; d += VL) weighted_sum(p0, p1, v + d, vn, N, o0 + d, o1 + d, 1, 2, inv0, inv1);
+            }
+        } else {
+            for (long d = 0; d < D; d += VL) weighted_sum(p0, p0, v + d, vn, N, o0 + d, o0 + d, 1, 1, inv0, inv0);
+        }
+    }
+}
+
+/* out (B, N, H, D); returns 0, or -1 where N or D is out of range (the caller checks first) */
+int vf_short_attention(const float *q, const float *k, const float *v, const float *bias, float *out, long B, long H,
+                       long N, long D, const long *qs, const long *ks, const long *vs, const long *bs, float scale,
+                       int nthreads) {
+    if (N < 1 || N > MAX_N || D < VL || D > MAX_D || D % VL) return -1;
+    const int NV = (int)((N + VL - 1) / VL);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float kt[MAX_D * MAX_N];
+        #pragma omp for schedule(static)
+        for (long t = 0; t < B * H; t++) {
+            const long b = t / H, h = t % H;
+            task(q + b * qs[0] + h * qs[1], k + b * ks[0] + h * ks[1], v + b * vs[0] + h * vs[1],
+                 bias ? bias + b * bs[0] + h * bs[1] : NULL, out + (b * N * H + h) * D, N, D, qs[2], ks[2], vs[2],
+                 H * D, NV, scale, kt);
+        }
+    }
+    return 0;
+}
+
+int vf_vector_width(void) { return VL; }
