@@ -35,7 +35,9 @@ __all__ = ["Conv2d", "conv2d", "winograd_chosen", "WINOGRAD_MIN_CHANNELS"]
 
 # Below this many channels (a UNet's 3-channel stem and head) the transforms cost more than the products save.
 WINOGRAD_MIN_CHANNELS = 32
-_CHUNK_FLOATS = 1 << 21  # floats of a transformed chunk (16, tiles, channels): 8 MB, a quarter of an L3; fewer, larger products than 1 << 20 (1.1-1.2x at 256 channels here)
+# Floats of one transformed chunk (16, tiles, channels): 8 MB, a quarter of a 32 MB L3. Fewer, larger products than
+# at 1 << 20 (1.1-1.2x at 256 channels on a Zen 3).
+_CHUNK_FLOATS = 1 << 21
 _CL = torch.channels_last
 
 # G of F(2x2, 3x3), and G (x) G: row (a, b) maps a 3x3 filter (row-major) to its transformed point (a, b)
@@ -230,7 +232,8 @@ def _eligible(x, weight, bias, stride, padding, dilation, groups) -> bool:
         return False
     layout = _CL if weight.is_contiguous(memory_format=_CL) else torch.contiguous_format
     params = (weight,) if bias is None else (weight, bias)
-    return native_ready(x, inference=False, memory_format=_CL) and native_ready(*params, inference=False, memory_format=layout)
+    return (native_ready(x, inference=False, memory_format=_CL)
+            and native_ready(*params, inference=False, memory_format=layout))
 
 
 def _pair(v):
