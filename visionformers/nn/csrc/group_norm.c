@@ -18,19 +18,6 @@
 
 #define ROWS_PER_FLUSH 64  /* float partial sums over this many positions, then added into double */
 
-static inline vf load_n(const float *p, long n) {  /* the first n < VL lanes of p, zeros after */
-    float t[VL] = {0};
-    memcpy(t, p, n * sizeof(float));
-    return load(t);
-}
-static inline void store_n(float *p, vf v, long n) {
-    float t[VL];
-    store(t, v);
-    memcpy(p, t, n * sizeof(float));
-}
-static inline vf ld(const float *p, long c, long C) { return C - c >= VL ? load(p + c) : load_n(p + c, C - c); }
-static inline void st(float *p, long c, long C, vf v) { if (C - c >= VL) store(p + c, v); else store_n(p + c, v, C - c); }
-
 static inline vf silu_grad(vf z, vf dy) {  /* dy * d/dz z sigmoid(z) */
     const vf s = recip(1.0f + v_exp(-z));
     return dy * s * (1.0f + z * (1.0f - s));

@@ -14,7 +14,6 @@
  * (fully masked) gives zeros, as ATen's CPU SDPA does. Each task is computed the same way on any thread:
  * deterministic. Built on first use by visionformers/_native.py.
  */
-#include <math.h>
 #include "vmath.h"
 
 #define MAX_N 64   /* keys and queries per sequence */
@@ -43,9 +42,7 @@ static inline float softmax_row(vf *s, const float *bi, long N, int NV, vi pad, 
     const vf zero = splat(0.0f);
     if (bi) {
         for (int j = 0; j < NV - 1; j++) s[j] += load(bi + j * VL);
-        float t[VL] = {0};
-        memcpy(t, bi + (NV - 1) * VL, (N - (NV - 1) * VL) * sizeof(float));
-        s[NV - 1] += load(t);
+        s[NV - 1] += ld(bi, (NV - 1) * VL, N);
     }
     s[NV - 1] = select(pad, splat(-INFINITY), s[NV - 1]);
     vf mx = s[0];

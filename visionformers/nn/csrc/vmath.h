@@ -24,6 +24,19 @@ enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4
 
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf load_n(const float *p, long n) {  /* the first n < VL lanes of p, zeros after */
+    float t[VL] = {0};
+    memcpy(t, p, n * sizeof(float));
+    return load(t);
+}
+static inline void store_n(float *p, vf v, long n) {
+    float t[VL];
+    store(t, v);
+    memcpy(p, t, n * sizeof(float));
+}
+/* lanes c .. c + VL of a row of C floats, the part past C as zeros (loads) or left alone (stores) */
+static inline vf ld(const float *p, long c, long C) { return C - c >= VL ? load(p + c) : load_n(p + c, C - c); }
+static inline void st(float *p, long c, long C, vf v) { if (C - c >= VL) store(p + c, v); else store_n(p + c, v, C - c); }
 static inline vf splat(float a) { return (vf){0} + a; }
 static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 

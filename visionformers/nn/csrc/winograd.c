@@ -26,6 +26,16 @@
     const long tile = t0 + i, tx = tile % tw, rest = tile / tw; \
     const long ty = rest % th, img = rest / th
 
+/* px[p * S + q] = the pixel (y0 + p, x0 + q) of image img of the (N, H, W, C) map m, NULL outside the map (zero
+ * padding), for the S x S patch of a tile */
+static inline void patch(const float *m, long img, long H, long W, long C, long y0, long x0, int S, const float **px) {
+    for (int p = 0; p < S; p++)
+        for (int q = 0; q < S; q++) {
+            const long yy = y0 + p, xx = x0 + q;
+            px[p * S + q] = (yy < 0 || yy >= H || xx < 0 || xx >= W) ? NULL : m + ((img * H + yy) * W + xx) * C;
+        }
+}
+
 /* V (16, n, C): the input transform of tiles t0 .. t0 + n of x (N, H, W, C) */
 void vf_wino_in(const float *restrict x, float *restrict V, long N, long H, long W, long C, long t0, long n,
                long plane, int nthreads) {
@@ -34,21 +44,14 @@ void vf_wino_in(const float *restrict x, float *restrict V, long N, long H, long
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (long i = 0; i < n; i++) {
         TILE_COORDS;
-        const float *rows[4][4];  /* the 16 input pixels of the patch, NULL outside the map (zero padding) */
-        for (int p = 0; p < 4; p++)
-            for (int q = 0; q < 4; q++) {
-                const long yy = 2 * ty - 1 + p, xx = 2 * tx - 1 + q;
-                rows[p][q] = (yy < 0 || yy >= H || xx < 0 || xx >= W) ? NULL : x + ((img * H + yy) * W + xx) * C;
-            }
+        const float *rows[4][4];  /* the 16 input pixels of the patch */
+        patch(x, img, H, W, C, 2 * ty - 1, 2 * tx - 1, 4, &rows[0][0]);
         float *out = V + i * C;
         for (long c = 0; c < C; c += VL) {
-            const long m = C - c < VL ? C - c : VL;
             vf d[4][4], t[4][4];
             for (int p = 0; p < 4; p++)
                 for (int q = 0; q < 4; q++) {
-                    if (!rows[p][q]) d[p][q] = splat(0.0f);
-                    else if (m == VL) d[p][q] = load(rows[p][q] + c);
-                    else { float buf[VL] = {0}; memcpy(buf, rows[p][q] + c, m * sizeof(float)); d[p][q] = load(buf); }
+                    d[p][q] = rows[p][q] ? ld(rows[p][q], c, C) : splat(0.0f);
                 }
             for (int q = 0; q < 4; q++) {  /* B^T d: along the rows of the patch */
                 t[0][q] = d[0][q] - d[2][q];
@@ -59,9 +62,7 @@ void vf_wino_in(const float *restrict x, float *restrict V, long N, long H, long
             for (int p = 0; p < 4; p++) {  /* (B^T d) B: along the columns */
                 vf v[4] = {t[p][0] - t[p][2], t[p][1] + t[p][2], t[p][2] - t[p][1], t[p][1] - t[p][3]};
                 for (int q = 0; q < 4; q++) {
-                    float *dst = out + (p * 4 + q) * plane + c;
-                    if (m == VL) store(dst, v[q]);
-                    else { float buf[VL]; store(buf, v[q]); memcpy(dst, buf, m * sizeof(float)); }
+                    st(out + (p * 4 + q) * plane, c, C, v[q]);
                 }
             }
         }
@@ -78,24 +79,14 @@ void vf_wino_out(const float *restrict M, const float *restrict bias, float *res
         TILE_COORDS;
         const float *in = M + i * K;
         for (long k = 0; k < K; k += VL) {
-            const long m = K - k < VL ? K - k : VL;
             vf u[2][4];
             for (int q = 0; q < 4; q++) {  /* A^T m: rows 0..3 of the transformed tile to 2 */
                 vf r[4];
-                for (int p = 0; p < 4; p++) {
-                    const float *src = in + (p * 4 + q) * plane + k;
-                    if (m == VL) r[p] = load(src);
-                    else { float buf[VL] = {0}; memcpy(buf, src, m * sizeof(float)); r[p] = load(buf); }
-                }
+                for (int p = 0; p < 4; p++) r[p] = ld(in + (p * 4 + q) * plane, k, K);
                 u[0][q] = r[0] + r[1] + r[2];
                 u[1][q] = r[1] - r[2] - r[3];
             }
-            vf b = splat(0.0f);
-            if (bias) {
-                float buf[VL] = {0};
-                memcpy(buf, bias + k, m * sizeof(float));
-                b = load(buf);
-            }
+            const vf b = bias ? ld(bias, k, K) : splat(0.0f);
             for (int p = 0; p < 2; p++) {
                 const long yy = 2 * ty + p;
                 if (yy >= H) break;
@@ -103,9 +94,7 @@ void vf_wino_out(const float *restrict M, const float *restrict bias, float *res
                 for (int q = 0; q < 2; q++) {
                     const long xx = 2 * tx + q;
                     if (xx >= W) break;
-                    float *dst = Y + ((img * H + yy) * W + xx) * K + k;
-                    if (m == VL) store(dst, o[q]);
-                    else { float buf[VL]; store(buf, o[q]); memcpy(dst, buf, m * sizeof(float)); }
+                    st(Y + ((img * H + yy) * W + xx) * K, k, K, o[q]);
                 }
             }
         }
@@ -120,21 +109,14 @@ void vf_wino_grad(const float *restrict dY, float *restrict Z, long N, long H, l
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (long i = 0; i < n; i++) {
         TILE_COORDS;
-        const float *px[2][2];
-        for (int p = 0; p < 2; p++)
-            for (int q = 0; q < 2; q++) {
-                const long yy = 2 * ty + p, xx = 2 * tx + q;
-                px[p][q] = (yy >= H || xx >= W) ? NULL : dY + ((img * H + yy) * W + xx) * K;
-            }
+        const float *px[2][2];  /* the 4 output-gradient pixels of the tile */
+        patch(dY, img, H, W, K, 2 * ty, 2 * tx, 2, &px[0][0]);
         float *out = Z + i * K;
         for (long k = 0; k < K; k += VL) {
-            const long m = K - k < VL ? K - k : VL;
             vf g[2][2];
             for (int p = 0; p < 2; p++)
                 for (int q = 0; q < 2; q++) {
-                    if (!px[p][q]) g[p][q] = splat(0.0f);
-                    else if (m == VL) g[p][q] = load(px[p][q] + k);
-                    else { float buf[VL] = {0}; memcpy(buf, px[p][q] + k, m * sizeof(float)); g[p][q] = load(buf); }
+                    g[p][q] = px[p][q] ? ld(px[p][q], k, K) : splat(0.0f);
                 }
             vf h[4][2];  /* A g, A = [1 0; 1 1; 1 -1; 0 -1] */
             for (int q = 0; q < 2; q++) {
@@ -146,9 +128,7 @@ void vf_wino_grad(const float *restrict dY, float *restrict Z, long N, long H, l
             for (int p = 0; p < 4; p++) {  /* (A g) A^T */
                 const vf z[4] = {h[p][0], h[p][0] + h[p][1], h[p][0] - h[p][1], -h[p][1]};
                 for (int q = 0; q < 4; q++) {
-                    float *dst = out + (p * 4 + q) * plane + k;
-                    if (m == VL) store(dst, z[q]);
-                    else { float buf[VL]; store(buf, z[q]); memcpy(dst, buf, m * sizeof(float)); }
+                    st(out + (p * 4 + q) * plane, k, K, z[q]);
                 }
             }
         }
