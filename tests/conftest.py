@@ -15,6 +15,8 @@ if "VISIONFORMERS_CACHE" not in os.environ:
 os.environ.setdefault("VISIONFORMERS_LINEAR_ROWS", "1")
 # Likewise oneDNN for products of many rows (chosen by timing against BLAS otherwise).
 os.environ.setdefault("VISIONFORMERS_LINEAR_ONEDNN", "1")
+# And the native GEMM for inference products of many rows (chosen by timing against BLAS / oneDNN otherwise).
+os.environ.setdefault("VISIONFORMERS_LINEAR_GEMM", "1")
 # And Winograd for the UNet's 3x3 convolutions (chosen by timing against oneDNN otherwise).
 os.environ.setdefault("VISIONFORMERS_CONV_WINOGRAD", "1")
 

@@ -10,10 +10,13 @@ from torch import nn
 
 import visionformers.nn.blocks as blocks_mod
 import visionformers.nn.fused as fused_mod
+import visionformers.nn.gemm as gemm_mod
+import visionformers.nn.linear as linear_mod
 import visionformers.nn.mlp as mlp_mod
 from visionformers import _native
 from visionformers.nn import Mlp, RMSNorm, TransformerBlock
 from visionformers.nn.fused import linear_add_norm, native_bias_act_, native_epilogue_available
+from visionformers.nn.linear import NATIVE_MAX_ROWS
 from visionformers.nn.mlp import activation
 
 CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
@@ -22,8 +25,34 @@ needs_kernel = pytest.mark.skipif(not native_epilogue_available(), reason="needs
 
 @pytest.fixture
 def kernel_calls(count_native_calls):
-    """Counts the calls that reached the native kernel."""
-    return count_native_calls(fused_mod._KERNEL)
+    """Counts the calls that reached the native epilogue kernel and the native GEMM (which takes many rows)."""
+    calls = count_native_calls(fused_mod._KERNEL)
+    gemm_calls = count_native_calls(gemm_mod._KERNEL)
+    return _Merged(calls, gemm_calls)
+
+
+class _Merged(list):
+    """Both kernels' calls in one list (the GEMM's packing left out)."""
+
+    def __init__(self, *sources):
+        super().__init__()
+        self._sources = sources
+
+    def _all(self):
+        return [name for src in self._sources for name in src if name not in ("vf_gemm_pack", "vf_gemm_packed_floats")]
+
+    def __eq__(self, other):
+        return self._all() == other
+
+    def __contains__(self, name):
+        return name in self._all()
+
+    def __repr__(self):
+        return repr(self._all())
+
+    def clear(self):
+        for src in self._sources:
+            src.clear()
 
 
 def test_kernel_is_built_where_a_compiler_exists():
@@ -93,7 +122,8 @@ def test_linear_add_norm_matches_pytorch(rows, norm_kind, keep_sum, kernel_calls
         torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=1e-5)
     if norm is not None:
         torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
-    assert kernel_calls == ["vf_add_norm"]
+    # a few rows: the product, then the fused epilogue; many rows: one GEMM with the epilogue inside
+    assert kernel_calls == (["vf_add_norm"] if rows <= NATIVE_MAX_ROWS else ["vf_gemm"])
 
 
 def test_linear_add_norm_falls_back_to_pytorch(kernel_calls):
@@ -115,6 +145,7 @@ def _unfused(monkeypatch, block, *args, **kwargs):
     with monkeypatch.context() as m:
         m.setattr(blocks_mod, "native_epilogue_available", lambda: False)
         m.setattr(mlp_mod, "native_epilogue_available", lambda: False)
+        m.setattr(linear_mod, "_gemm", False)
         return block(*args, **kwargs)
 
 
@@ -129,7 +160,7 @@ def test_block_fused_inference_equals_the_plain_path(pre_norm, act, tokens, kern
     x = torch.randn(2, tokens, 48)
     with torch.inference_mode():
         out = block(x)
-        assert "vf_add_norm" in kernel_calls  # the fused path was taken
+        assert ("vf_add_norm" if tokens == 1 else "vf_gemm") in kernel_calls  # the fused path was taken
         kernel_calls.clear()
         ref = _unfused(monkeypatch, block, x)
         assert kernel_calls == []
@@ -137,21 +168,26 @@ def test_block_fused_inference_equals_the_plain_path(pre_norm, act, tokens, kern
 
 
 @needs_kernel
-def test_block_training_and_layer_scale_keep_the_plain_path(kernel_calls):
+def test_block_training_and_layer_scale_keep_the_plain_path(kernel_calls, monkeypatch):
+    fused_gemm = []  # linear_add_norm's GEMM (plain products may still use the GEMM, without an epilogue)
+    monkeypatch.setattr(fused_mod, "gemm", lambda *a, **k: fused_gemm.append(1))
     block = TransformerBlock(32, 4)
     x = torch.randn(2, 9, 32)
     block(x).sum().backward()  # training: autograd path
     scaled = TransformerBlock(32, 4, layer_scale_init=0.1).eval()
     with torch.inference_mode():
         scaled(x)  # a layer scale between the product and the residual: not fused
-    assert "vf_add_norm" not in kernel_calls
+    assert "vf_add_norm" not in kernel_calls and not fused_gemm
 
 
 @needs_kernel
-def test_mlp_hidden_fuses_bias_and_activation(kernel_calls):
+@pytest.mark.parametrize("gemm_on", [True, False])
+def test_mlp_hidden_fuses_bias_and_activation(gemm_on, kernel_calls, monkeypatch):
+    monkeypatch.setattr(linear_mod, "_gemm", gemm_on)
     mlp = Mlp(24, 64).eval()
     x = torch.randn(50, 24)
     with torch.inference_mode():
         out = mlp(x)
-    assert kernel_calls == ["vf_bias_act"]
+    # with the GEMM: the activation inside fc1's product, and fc2; without: fc1's product, then the epilogue
+    assert kernel_calls == (["vf_gemm", "vf_gemm"] if gemm_on else ["vf_bias_act"])
     torch.testing.assert_close(out, mlp.fc2(F.gelu(mlp.fc1(x))), rtol=1e-5, atol=1e-5)

@@ -262,6 +262,7 @@ ONEDNN_HERE = linear_mod._onednn_agrees()
 @pytest.mark.parametrize("shape", [(NATIVE_MAX_ROWS + 1, ONEDNN_MIN_K), (2, 33, ONEDNN_MIN_K + 3), (300, 768)])
 def test_onednn_matches_f_linear(shape, with_bias, onednn_calls, monkeypatch):
     monkeypatch.setattr(linear_mod, "_onednn", True)
+    monkeypatch.setattr(linear_mod, "_gemm", False)  # (the native GEMM comes first where it is chosen)
     x, w = torch.randn(shape), torch.randn(45, shape[-1]) / shape[-1] ** 0.5
     b = torch.randn(45) if with_bias else None
     with torch.inference_mode():
@@ -275,6 +276,7 @@ def test_onednn_matches_f_linear(shape, with_bias, onednn_calls, monkeypatch):
 @pytest.mark.skipif(not ONEDNN_HERE, reason="needs PyTorch built with oneDNN")
 def test_onednn_not_taken_where_f_linear_must_run(onednn_calls, monkeypatch):
     monkeypatch.setattr(linear_mod, "_onednn", True)
+    monkeypatch.setattr(linear_mod, "_gemm", False)
     k = ONEDNN_MIN_K
     w, b = torch.randn(16, k), torch.randn(16)
     x = torch.randn(NATIVE_MAX_ROWS + 4, k)

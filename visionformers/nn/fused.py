@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers import _native
-from visionformers.nn.linear import NATIVE_MAX_ROWS, linear, native_inference_ready
+from visionformers.nn.gemm import ACT_CODES, gemm
+from visionformers.nn.linear import NATIVE_MAX_ROWS, gemm_taken, linear, native_inference_ready
 
 __all__ = ["native_bias_act_", "linear_add_norm", "native_epilogue_available"]
 
-_ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 _REFERENCE = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
 
@@ -43,7 +43,7 @@ def _self_check(lib) -> bool:
     m, n = 1000, 37
     h, b = 3 * torch.randn(m, n, generator=g), torch.randn(n, generator=g)
     ok = True
-    for act, code in _ACT_CODES.items():
+    for act, code in ACT_CODES.items():
         out = h.clone()
         lib.vf_bias_act(out.data_ptr(), b.data_ptr(), m, n, code, torch.get_num_threads())
         ok &= torch.allclose(out, _REFERENCE[act](h + b), rtol=1e-5, atol=1e-5)
@@ -76,9 +76,9 @@ def _native_rows(*tensors: torch.Tensor | None) -> int:
 
 def native_bias_act_(h: torch.Tensor, bias: torch.Tensor | None, act: str) -> bool:
     """h = act(h + bias) in place, natively; False (h untouched) where the kernel cannot take it."""
-    rows = _native_rows(h, bias) if act in _ACT_CODES else 0
+    rows = _native_rows(h, bias) if act in ACT_CODES else 0
     if rows:
-        _KERNEL.get().vf_bias_act(h.data_ptr(), _ptr(bias), rows, h.shape[-1], _ACT_CODES[act], torch.get_num_threads())
+        _KERNEL.get().vf_bias_act(h.data_ptr(), _ptr(bias), rows, h.shape[-1], ACT_CODES[act], torch.get_num_threads())
     return bool(rows)
 
 
@@ -99,6 +99,11 @@ def linear_add_norm(
     if not (rows and residual.shape == x.shape[:-1] + (weight.shape[0],)):
         s = residual + layer(x)
         return (s if keep_sum else None), (None if norm is None else norm(s))
+    if gemm_taken(x, weight):  # the whole epilogue, norm included, inside the product
+        out = gemm(x, weight, bias, residual=residual, keep_sum=keep_sum,
+                   norm=None if norm is None else (norm.weight, norm.bias, norm.eps))
+        if out is not None:
+            return out
     if rows <= NATIVE_MAX_ROWS:  # the rows kernel adds the bias for free
         y, bias = linear(x, weight, bias), None
     else:

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers import _native
+from visionformers.nn.gemm import gemm, native_gemm_available
 
 __all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "native_inference_ready", "native_ready",
-           "onednn_linear_chosen", "NATIVE_MAX_ROWS", "ONEDNN_MIN_K"]
+           "onednn_linear_chosen", "gemm_chosen", "gemm_taken", "NATIVE_MAX_ROWS", "ONEDNN_MIN_K"]
 
 # Rows up to which the kernel is used. On GPT-2's matrices here (2 cores, AVX2) it is 1.6-3x faster than MKL from 1
 # to 16 rows and even with it at 64-96; with many rows a BLAS matrix product, blocked for the caches, wins.
@@ -202,19 +203,14 @@ def onednn_linear_chosen() -> bool:
 
 
 def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-    """"rows" (the native kernel may take it), "onednn" or "blas". Runs on every call of every Linear: cheap shape
-    checks first (~2 us; F.linear is ~5 us)."""
+    """"rows" (the native kernel may take it), "many" (native GEMM or oneDNN may) or "blas". Runs on every call
+    of every Linear: cheap shape checks first (~2 us; F.linear is ~5 us)."""
     if x.dtype != _F32 or weight.ndim != 2 or not x.ndim:
         return "blas"
     k = weight.shape[1]
     if not k or x.shape[-1] != k or not x.numel():
         return "blas"
-    if x.numel() <= NATIVE_MAX_ROWS * k:
-        path = "rows"
-    elif k >= ONEDNN_MIN_K:
-        path = "onednn"
-    else:
-        return "blas"
+    path = "rows" if x.numel() <= NATIVE_MAX_ROWS * k else "many"
     if bias is None:
         ready = native_inference_ready(x, weight)
     else:
@@ -222,17 +218,78 @@ def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> s
     return path if ready else "blas"
 
 
+def gemm_taken(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether ``nn.gemm`` takes the product x W^T (and its epilogue's tensors ``others``): inference on CPU fp32
+    contiguous tensors of more than ``NATIVE_MAX_ROWS`` rows, where it measured faster (``gemm_chosen``)."""
+    if x.dtype != _F32 or weight.ndim != 2 or not x.ndim or x.shape[-1] != weight.shape[1] or not weight.shape[1]:
+        return False
+    if x.numel() <= NATIVE_MAX_ROWS * weight.shape[1]:
+        return False
+    return native_inference_ready(x, weight, *(t for t in others if t is not None)) and gemm_chosen()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; on CPU in inference, a few rows go through the native kernel and many rows
-    through oneDNN where it measures faster than BLAS."""
+    """``F.linear(x, weight, bias)``; on CPU in inference, a few rows go through the native kernel, and many rows
+    through the native GEMM (``nn.gemm``) or oneDNN where it measures faster than BLAS."""
     path = _path(x, weight, bias)
     if path == "rows":
         lib = _KERNEL.get()
         if lib is not None:
             return _run(lib.vf_linear_rows, x, weight, bias)
-    elif path == "onednn" and onednn_linear_chosen() and torch.backends.mkldnn.enabled:  # (the user's switch)
-        return _onednn_product(x, weight, bias)
+    elif path == "many":
+        if gemm_chosen():
+            out = gemm(x, weight, bias)
+            if out is not None:
+                return out[0]
+        if weight.shape[1] >= ONEDNN_MIN_K and onednn_linear_chosen() and torch.backends.mkldnn.enabled:  # (the user's switch)
+            return _onednn_product(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _library_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What ``linear`` runs for many rows without the native GEMM: oneDNN or BLAS."""
+    if weight.shape[1] >= ONEDNN_MIN_K and onednn_linear_chosen() and torch.backends.mkldnn.enabled:
+        return _onednn_product(x, weight, None)
+    return F.linear(x, weight)
+
+
+def _gemm_faster() -> bool:
+    """Whether the native GEMM with its epilogue runs a transformer MLP (512 rows, 384 -> 1536 with GELU -> 384)
+    clearly (3%) faster than the library path with PyTorch's epilogue: median of seven paired rounds, ~0.1 s
+    once per process. The micro-kernel is the same loop on every x86 CPU; BLAS differs from CPU to CPU."""
+    choice = os.environ.get("VISIONFORMERS_LINEAR_GEMM", "auto")
+    if choice in ("0", "1") or not native_gemm_available():
+        return choice == "1" and native_gemm_available()
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors: inference tensors' packing is not cached
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 384, generator=g)
+        w1, b1 = torch.randn(1536, 384, generator=g) * 0.05, torch.randn(1536, generator=g)
+        w2, b2 = torch.randn(384, 1536, generator=g) * 0.05, torch.randn(384, generator=g)
+        if gemm(x, w1) is None:  # over the packing budget already
+            return False
+
+        def library():
+            h = F.gelu(_library_product(x, w1).add_(b1))
+            return _library_product(h, w2).add_(b2).add_(x)
+
+        def native():
+            h = gemm(x, w1, b1, act="gelu")[0]
+            return gemm(h, w2, b2, residual=x)[0]
+
+        ratio = _speedup(library, native, 8)  # (the packed timing weights go with w1 and w2)
+    _native._log.info("native GEMM: %.2fx the library path on a 512-row MLP", ratio)
+    return ratio >= 1.03
+
+
+_gemm: bool | None = None  # decided on first use
+
+
+def gemm_chosen() -> bool:
+    """Whether inference products of many rows go to the native GEMM here (measured on the first call)."""
+    global _gemm
+    if _gemm is None:
+        _gemm = _gemm_faster()
+    return _gemm
 
 
 class Linear(nn.Linear):

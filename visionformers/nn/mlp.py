@@ -12,7 +12,8 @@ from torch import nn
 
 from visionformers._validate import check_bool, check_choice, check_int, check_probability
 from visionformers.nn.fused import native_bias_act_, native_epilogue_available
-from visionformers.nn.linear import NATIVE_MAX_ROWS, Linear, linear, native_inference_ready
+from visionformers.nn.gemm import ACT_CODES, gemm
+from visionformers.nn.linear import NATIVE_MAX_ROWS, Linear, gemm_taken, linear, native_inference_ready
 
 __all__ = ["Mlp", "ACTIVATIONS", "activation"]
 
@@ -81,6 +82,10 @@ class Mlp(nn.Module):
         # inference: nothing keeps fc1's output for backward, so the activation reuses its memory; with many
         # rows the product runs bias-free and the bias joins the activation's pass
         w, b = self.fc1.weight, self.fc1.bias
+        if self.act in ACT_CODES and gemm_taken(x, w, b):  # the activation in the product's epilogue
+            out = gemm(x, w, b, act=self.act)
+            if out is not None:
+                return out[0]
         if x.numel() > NATIVE_MAX_ROWS * x.shape[-1] and b is not None and native_epilogue_available() and native_inference_ready(x, w, b):
             return bias_act_(linear(x, w), b, self.act)
         return activation_(self.act, self.fc1(x))

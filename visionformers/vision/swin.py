@@ -34,6 +34,7 @@ from visionformers._validate import (
     is_int,
 )
 from visionformers.nn import PatchEmbed, TransformerBlock, WindowRelativeBias
+from visionformers.nn.linear import Linear
 
 __all__ = ["SwinConfig", "SwinTransformer", "PatchMerging", "window_layout", "SwinPlan"]
 
@@ -285,7 +286,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int, norm_eps: float = 1e-5):
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim, eps=norm_eps)
-        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.reduction = Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, L', 4C) neighbours already gathered by the plan -> (B, L', out_dim)."""

@@ -89,8 +89,11 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p0, 
 static void task(const float *q, const float *k, const float *v, const float *bias, float *out, long N, long D,
                  long qn, long kn, long vn, long on, int NV, float scale, float *kt) {
     const long NP = (long)NV * VL;
-    for (long j = 0; j < NP; j++)  /* kt (D, NP) = k^T, zero past N */
-        for (long d = 0; d < D; d++) kt[d * NP + j] = j < N ? k[j * kn + d] : 0.0f;
+    for (long d = 0; d < D; d++) {  /* kt (D, NP) = k^T, zero past N: contiguous stores (the rows of k are in L1) */
+        float *row = kt + d * NP;
+        for (long j = 0; j < N; j++) row[j] = k[j * kn + d];
+        for (long j = N; j < NP; j++) row[j] = 0.0f;
+    }
     vf iota;  /* lane numbers of the last key vector, where the padding keys are */
     for (int l = 0; l < VL; l++) iota[l] = (float)((NV - 1) * VL + l);
     const vi pad = iota >= (float)N;
@@ -127,6 +130,11 @@ static void task(const float *q, const float *k, const float *v, const float *bi
     }
 }
 
+static inline void prefetch_rows(const float *x, long N, long stride, long D) {
+    for (long n = 0; n < N; n++)
+        for (long d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(x + n * stride + d);
+}
+
 /* out (B, N, H, D); returns 0, or -1 where N or D is out of range (the caller checks first) */
 int vf_short_attention(const float *q, const float *k, const float *v, const float *bias, float *out, long B, long H,
                        long N, long D, const long *qs, const long *ks, const long *vs, const long *bs, float scale,
@@ -139,6 +147,13 @@ int vf_short_attention(const float *q, const float *k, const float *v, const flo
         #pragma omp for schedule(static)
         for (long t = 0; t < B * H; t++) {
             const long b = t / H, h = t % H;
+            if (t + 1 < B * H) {  /* the next task's rows, while this one computes: strided rows defeat the
+                                   * hardware prefetcher, and their first touch otherwise stalls the task */
+                const long b1 = (t + 1) / H, h1 = (t + 1) % H;
+                prefetch_rows(q + b1 * qs[0] + h1 * qs[1], N, qs[2], D);
+                prefetch_rows(k + b1 * ks[0] + h1 * ks[1], N, ks[2], D);
+                prefetch_rows(v + b1 * vs[0] + h1 * vs[1], N, vs[2], D);
+            }
             task(q + b * qs[0] + h * qs[1], k + b * ks[0] + h * ks[1], v + b * vs[0] + h * vs[1],
                  bias ? bias + b * bs[0] + h * bs[1] : NULL, out + (b * N * H + h) * D, N, D, qs[2], ks[2], vs[2],
                  H * D, NV, scale, kt);

@@ -37,7 +37,7 @@ static inline void store_n(float *p, vf v, long n) {
 /* lanes c .. c + VL of a row of C floats, the part past C as zeros (loads) or left alone (stores) */
 static inline vf ld(const float *p, long c, long C) { return C - c >= VL ? load(p + c) : load_n(p + c, C - c); }
 static inline void st(float *p, long c, long C, vf v) { if (C - c >= VL) store(p + c, v); else store_n(p + c, v, C - c); }
-static inline vf splat(float a) { return (vf){0} + a; }
+static inline vf splat(float a) { return a - (vf){0}; }  /* one broadcast: a - 0.0f == a exactly and folds away (a + 0.0f does not: -0.0f + 0.0f = +0.0f) */
 static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 #if defined(__AVX512F__)
