@@ -175,7 +175,8 @@ def test_block_inference_is_the_same_with_and_without_the_gemm(pre_norm, gemm_ca
     with torch.inference_mode():
         monkeypatch.setattr(linear_mod, "_gemm", True)
         out = block(x)
-        assert gemm_calls.count("vf_gemm") == 4  # qkv, proj (+ residual + norm), fc1 (+ GELU), fc2 (+ residual)
+        # qkv, proj (+ residual + norm), then the whole MLP (fc1 + GELU, fc2 + residual (+ norm)) in one call
+        assert gemm_calls.count("vf_gemm") == 2 and gemm_calls.count("vf_mlp") == 1
         monkeypatch.setattr(linear_mod, "_gemm", False)
         ref = block(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from visionformers._validate import (
 )
 from visionformers.nn.attention import Attention, DifferentialAttention, KVCache, LinearAttention
 from visionformers.nn.drop import DropPath
-from visionformers.nn.fused import linear_add_norm, native_epilogue_available
+from visionformers.nn.fused import linear_add_norm, mlp_add_norm, native_epilogue_available
 from visionformers.nn.mlp import Mlp
 from visionformers.nn.norm import AdaLNModulation, make_norm, modulate
 
@@ -170,10 +170,10 @@ class TransformerBlock(nn.Module):
         if self.pre_norm:
             heads = self._self_attention(self.norm1(x), mask, bias, rope, kv_cache, partition, project=False)
             x, h = linear_add_norm(heads, self.attn.proj, x, self.norm2)
-            return linear_add_norm(self.mlp.hidden(h), self.mlp.fc2, x, None)[0]
+            return mlp_add_norm(h, self.mlp, x, None)[0]
         heads = self._self_attention(x, mask, bias, rope, kv_cache, partition, project=False)
         x = linear_add_norm(heads, self.attn.proj, x, self.norm1, keep_sum=False)[1]
-        return linear_add_norm(self.mlp.hidden(x), self.mlp.fc2, x, self.norm2, keep_sum=False)[1]
+        return mlp_add_norm(x, self.mlp, x, self.norm2, keep_sum=False)[1]
 
     def _forward(self, x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache, partition):
         if context is None and self._fusable(x):

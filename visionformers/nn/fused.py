@@ -20,9 +20,10 @@ from torch import nn
 
 from visionformers import _native
 from visionformers.nn.gemm import ACT_CODES, gemm
+from visionformers.nn.gemm import mlp as mlp_product
 from visionformers.nn.linear import NATIVE_MAX_ROWS, gemm_taken, linear, native_inference_ready
 
-__all__ = ["native_bias_act_", "linear_add_norm", "native_epilogue_available"]
+__all__ = ["native_bias_act_", "linear_add_norm", "mlp_add_norm", "native_epilogue_available"]
 
 _REFERENCE = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
@@ -114,3 +115,20 @@ def linear_add_norm(
     _KERNEL.get().vf_add_norm(residual.data_ptr(), y.data_ptr(), _ptr(bias), _ptr(s), _ptr(h), _ptr(w), _ptr(beta),
                      rows, y.shape[-1], eps, torch.get_num_threads())
     return s, h
+
+
+def mlp_add_norm(
+    x: torch.Tensor, mlp: nn.Module, residual: torch.Tensor, norm: nn.Module | None, keep_sum: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``linear_add_norm(mlp.hidden(x), mlp.fc2, residual, norm, keep_sum)``: an MLP block's output with its
+    residual and the next norm, as one native call (``nn.gemm.mlp``) where the GEMM takes fc1's product."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    if (not mlp.gated and mlp.act in ACT_CODES and residual.shape == x.shape[:-1] + (fc2.weight.shape[0],)
+            and (norm is None or (type(norm) is nn.LayerNorm and norm.normalized_shape == (fc2.weight.shape[0],)))
+            and gemm_taken(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual,
+                           *((norm.weight, norm.bias) if norm is not None else ()))):
+        out = mlp_product(x, fc1, mlp.act, fc2, residual=residual, keep_sum=keep_sum,
+                          norm=None if norm is None else (norm.weight, norm.bias, norm.eps))
+        if out is not None:
+            return out if keep_sum or norm is None else (None, out[1])
+    return linear_add_norm(mlp.hidden(x), fc2, residual, norm, keep_sum)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from visionformers import _native
 
-__all__ = ["gemm", "packed", "native_gemm_available", "clear_packed", "PACK_BUDGET_BYTES", "ACT_CODES"]
+__all__ = ["gemm", "mlp", "packed", "native_gemm_available", "clear_packed", "PACK_BUDGET_BYTES", "ACT_CODES"]
 
 ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}  # vmath.h's ACT_* codes
 PACK_BUDGET_BYTES = int(os.environ.get("VISIONFORMERS_PACK_BUDGET_MB", "2048")) * 2**20
@@ -39,6 +39,9 @@ def _configure(lib) -> None:
     lib.vf_gemm_pack.argtypes, lib.vf_gemm_pack.restype = [_P, _L, _L, _P, ctypes.c_int], None
     lib.vf_gemm.argtypes = [_P, _P, _P, _L, _L, _L, _P, ctypes.c_int, _P, _P, _P, _P, ctypes.c_float, ctypes.c_int]
     lib.vf_gemm.restype = None
+    lib.vf_mlp.argtypes = ([_P, _P, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, ctypes.c_float,
+                            ctypes.c_int])
+    lib.vf_mlp.restype = ctypes.c_int
 
 
 def _ptr(t: torch.Tensor | None):
@@ -55,13 +58,25 @@ def _pack(lib, weight: torch.Tensor) -> torch.Tensor:
 def _call(lib, x, panels, n, bias, act, residual, norm, keep_sum):
     k = x.shape[-1]
     rows = x.numel() // k
-    shape = x.shape[:-1] + (n,)
-    s = torch.empty(shape, dtype=torch.float32) if keep_sum or norm is None else None
-    h = None if norm is None else torch.empty(shape, dtype=torch.float32)
-    g, beta, eps = norm if norm is not None else (None, None, 0.0)
+    s, h, g, beta, eps = _outputs(x.shape[:-1] + (n,), norm, keep_sum)
     lib.vf_gemm(x.data_ptr(), panels.data_ptr(), _ptr(s), rows, n, k, _ptr(bias), act, _ptr(residual), _ptr(h),
                 _ptr(g), _ptr(beta), eps, torch.get_num_threads())
     return s, h
+
+
+def _outputs(shape, norm, keep_sum):
+    s = torch.empty(shape, dtype=torch.float32) if keep_sum or norm is None else None
+    h = None if norm is None else torch.empty(shape, dtype=torch.float32)
+    g, beta, eps = norm if norm is not None else (None, None, 0.0)
+    return s, h, g, beta, eps
+
+
+def _call_mlp(lib, x, p1, b1, act, p2, b2, n, hidden, residual, norm, keep_sum):
+    k = x.shape[-1]
+    s, h, g, beta, eps = _outputs(x.shape[:-1] + (n,), norm, keep_sum)
+    failed = lib.vf_mlp(x.data_ptr(), p1.data_ptr(), _ptr(b1), act, p2.data_ptr(), _ptr(b2), _ptr(s), x.numel() // k, k,
+                        hidden, n, _ptr(residual), _ptr(h), _ptr(g), _ptr(beta), eps, torch.get_num_threads())
+    return None if failed else (s, h)
 
 
 def _self_check(lib) -> bool:
@@ -82,6 +97,11 @@ def _self_check(lib) -> bool:
             ok &= torch.allclose(h.double(), F.layer_norm(r.double() + ref, (n,), nw.double(), nb.double(), 1e-5),
                                  rtol=1e-4, atol=1e-4)
             ok &= torch.equal(_call(lib, x, panels, n, b, 0, r, (nw, nb, 1e-5), False)[1], h)
+            w2, b2 = torch.randn(n, 3 * n, generator=g) / n, torch.randn(n, generator=g)  # x -> 3n -> n, fused
+            w1, b1 = torch.randn(3 * n, k, generator=g), torch.randn(3 * n, generator=g)
+            ref = r.double() + F.linear(F.gelu(F.linear(x.double(), w1.double(), b1.double())), w2.double(), b2.double())
+            out = _call_mlp(lib, x, _pack(lib, w1), b1, ACT_CODES["gelu"], _pack(lib, w2), b2, n, 3 * n, r, None, True)
+            ok &= out is not None and torch.allclose(out[0].double(), ref, **tol)
             if not ok:
                 return False
     return True
@@ -162,3 +182,22 @@ def gemm(
         return None
     return _call(_KERNEL.get(), x, panels, weight.shape[0], bias, ACT_CODES[act] if act else 0, residual, norm,
                  keep_sum)
+
+
+def mlp(
+    x: torch.Tensor,
+    fc1: torch.nn.Linear,
+    act: str,
+    fc2: torch.nn.Linear,
+    *,
+    residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
+    keep_sum: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """A whole MLP, s = residual + fc2(act(fc1(x))) and h = LayerNorm(s), block of rows by block of rows (the hidden
+    activations stay in a per-thread buffer in cache); (s, h) as ``gemm``, or None where the kernel cannot take it."""
+    p1, p2 = packed(fc1.weight), packed(fc2.weight)
+    if p1 is None or p2 is None:
+        return None
+    return _call_mlp(_KERNEL.get(), x, p1, fc1.bias, ACT_CODES[act], p2, fc2.bias, fc2.weight.shape[0],
+                     fc1.weight.shape[0], residual, norm, keep_sum)

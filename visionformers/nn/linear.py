@@ -35,11 +35,16 @@ from visionformers import _native
 from visionformers.nn.gemm import gemm, native_gemm_available
 
 __all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "native_inference_ready", "native_ready",
-           "onednn_linear_chosen", "gemm_chosen", "gemm_taken", "NATIVE_MAX_ROWS", "ONEDNN_MIN_K"]
+           "onednn_linear_chosen", "gemm_chosen", "gemm_taken", "NATIVE_MAX_ROWS", "ONEDNN_MIN_K", "GEMM_MAX_K"]
 
 # Rows up to which the kernel is used. On GPT-2's matrices here (2 cores, AVX2) it is 1.6-3x faster than MKL from 1
 # to 16 rows and even with it at 64-96; with many rows a BLAS matrix product, blocked for the caches, wins.
 NATIVE_MAX_ROWS = 16
+# Inputs up to which the native GEMM (nn.gemm) may take a product. It saves the weights' re-packing and the epilogue's
+# passes, which matter most where K is small; from K = 768 on (ViT-B, Swin-T's last stage) BLAS's own kernel is as
+# fast or faster (Zen 3, 2 cores: 0.90-1.01x at ViT-B's 1576 x 768 -> 2304 / 3072 and 3072 -> 768; 1.1-1.2x at
+# Swin-T's K = 96-384 with the fused GELU / residual + LayerNorm).
+GEMM_MAX_K = 512
 # Inputs from which oneDNN may take a product: with 96-192 inputs (Swin-T's first stages) it was no faster than MKL
 # even where it wins at 768 (Zen 4, 2 cores: 170-178 vs 188-197 GFLOP/s at 96, even at 192, +2-4% at 384).
 ONEDNN_MIN_K = 384
@@ -220,8 +225,11 @@ def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> s
 
 def gemm_taken(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether ``nn.gemm`` takes the product x W^T (and its epilogue's tensors ``others``): inference on CPU fp32
-    contiguous tensors of more than ``NATIVE_MAX_ROWS`` rows, where it measured faster (``gemm_chosen``)."""
-    if x.dtype != _F32 or weight.ndim != 2 or not x.ndim or x.shape[-1] != weight.shape[1] or not weight.shape[1]:
+    contiguous tensors of more than ``NATIVE_MAX_ROWS`` rows and at most ``GEMM_MAX_K`` inputs, where it measured
+    faster (``gemm_chosen``)."""
+    if x.dtype != _F32 or weight.ndim != 2 or not x.ndim or x.shape[-1] != weight.shape[1]:
+        return False
+    if not 0 < weight.shape[1] <= GEMM_MAX_K:
         return False
     if x.numel() <= NATIVE_MAX_ROWS * weight.shape[1]:
         return False
@@ -237,7 +245,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if lib is not None:
             return _run(lib.vf_linear_rows, x, weight, bias)
     elif path == "many":
-        if gemm_chosen():
+        if weight.shape[1] <= GEMM_MAX_K and gemm_chosen():
             out = gemm(x, weight, bias)
             if out is not None:
                 return out[0]

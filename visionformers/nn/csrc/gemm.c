@@ -14,6 +14,8 @@
  * Sums run over k in the same order for every row and any number of threads: deterministic. Results agree with
  * F.linear to float rounding (another summation order). Built on first use by visionformers/_native.py.
  */
+#include <stdlib.h>
+
 #include "vmath.h"
 
 #define NR (2 * VL)              /* columns per panel: two vectors */
@@ -132,36 +134,74 @@ static void norm_row(const float *v, float *h, const float *g, const float *beta
     }
 }
 
+/* rows m0..m1 of out (stride N) = act(A W^T + bias) + residual for A of stride lda (rows m0.. of the operand), the
+ * product over K in blocks of KC, each tile's epilogue after its last block */
+static void row_block(const float *A, long lda, const float *Bp, float *out, long m0, long m1, long N, long K,
+                      const float *bias, int act, const float *residual) {
+    const long panels = (N + NR - 1) / NR;
+    for (long p0 = 0; p0 < K; p0 += KC) {
+        const long kc = p0 + KC < K ? KC : K - p0;
+        const int first = p0 == 0, last = p0 + kc == K;
+        for (long jp = 0; jp < panels; jp++) {
+            const float *b = Bp + (jp * K + p0) * NR;
+            const long col = jp * NR, ncols = N - col < NR ? N - col : NR;
+            for (long i = m0; i < m1; i += MR) {
+                const int R = m1 - i < MR ? (int)(m1 - i) : MR;
+                tile_rows(A + i * lda + p0, lda, b, out + i * N + col, N, kc, first, last, bias ? bias + col : NULL,
+                          act, residual ? residual + i * N + col : NULL, R, ncols);
+            }
+        }
+    }
+}
+
+/* Rows per block for M rows: about MC_TARGET, a multiple of MR, and as many blocks for every thread */
+static long block_rows(long M, int nthreads) {
+    long blocks = (M + MC_TARGET - 1) / MC_TARGET;
+    blocks = (blocks + nthreads - 1) / nthreads * nthreads;
+    const long mc = (M + blocks - 1) / blocks;
+    return (mc + MR - 1) / MR * MR;
+}
+
 /* C (M, N) = act(A (M, K) W^T + bias) + residual, W packed by vf_gemm_pack; then, with h, h = LayerNorm(C) (g, beta,
  * eps). C may be NULL with h given: h holds C in between (post-norm keeps only the norm). bias, residual, g, beta
  * may be NULL; act is an ACT_* code of vmath.h, and 0 with a residual. */
 void vf_gemm(const float *A, const float *Bp, float *C, long M, long N, long K, const float *bias, int act,
              const float *residual, float *h, const float *g, const float *beta, float eps, int nthreads) {
     float *out = C ? C : h;
-    const long panels = (N + NR - 1) / NR;
-    long blocks = (M + MC_TARGET - 1) / MC_TARGET;
-    blocks = (blocks + nthreads - 1) / nthreads * nthreads;  /* as many blocks per thread */
-    long mc = (M + blocks - 1) / blocks;
-    mc = (mc + MR - 1) / MR * MR;
-    blocks = (M + mc - 1) / mc;
+    const long mc = block_rows(M, nthreads), blocks = (M + mc - 1) / mc;
     /* dynamic: a core slowed by another tenant takes fewer blocks (each block is computed the same way anywhere) */
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (long ib = 0; ib < blocks; ib++) {
         const long m0 = ib * mc, m1 = m0 + mc < M ? m0 + mc : M;
-        for (long p0 = 0; p0 < K; p0 += KC) {
-            const long kc = p0 + KC < K ? KC : K - p0;
-            const int first = p0 == 0, last = p0 + kc == K;
-            for (long jp = 0; jp < panels; jp++) {
-                const float *b = Bp + (jp * K + p0) * NR;
-                const long col = jp * NR, ncols = N - col < NR ? N - col : NR;
-                for (long i = m0; i < m1; i += MR) {
-                    const int R = m1 - i < MR ? (int)(m1 - i) : MR;
-                    tile_rows(A + i * K + p0, K, b, out + i * N + col, N, kc, first, last, bias ? bias + col : NULL,
-                              act, residual ? residual + i * N + col : NULL, R, ncols);
-                }
-            }
-        }
+        row_block(A, K, Bp, out, m0, m1, N, K, bias, act, residual);
         if (h)  /* the block's rows are complete and still in cache */
             for (long i = m0; i < m1; i++) norm_row(out + i * N, h + i * N, g, beta, N, eps);
     }
+}
+
+/* A whole MLP block, C = residual + (act(A W1^T + b1) W2^T + b2) and optionally h = LayerNorm(C), row block by row
+ * block: the hidden activations of a block (mc x H) live in a per-thread buffer in cache and never reach memory.
+ * A (M, K), W1 packed (H, K), W2 packed (N, H); as vf_gemm otherwise. Returns -1 where the buffer cannot be had. */
+int vf_mlp(const float *A, const float *W1p, const float *b1, int act, const float *W2p, const float *b2, float *C,
+           long M, long K, long H, long N, const float *residual, float *h, const float *g, const float *beta,
+           float eps, int nthreads) {
+    float *out = C ? C : h;
+    const long mc = block_rows(M, nthreads), blocks = (M + mc - 1) / mc;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads) reduction(|: failed)
+    {
+        float *hidden = malloc((size_t)mc * H * sizeof(float));
+        failed = hidden == NULL;
+        #pragma omp for schedule(dynamic, 1)
+        for (long ib = 0; ib < blocks; ib++) {
+            if (!hidden) continue;
+            const long m0 = ib * mc, m1 = m0 + mc < M ? m0 + mc : M;
+            row_block(A + m0 * K, K, W1p, hidden, 0, m1 - m0, H, K, b1, act, NULL);
+            row_block(hidden, H, W2p, out + m0 * N, 0, m1 - m0, N, H, b2, 0, residual ? residual + m0 * N : NULL);
+            if (h)
+                for (long i = m0; i < m1; i++) norm_row(out + i * N, h + i * N, g, beta, N, eps);
+        }
+        free(hidden);
+    }
+    return failed ? -1 : 0;
 }
