@@ -3,7 +3,8 @@
  *
  * ATen's CPU flash attention tiles for long sequences; at 49 keys most of its time is per-tile bookkeeping, and
  * its (B, H, N, D) output needs another copy to reach the (B, N, H*D) rows that the output projection reads.
- * Here one (batch, head) pair is one task: its keys are transposed once into a small (D, NP) block in L1 cache,
+ * Here one (batch, head) pair is one task (the next task's rows are prefetched meanwhile): its keys are transposed
+ * once into a small (D, NP) block in L1 cache and its values copied into contiguous rows,
  * each query row's NP scores are a few vectors accumulated in registers (vectorised over keys), the softmax
  * runs on those vectors, and the weighted sum of the values (vectorised over D) is written straight into
  * out (B, N, H, D). NP is N rounded up to whole vectors; padding keys score -inf.
@@ -44,7 +45,7 @@ static inline float softmax_row(vf *s, const float *bi, long N, int NV, vi pad, 
         for (int j = 0; j < NV - 1; j++) s[j] += load(bi + j * VL);
         s[NV - 1] += ld(bi, (NV - 1) * VL, N);
     }
-    s[NV - 1] = select(pad, splat(-INFINITY), s[NV - 1]);
+    s[NV - 1] = vselect(pad, splat(-INFINITY), s[NV - 1]);
     vf mx = s[0];
     for (int j = 1; j < NV; j++) mx = vmax(mx, s[j]);
     float m = mx[0];
@@ -56,7 +57,7 @@ static inline float softmax_row(vf *s, const float *bi, long N, int NV, vi pad, 
     vf sum = zero;
     for (int j = 0; j < NV; j++) {
         const vf x = s[j] - m;
-        const vf e = select(x > -87.0f, v_exp(x), zero);  /* exp(-inf) = 0 (v_exp clamps at e^-80) */
+        const vf e = vselect(x > -87.0f, v_exp(x), zero);  /* exp(-inf) = 0 (v_exp clamps at e^-80) */
         sum += e;
         store(p + j * VL, e);
     }
@@ -87,13 +88,16 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p0, 
 
 
 static void task(const float *q, const float *k, const float *v, const float *bias, float *out, long N, long D,
-                 long qn, long kn, long vn, long on, int NV, float scale, float *kt) {
+                 long qn, long kn, long vn, long on, int NV, float scale, float *kt, float *vc) {
     const long NP = (long)NV * VL;
     for (long d = 0; d < D; d++) {  /* kt (D, NP) = k^T, zero past N: contiguous stores (the rows of k are in L1) */
         float *row = kt + d * NP;
         for (long j = 0; j < N; j++) row[j] = k[j * kn + d];
         for (long j = N; j < NP; j++) row[j] = 0.0f;
     }
+    for (long j = 0; j < N; j++) memcpy(vc + j * D, v + j * vn, D * sizeof(float));  /* v's rows, contiguous */
+    v = vc;
+    vn = D;
     vf iota;  /* lane numbers of the last key vector, where the padding keys are */
     for (int l = 0; l < VL; l++) iota[l] = (float)((NV - 1) * VL + l);
     const vi pad = iota >= (float)N;
@@ -143,7 +147,7 @@ int vf_short_attention(const float *q, const float *k, const float *v, const flo
     const int NV = (int)((N + VL - 1) / VL);
     #pragma omp parallel num_threads(nthreads)
     {
-        float kt[MAX_D * MAX_N];
+        float kt[MAX_D * MAX_N], vc[MAX_N * MAX_D];  /* k^T and v of the current task, in L1 */
         #pragma omp for schedule(static)
         for (long t = 0; t < B * H; t++) {
             const long b = t / H, h = t % H;
@@ -156,7 +160,7 @@ int vf_short_attention(const float *q, const float *k, const float *v, const flo
             }
             task(q + b * qs[0] + h * qs[1], k + b * ks[0] + h * ks[1], v + b * vs[0] + h * vs[1],
                  bias ? bias + b * bs[0] + h * bs[1] : NULL, out + (b * N * H + h) * D, N, D, qs[2], ks[2], vs[2],
-                 H * D, NV, scale, kt);
+                 H * D, NV, scale, kt, vc);
         }
     }
     return 0;

@@ -38,7 +38,7 @@ static inline void store_n(float *p, vf v, long n) {
 static inline vf ld(const float *p, long c, long C) { return C - c >= VL ? load(p + c) : load_n(p + c, C - c); }
 static inline void st(float *p, long c, long C, vf v) { if (C - c >= VL) store(p + c, v); else store_n(p + c, v, C - c); }
 static inline vf splat(float a) { return a - (vf){0}; }  /* one broadcast: a - 0.0f == a exactly and folds away (a + 0.0f does not: -0.0f + 0.0f = +0.0f) */
-static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -58,8 +58,8 @@ static inline vf recip(vf d) {  /* 1/d: 12-bit estimate and one Newton step (rel
     return r * (2.0f - d * r);
 }
 #else
-static inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
-static inline vf vmin(vf a, vf b) { return select(a < b, a, b); }
+static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+static inline vf vmin(vf a, vf b) { return vselect(a < b, a, b); }
 static inline vf recip(vf d) { return 1.0f / d; }
 #endif
 
@@ -97,7 +97,7 @@ static inline vf v_erf(vf x) {
     q = q * x2 + -1.68282697438203e-03f;
     q = q * x2 + -7.37332916720468e-03f;
     q = q * x2 + -1.42647390514189e-02f;
-    return select(saturated, (vf)(sign | 0x3f800000), x * p * recip(q));
+    return vselect(saturated, (vf)(sign | 0x3f800000), x * p * recip(q));
 }
 
 static inline vf v_act(vf x, int act) {
@@ -109,7 +109,7 @@ static inline vf v_act(vf x, int act) {
         return x * recip(1.0f + v_exp(-2.0f * u));
     }
     case ACT_RELU:
-        return select(x < 0.0f, splat(0.0f), x);  /* NaN stays NaN, as in ATen */
+        return vselect(x < 0.0f, splat(0.0f), x);  /* NaN stays NaN, as in ATen */
     case ACT_SILU:
         return x * recip(1.0f + v_exp(-x));
     default:
