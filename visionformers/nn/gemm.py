@@ -4,11 +4,15 @@
 tile of the output gets its epilogue while it is still in registers, and a block of rows gets its norm while it
 is still in cache. W is packed once into the micro-kernel's panel layout and kept (see ``packed``), where BLAS
 re-packs it on every call. On a Zen 3 EPYC (2 cores, AVX2) the micro-kernel runs at MKL's rate (90-95 GFLOP/s
-per core) and the saved copies and passes make Swin-T inference ~5-10% faster (``bench/RESULTS.md``).
+per core); a product with its epilogue is 1.04-1.22x MKL's plus our epilogue pass at Swin-T's sizes (96-384 inputs),
+0.98-1.01x at ViT-B's (768-3072), and Swin-T inference 1.02-1.04x of itself without it (``bench/RESULTS.md``).
 
-The dispatch is ``nn.linear``'s: ``linear``, ``Mlp`` and ``linear_add_norm`` call ``gemm`` when
-``gemm_taken(x, weight)`` says so (inference, CPU fp32 contiguous tensors, more than ``NATIVE_MAX_ROWS`` rows,
-and the kernel measured faster than the library path once per process). Results agree with ``F.linear`` and
+``mlp`` runs a whole MLP (fc1, activation, fc2, residual, norm) block of rows by block of rows, the hidden
+activations in a per-thread buffer that stays in cache.
+
+The dispatch is ``nn.linear``'s: ``linear``, ``Mlp``, ``linear_add_norm`` and ``mlp_add_norm`` call these when
+``gemm_taken(x, weight)`` says so (inference, CPU fp32 contiguous tensors, more than ``NATIVE_MAX_ROWS`` rows, at
+most ``GEMM_MAX_K`` inputs, and the kernel measured faster than the library path once per process). Results agree with ``F.linear`` and
 the PyTorch epilogues to float rounding; every row is summed in the same order on any number of threads.
 
 Memory: packed weights are as large as the weights (+ padding to whole panels). They are kept for inference

@@ -6,7 +6,7 @@
  * of a Swin-T forward). Here W (N, K), nn.Linear's layout, is packed once into panels of NR columns (K rows of NR
  * floats, zero past N), kept by the caller, and each call runs the loops of Goto & van de Geijn ("Anatomy of
  * High-Performance Matrix Multiplication", 2008, fig. 8) with a register-blocked micro-kernel: MR rows of A
- * times one NR-column panel, MR x NR accumulators, one broadcast of A and two loads of W per step of k.
+ * times one NR-column panel, MR x NR accumulators, MR broadcasts of A and two loads of W per step of k.
  * A is read in place (rows of stride K), in blocks of KC columns; a thread owns whole blocks of rows, so once
  * a block's last KC columns are done its rows are complete and the epilogue runs on them at once:
  *     C = act(A W^T + b) + r          (bias b, activation and residual r each optional; act with no residual)
