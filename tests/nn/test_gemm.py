@@ -1,6 +1,7 @@
 """nn.gemm: the native products with packed weights and fused epilogues, against float64 PyTorch; the packing
 cache; the dispatch from nn.linear, nn.mlp and nn.fused; the choice by environment or timing."""
 import gc
+import threading
 
 import pytest
 import torch
@@ -123,6 +124,20 @@ def test_packing_is_freed_with_the_weight_and_bounded(monkeypatch):
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # the library path instead
     with torch.inference_mode():
         assert packed(torch.randn(8, 8)) is None  # inference tensors have no version counter: not cached
+
+
+@needs_kernel
+def test_packing_from_several_threads_keeps_one_copy():
+    gemm_mod.clear_packed()
+    w = torch.randn(256, 128)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(packed(w))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(r is packed(w) for r in results)  # every thread got the kept panels
+    assert len(gemm_mod._packed) == 1 and gemm_mod._packed_bytes == packed(w).numel() * 4
 
 
 @needs_kernel

@@ -151,21 +151,31 @@ def packed(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.is_inference():  # no version counter to see in-place changes by: not cached
         return None
     key = id(weight)
-    entry = _packed.get(key)
-    if entry is not None and entry[0]() is weight and entry[1] == weight.data_ptr() and entry[2] == weight._version:
-        return entry[3]
-    if entry is not None:
-        _forget(key)
+    current = _current(key, weight)
+    if current is not None:
+        return current
     size = lib.vf_gemm_packed_floats(*weight.shape) * 4
     if _packed_bytes + size > PACK_BUDGET_BYTES:
         return None
     with torch.inference_mode(False), torch.no_grad():  # plain memory, usable later in any mode
         panels = _pack(lib, weight.detach())
     with _lock:
+        current = _current(key, weight)  # (another thread may have packed it meanwhile)
+        if current is not None:
+            return current
+        _forget(key)  # a stale entry: the weight changed
         ref = weakref.ref(weight, lambda _r, key=key: _forget(key))
         _packed[key] = (ref, weight.data_ptr(), weight._version, panels)
         _packed_bytes += size
     return panels
+
+
+def _current(key: int, weight: torch.Tensor) -> torch.Tensor | None:
+    """The kept panels of ``weight`` if they are still its current values."""
+    entry = _packed.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == weight.data_ptr() and entry[2] == weight._version:
+        return entry[3]
+    return None
 
 
 def gemm(
