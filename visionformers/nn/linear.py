@@ -249,16 +249,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             out = gemm(x, weight, bias)
             if out is not None:
                 return out[0]
-        if weight.shape[1] >= ONEDNN_MIN_K and onednn_linear_chosen() and torch.backends.mkldnn.enabled:  # (the user's switch)
-            return _onednn_product(x, weight, bias)
+        return _library_product(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def _library_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """What ``linear`` runs for many rows without the native GEMM: oneDNN or BLAS."""
+def _library_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``linear`` runs for many rows without the native GEMM: oneDNN where chosen (and the user's
+    ``torch.backends.mkldnn`` switch is on), else BLAS."""
     if weight.shape[1] >= ONEDNN_MIN_K and onednn_linear_chosen() and torch.backends.mkldnn.enabled:
-        return _onednn_product(x, weight, None)
-    return F.linear(x, weight)
+        return _onednn_product(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _gemm_faster() -> bool:

@@ -52,33 +52,6 @@ void vf_add_norm(const float *x, const float *y, const float *restrict b, float 
             if (xr) a = xr[n] + a;
             v[n] = a;
         }
-        if (!h) continue;
-        vf acc = splat(0.0f);
-        float tail = 0.0f;
-        for (long n = 0; n < full; n += VL) acc += load(v + n);
-        for (long n = full; n < N; n++) tail += v[n];
-        float sum = tail;
-        for (int i = 0; i < VL; i++) sum += acc[i];
-        const float mean = sum / (float)N;
-        acc = splat(0.0f);
-        tail = 0.0f;
-        for (long n = 0; n < full; n += VL) { const vf d = load(v + n) - mean; acc += d * d; }
-        for (long n = full; n < N; n++) { const float d = v[n] - mean; tail += d * d; }
-        float sq = tail;
-        for (int i = 0; i < VL; i++) sq += acc[i];
-        const float rstd = 1.0f / sqrtf(sq / (float)N + eps);
-        float *hr = h + m * N;
-        for (long n = 0; n < full; n += VL) {
-            vf o = (load(v + n) - mean) * rstd;
-            if (w) o = o * load(w + n);
-            if (beta) o = o + load(beta + n);
-            store(hr + n, o);
-        }
-        for (long n = full; n < N; n++) {
-            float o = (v[n] - mean) * rstd;
-            if (w) o = o * w[n];
-            if (beta) o = o + beta[n];
-            hr[n] = o;
-        }
+        if (h) layer_norm_row(v, h + m * N, w, beta, N, eps);
     }
 }

@@ -102,38 +102,6 @@ static void tile_rows(const float *a, long lda, const float *b, float *c, long l
 }
 #undef TILE
 
-/* h = (v - mean) / sqrt(var + eps) * g + beta over one row of N floats (Ba et al. 2016, eq. 4; g, beta may be
- * NULL), computed as vf_add_norm in epilogue.c computes it */
-static void norm_row(const float *v, float *h, const float *g, const float *beta, long N, float eps) {
-    const long full = N - N % VL;
-    vf acc = splat(0.0f);
-    float tail = 0.0f;
-    for (long n = 0; n < full; n += VL) acc += load(v + n);
-    for (long n = full; n < N; n++) tail += v[n];
-    float sum = tail;
-    for (int i = 0; i < VL; i++) sum += acc[i];
-    const float mean = sum / (float)N;
-    acc = splat(0.0f);
-    tail = 0.0f;
-    for (long n = 0; n < full; n += VL) { const vf d = load(v + n) - mean; acc += d * d; }
-    for (long n = full; n < N; n++) { const float d = v[n] - mean; tail += d * d; }
-    float sq = tail;
-    for (int i = 0; i < VL; i++) sq += acc[i];
-    const float rstd = 1.0f / sqrtf(sq / (float)N + eps);
-    for (long n = 0; n < full; n += VL) {
-        vf o = (load(v + n) - mean) * rstd;
-        if (g) o = o * load(g + n);
-        if (beta) o = o + load(beta + n);
-        store(h + n, o);
-    }
-    for (long n = full; n < N; n++) {
-        float o = (v[n] - mean) * rstd;
-        if (g) o = o * g[n];
-        if (beta) o = o + beta[n];
-        h[n] = o;
-    }
-}
-
 /* rows m0..m1 of out (stride N) = act(A W^T + bias) + residual for A of stride lda (rows m0.. of the operand), the
  * product over K in blocks of KC, each tile's epilogue after its last block */
 static void row_block(const float *A, long lda, const float *Bp, float *out, long m0, long m1, long N, long K,
@@ -175,7 +143,7 @@ void vf_gemm(const float *A, const float *Bp, float *C, long M, long N, long K, 
         const long m0 = ib * mc, m1 = m0 + mc < M ? m0 + mc : M;
         row_block(A, K, Bp, out, m0, m1, N, K, bias, act, residual);
         if (h)  /* the block's rows are complete and still in cache */
-            for (long i = m0; i < m1; i++) norm_row(out + i * N, h + i * N, g, beta, N, eps);
+            for (long i = m0; i < m1; i++) layer_norm_row(out + i * N, h + i * N, g, beta, N, eps);
     }
 }
 
@@ -199,7 +167,7 @@ int vf_mlp(const float *A, const float *W1p, const float *b1, int act, const flo
             row_block(A + m0 * K, K, W1p, hidden, 0, m1 - m0, H, K, b1, act, NULL);
             row_block(hidden, H, W2p, out + m0 * N, 0, m1 - m0, N, H, b2, 0, residual ? residual + m0 * N : NULL);
             if (h)
-                for (long i = m0; i < m1; i++) norm_row(out + i * N, h + i * N, g, beta, N, eps);
+                for (long i = m0; i < m1; i++) layer_norm_row(out + i * N, h + i * N, g, beta, N, eps);
         }
         free(hidden);
     }

@@ -1,5 +1,6 @@
 /* Vector math shared by the native kernels: vectors of VL floats (GCC vector extensions) as wide as the machine's
- * registers, 16 with AVX-512 and 8 otherwise (one AVX2 or two SSE registers), exp, erf and the activations.
+ * registers, 16 with AVX-512 and 8 otherwise (one AVX2 or two SSE registers), exp, erf, the activations and one
+ * LayerNorm row.
  * Vectors wider than the registers are split by the compiler but passed between functions through memory: on a
  * Zen 3 (AVX2) 16-float vectors made SiLU 2.9x and the GroupNorm kernels 3x slower than 8-float ones.
  * exp is a degree-5 polynomial on [-ln2/2, ln2/2] after range reduction (Cephes expf); erf is a rational fit.
@@ -37,7 +38,8 @@ static inline void store_n(float *p, vf v, long n) {
 /* lanes c .. c + VL of a row of C floats, the part past C as zeros (loads) or left alone (stores) */
 static inline vf ld(const float *p, long c, long C) { return C - c >= VL ? load(p + c) : load_n(p + c, C - c); }
 static inline void st(float *p, long c, long C, vf v) { if (C - c >= VL) store(p + c, v); else store_n(p + c, v, C - c); }
-static inline vf splat(float a) { return a - (vf){0}; }  /* one broadcast: a - 0.0f == a exactly and folds away (a + 0.0f does not: -0.0f + 0.0f = +0.0f) */
+/* one broadcast: a - 0.0f == a exactly and folds away (a + 0.0f does not: -0.0f + 0.0f = +0.0f) */
+static inline vf splat(float a) { return a - (vf){0}; }
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 #if defined(__AVX512F__)
@@ -98,6 +100,39 @@ static inline vf v_erf(vf x) {
     q = q * x2 + -7.37332916720468e-03f;
     q = q * x2 + -1.42647390514189e-02f;
     return vselect(saturated, (vf)(sign | 0x3f800000), x * p * recip(q));
+}
+
+/* h = (v - mean) / sqrt(var + eps) * g + beta over one row of N floats (LayerNorm, Ba et al. 2016, eq. 4; g, beta
+ * may be NULL; h may be v): the one row norm of epilogue.c's vf_add_norm and gemm.c's epilogue */
+static inline void layer_norm_row(const float *v, float *h, const float *g, const float *beta, long N,
+                                  float eps) {
+    const long full = N - N % VL;
+    vf acc = splat(0.0f);
+    float tail = 0.0f;
+    for (long n = 0; n < full; n += VL) acc += load(v + n);
+    for (long n = full; n < N; n++) tail += v[n];
+    float sum = tail;
+    for (int i = 0; i < VL; i++) sum += acc[i];
+    const float mean = sum / (float)N;
+    acc = splat(0.0f);
+    tail = 0.0f;
+    for (long n = 0; n < full; n += VL) { const vf d = load(v + n) - mean; acc += d * d; }
+    for (long n = full; n < N; n++) { const float d = v[n] - mean; tail += d * d; }
+    float sq = tail;
+    for (int i = 0; i < VL; i++) sq += acc[i];
+    const float rstd = 1.0f / sqrtf(sq / (float)N + eps);
+    for (long n = 0; n < full; n += VL) {
+        vf o = (load(v + n) - mean) * rstd;
+        if (g) o = o * load(g + n);
+        if (beta) o = o + load(beta + n);
+        store(h + n, o);
+    }
+    for (long n = full; n < N; n++) {
+        float o = (v[n] - mean) * rstd;
+        if (g) o = o * g[n];
+        if (beta) o = o + beta[n];
+        h[n] = o;
+    }
 }
 
 static inline vf v_act(vf x, int act) {
