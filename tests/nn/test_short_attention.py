@@ -12,7 +12,8 @@ import visionformers.nn.short_attention as sa_mod
 from visionformers import _native
 from visionformers.nn import Attention
 from visionformers.nn.attention import attend
-from visionformers.nn.short_attention import MAX_TOKENS, native_short_attention_available, short_attention
+from visionformers.nn.linear import gemm_taken
+from visionformers.nn.short_attention import MAX_TOKENS, native_short_attention_available, qkv_attention, short_attention
 
 CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 needs_kernel = pytest.mark.skipif(not native_short_attention_available(), reason="needs the native kernel")
@@ -103,14 +104,22 @@ def test_declines_what_it_cannot_take():
 @needs_kernel
 def test_attend_and_attention_take_it_in_inference_only(monkeypatch):
     calls = []
-    original = sa_mod._run
-    monkeypatch.setattr(sa_mod, "_run", lambda *a: (calls.append(1), original(*a))[1])
+    original, fused = sa_mod._run, attention_mod.qkv_attention
+    monkeypatch.setattr(sa_mod, "_run", lambda *a: (calls.append("attention"), original(*a))[1])
+    def counted_fused(*args):
+        out = fused(*args)
+        if out is not None:
+            calls.append("qkv + attention")
+        return out
+
+    monkeypatch.setattr(attention_mod, "qkv_attention", counted_fused)
     torch.manual_seed(0)
     layer = Attention(96, 3, qkv_bias=True).eval()
     x, bias = torch.randn(4, 49, 96), torch.randn(1, 3, 49, 49)
     with torch.inference_mode():
         fast = layer(x, bias=bias)
-    assert calls == [1]
+    # one native call: the fused projection + attention where the GEMM takes the product, else the attention alone
+    assert calls in (["qkv + attention"], ["attention"])
     with torch.no_grad(), monkeypatch.context() as m:
         m.setattr(attention_mod, "SHORT_MAX_TOKENS", 0)  # SDPA for the comparison
         ref = layer(x, bias=bias)
@@ -120,3 +129,58 @@ def test_attend_and_attention_take_it_in_inference_only(monkeypatch):
     q, k, v = qkv_views(1, 2, 9, 32)
     attend(q, k, v, bias=torch.randn(1, 2, 9, 9), dropout_p=0.1)  # dropout: SDPA
     assert calls == []
+
+
+def _fused_reference(x, layer, bias):
+    """qkv(x) split into heads, float64 attention, heads back to (B, N, H*D)."""
+    b, n, _ = x.shape
+    h = layer.num_heads
+    q, k, v = layer.qkv(x).view(b, n, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return reference64(q, k, v, bias).transpose(1, 2).reshape(b, n, -1).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("windows, n, heads, head_dim", [(37, 49, 3, 32), (5, 13, 2, 16), (3, 64, 1, 64)])
+def test_qkv_attention_matches_projection_then_attention(windows, n, heads, head_dim):
+    """Many windows (several groups per thread and a ragged last group), Swin's window, a ragged length, 64 keys."""
+    torch.manual_seed(0)
+    layer = Attention(heads * head_dim, heads, qkv_bias=True).eval()
+    x = torch.randn(windows, n, heads * head_dim)
+    per_window = torch.randn(windows, heads, n, n).masked_fill(torch.rand(windows, 1, n, n) < 0.3, float("-inf"))
+    per_window[..., torch.arange(n), torch.arange(n)] = 0.0
+    with torch.no_grad():
+        if not gemm_taken(x, layer.qkv.weight, layer.qkv.bias):
+            pytest.skip("the native GEMM does not take this product here")
+        for bias in (per_window, torch.randn(1, heads, n, n), torch.randn(heads, n, n), None):
+            got = qkv_attention(x, layer.qkv, heads, bias, None)
+            assert got is not None and got.shape == (windows, n, heads * head_dim)
+            torch.testing.assert_close(got, _fused_reference(x, layer, bias), rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_qkv_attention_is_the_unfused_native_result_bit_for_bit():
+    """The same GEMM and attention kernels, only without the round trip through memory: identical floats."""
+    torch.manual_seed(0)
+    layer = Attention(96, 3, qkv_bias=True).eval()
+    x, bias = torch.randn(64, 49, 96), torch.randn(64, 3, 49, 49)
+    with torch.no_grad():
+        if not gemm_taken(x, layer.qkv.weight, layer.qkv.bias):
+            pytest.skip("the native GEMM does not take this product here")
+        fused = layer(x, bias=bias, project=False)
+        q, k, v = layer.qkv(x).view(64, 49, 3, 3, 32).permute(2, 0, 3, 1, 4).unbind(0)
+        separate = short_attention(q, k, v, bias, None).transpose(1, 2).reshape(64, 49, 96)
+    assert torch.equal(fused, separate)
+
+
+@needs_kernel
+def test_qkv_attention_declines_what_it_cannot_take():
+    torch.manual_seed(0)
+    layer = Attention(64, 2, qkv_bias=True).eval()
+    x = torch.randn(4, 9, 64)
+    with torch.no_grad():
+        assert qkv_attention(torch.randn(2, MAX_TOKENS + 1, 64), layer.qkv, 2, None, None) is None  # too long
+        assert qkv_attention(x, layer.qkv, 2, torch.ones(4, 2, 9, 9, dtype=torch.bool), None) is None  # bool mask
+        assert qkv_attention(x, layer.qkv, 2, torch.randn(4, 2, 1, 9), None) is None  # broadcast over queries
+        assert qkv_attention(x.double(), layer.qkv, 2, None, None) is None
+        assert qkv_attention(x, layer.qkv, 5, None, None) is None  # the width is not 3 x 5 heads
+    assert qkv_attention(x, layer.qkv, 2, None, None) is None  # autograd: the weight requires grad

@@ -27,7 +27,7 @@ from visionformers.nn.linear import Linear
 from visionformers.nn.norm import RMSNorm
 from visionformers.nn.rope import apply_rotary
 from visionformers.nn.short_attention import MAX_TOKENS as SHORT_MAX_TOKENS
-from visionformers.nn.short_attention import short_attention
+from visionformers.nn.short_attention import qkv_attention, short_attention
 
 __all__ = [
     "attend",
@@ -265,6 +265,16 @@ class Attention(nn.Module):
         return self.num_heads * self.head_dim
 
     @property
+    def _plain_self_attention(self) -> bool:
+        """Softmax self-attention of one qkv product, as many kv heads as query heads, nothing between the product
+        and the attention: what ``nn.short_attention.qkv_attention`` computes in one call."""
+        return (
+            self.context_dim is None and self.window_size is None and not self.qk_norm
+            and self.num_kv_heads == self.num_heads
+            and type(self)._project is Attention._project and type(self)._attend is Attention._attend
+        )
+
+    @property
     def is_cross(self) -> bool:
         return self.context_dim is not None
 
@@ -335,6 +345,16 @@ class Attention(nn.Module):
         if x.dtype != self.proj.weight.dtype:  # one compare on the usual path; the check itself allows autocast
             check_dtype("x", x, self.proj.weight.dtype)
         b, n, _ = x.shape
+        if (
+            context is None and kv_cache is None and rope is None and mask is None and not is_causal
+            and not return_weights and not self.training and n <= SHORT_MAX_TOKENS and x.is_cpu
+            and self._plain_self_attention
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.ndim in (3, 4) and bias.shape[-1] == n
+                                  and bias.shape[-2] in (1, n)))
+        ):  # short sequences (Swin's windows) in CPU inference: projection and attention in one native call
+            out = qkv_attention(x, self.qkv, self.num_heads, bias, self.scale)
+            if out is not None:
+                return self.proj(out) if project else out
         q, k, v = self._project(x, context, kv_cache)
         if self.qk_norm:
             q = self.q_norm(q)

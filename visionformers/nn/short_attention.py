@@ -17,11 +17,13 @@ from __future__ import annotations
 import ctypes
 
 import torch
+import torch.nn.functional as F
 
 from visionformers import _native
-from visionformers.nn.linear import native_ready
+from visionformers.nn.gemm import packed
+from visionformers.nn.linear import gemm_taken, native_ready
 
-__all__ = ["short_attention", "native_short_attention_available", "MAX_TOKENS"]
+__all__ = ["short_attention", "qkv_attention", "native_short_attention_available", "MAX_TOKENS"]
 
 MAX_TOKENS = 64  # csrc/short_attention.c's MAX_N
 _MAX_HEAD_DIM = 128
@@ -33,6 +35,9 @@ def _configure(lib) -> None:
     lib.vf_short_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 4
                                        + [ctypes.c_float, ctypes.c_int])
     lib.vf_short_attention.restype = ctypes.c_int
+    lib.vf_qkv_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] * 5 + [ctypes.c_void_p]
+                                     + [ctypes.c_float, ctypes.c_int])
+    lib.vf_qkv_attention.restype = ctypes.c_int
     lib.vf_vector_width.argtypes, lib.vf_vector_width.restype = [], ctypes.c_int
 
 
@@ -67,7 +72,29 @@ def _self_check(lib) -> bool:
                 ref = attend_math(q, k, v, bias=bias)[0]
                 if got is None or not torch.allclose(got, ref, rtol=1e-4, atol=1e-5):
                     return False
-    return True
+        return _qkv_attention_agrees(lib, g, attend_math)
+
+
+def _qkv_attention_agrees(lib, g: torch.Generator, attend_math) -> bool:
+    """vf_qkv_attention against F.linear + the math path: 25 windows of 13 tokens (groups of windows and a ragged
+    last group), two heads, a per-window bias holding -inf. True where the GEMM kernel is not built (the fused
+    path then never runs)."""
+    from visionformers.nn import gemm as gemm_mod
+
+    gemm_lib = gemm_mod._KERNEL.get()
+    if gemm_lib is None:
+        return True
+    b, n, heads, d, c = 25, 13, 2, lib.vf_vector_width(), 40
+    x, w, qb = torch.randn(b, n, c, generator=g), 0.2 * torch.randn(3 * heads * d, c, generator=g), torch.randn(3 * heads * d, generator=g)
+    bias = torch.randn(b, heads, n, n, generator=g).masked_fill(torch.rand(b, 1, n, n, generator=g) < 0.3, float("-inf"))
+    bias[..., torch.arange(n), torch.arange(n)] = 0.0
+    out, panels = torch.empty(b, n, heads * d), gemm_mod._pack(gemm_lib, w)  # (panels held: a temporary is freed)
+    lib.vf_qkv_attention(x.data_ptr(), panels.data_ptr(), qb.data_ptr(), bias.data_ptr(),
+                         out.data_ptr(), b, heads, n, d, c, _LONGS(bias.stride(0), bias.stride(1), 0), d**-0.5,
+                         torch.get_num_threads())
+    q, k, v = F.linear(x, w, qb).view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = attend_math(q, k, v, bias=bias)[0].transpose(1, 2).reshape(b, n, heads * d)
+    return torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 _KERNEL = _native.Kernel("short_attention", _configure, _self_check)
@@ -110,3 +137,37 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     if lib is None or d % lib.vf_vector_width():
         return None
     return _run(lib, q, k, v, bias, d**-0.5 if scale is None else scale)
+
+
+def qkv_attention(x: torch.Tensor, qkv: torch.nn.Linear, num_heads: int, bias: torch.Tensor | None,
+                  scale: float | None) -> torch.Tensor | None:
+    """softmax(scale q k^T + bias) v with q, k, v = split(qkv(x)) into ``num_heads`` heads: (B, N, H*D) heads, the
+    projection and the attention of a few windows at a time in one native call (``vf_qkv_attention``), so that
+    each window's q, k, v are still in cache when its attention reads them. None where it cannot be taken: x not
+    (B, N <= ``MAX_TOKENS``, dim), the product not the native GEMM's (``nn.linear.gemm_taken``), or a head dim
+    or bias the attention kernel does not take (see ``short_attention``)."""
+    weight, qkv_bias = qkv.weight, qkv.bias
+    if x.ndim != 3 or not 0 < x.shape[1] <= MAX_TOKENS or weight.shape[0] % (3 * num_heads):
+        return None
+    b, n, c = x.shape
+    d = weight.shape[0] // (3 * num_heads)
+    if d > _MAX_HEAD_DIM or not gemm_taken(x, weight, qkv_bias):
+        return None
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype == torch.bool:
+            return None
+        bias = _bias_4d(bias, b, num_heads, n)
+        if bias is None or not native_ready(bias, memory_format=None):
+            return None
+    lib = _KERNEL.get()
+    panels = packed(weight)
+    if lib is None or panels is None or d % lib.vf_vector_width():
+        return None
+    out = torch.empty(b, n, num_heads * d, dtype=_F32)
+    bs = None if bias is None else _LONGS(bias.stride(0), bias.stride(1), 0)
+    done = lib.vf_qkv_attention(
+        x.data_ptr(), panels.data_ptr(), None if qkv_bias is None else qkv_bias.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), b, num_heads, n, d, c, bs,
+        d**-0.5 if scale is None else scale, torch.get_num_threads(),
+    )
+    return out if done == 0 else None

@@ -15,7 +15,7 @@
  * (fully masked) gives zeros, as ATen's CPU SDPA does. Each task is computed the same way on any thread:
  * deterministic. Built on first use by visionformers/_native.py.
  */
-#include "vmath.h"
+#include "gemm_kernel.h"  /* (includes vmath.h) the qkv projection of vf_qkv_attention */
 
 #define MAX_N 64   /* keys and queries per sequence */
 #define MAX_D 128  /* head dim; a multiple of VL */
@@ -164,6 +164,50 @@ int vf_short_attention(const float *q, const float *k, const float *v, const flo
         }
     }
     return 0;
+}
+
+/* Bytes of a thread's qkv buffer in vf_qkv_attention: windows are projected a few at a time so that their q, k, v
+ * are still in the core's L2 cache when their attention reads them */
+#define QKV_BUDGET (256 * 1024)
+
+/* A windowed self-attention with its qkv projection, window by window: for each group of a few windows of x (B
+ * windows of N rows of C), qkv = x_w Wqkv^T + b_qkv (N rows of 3 H D: q, k, v, each H heads of D) goes into a
+ * per-thread buffer (gemm_kernel.h's product, W packed by vf_gemm_pack), and the (window, head) tasks above run on
+ * it at once. Separately, the qkv of a whole batch makes a round trip through memory before the attention reads it
+ * back, (window, head) by (window, head) in strided rows; here it never leaves the cache. out (B, N, H, D); bias as
+ * vf_short_attention's (row w of bs[0] is window w). Returns 0, -1 where N or D is out of range or a buffer cannot
+ * be had. */
+int vf_qkv_attention(const float *x, const float *Wp, const float *qkv_bias, const float *bias, float *out, long B,
+                     long H, long N, long D, long C, const long *bs, float scale, int nthreads) {
+    if (N < 1 || N > MAX_N || D < VL || D > MAX_D || D % VL) return -1;
+    const int NV = (int)((N + VL - 1) / VL);
+    const long E = 3 * H * D;  /* qkv row: q heads, k heads, v heads */
+    long G = QKV_BUDGET / (N * E * (long)sizeof(float));  /* windows per group: their qkv in L2 ... */
+    const long most = 2 * MC_TARGET / N;                    /* ... and about two GEMM row blocks of them */
+    G = G > most ? most : G;
+    G = G < 1 ? 1 : G;
+    const long groups = (B + G - 1) / G;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads) reduction(|: failed)
+    {
+        float *qkv = malloc((size_t)(G * N * E) * sizeof(float));
+        float kt[MAX_D * MAX_N], vc[MAX_N * MAX_D];
+        failed = qkv == NULL;
+        #pragma omp for schedule(dynamic, 1)
+        for (long g = 0; g < groups; g++) {
+            if (!qkv) continue;
+            const long w0 = g * G, w1 = w0 + G < B ? w0 + G : B;
+            row_block(x + w0 * N * C, C, Wp, qkv, 0, (w1 - w0) * N, E, C, qkv_bias, 0, NULL);
+            for (long w = w0; w < w1; w++)
+                for (long h = 0; h < H; h++) {
+                    const float *q = qkv + (w - w0) * N * E + h * D;
+                    task(q, q + H * D, q + 2 * H * D, bias ? bias + w * bs[0] + h * bs[1] : NULL,
+                         out + (w * N * H + h) * D, N, D, E, E, E, H * D, NV, scale, kt, vc);
+                }
+        }
+        free(qkv);
+    }
+    return failed ? -1 : 0;
 }
 
 int vf_vector_width(void) { return VL; }

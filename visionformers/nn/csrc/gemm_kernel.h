@@ -1,0 +1,107 @@
+/* The register-blocked GEMM kernel of gemm.c (its comment tells the method), shared with the kernels that run a
+ * product as one step of a larger computation (short_attention.c's fused qkv projection): the panel packing of W,
+ * the MR x NR micro-kernel with its epilogue, and row_block, one block of rows of C = epilogue(A W^T).
+ */
+#ifndef VF_GEMM_KERNEL_H
+#define VF_GEMM_KERNEL_H
+#include <stdlib.h>
+
+#include "vmath.h"
+
+#define NR (2 * VL)              /* columns per panel: two vectors */
+#if VL == 16
+#define MR 12                    /* 24 accumulators of 32 AVX-512 registers */
+#else
+#define MR 6                     /* 12 accumulators of 16 AVX2 registers */
+#endif
+#define KC 384                   /* columns of A per block: MR x KC of A and KC x NR of W stay in L1 / L2 */
+#define MC_TARGET (12 * MR)      /* rows per block, rounded so that blocks split evenly over the threads */
+
+/* the second vector of a tile row of ncols <= NR columns (zeros where the row is shorter) */
+static inline vf ld1(const float *p, long ncols) { return ncols > VL ? ld(p, VL, ncols) : splat(0.0f); }
+
+/* R rows of A (stride lda) times one packed panel over kc steps; C tile (R, ncols) at c (stride ldc). first: the
+ * tile starts from zero, else from C; last: the epilogue (bias b at the tile's columns, activation, residual tile
+ * res of the same strides) runs before the store. */
+static inline __attribute__((always_inline)) void tile(const float *a, long lda, const float *b, float *c, long ldc,
+                                                       long kc, int first, int last, const float *bias, int act,
+                                                       const float *res, const int R, long ncols) {
+    vf c0[MR], c1[MR];
+    for (int r = 0; r < R; r++) c0[r] = c1[r] = splat(0.0f);
+    const float *ar[MR];
+    for (int r = 0; r < R; r++) ar[r] = a + r * lda;
+    for (long k = 0; k < kc; k++) {
+        const vf b0 = load(b + k * NR), b1 = load(b + k * NR + VL);
+        for (int r = 0; r < R; r++) {
+            const vf x = splat(ar[r][k]);
+            c0[r] += x * b0;
+            c1[r] += x * b1;
+        }
+    }
+    vf bias0 = splat(0.0f), bias1 = splat(0.0f);
+    if (last && bias) { bias0 = ld(bias, 0, ncols); bias1 = ld1(bias, ncols); }
+    for (int r = 0; r < R; r++) {
+        float *cr = c + r * ldc;
+        if (!first) { c0[r] += ld(cr, 0, ncols); c1[r] += ld1(cr, ncols); }
+        if (last) {
+            c0[r] += bias0;  /* (x W^T) + b, then the activation or the residual: r + (x W^T + b) */
+            c1[r] += bias1;
+            if (act) { c0[r] = v_act(c0[r], act); c1[r] = v_act(c1[r], act); }
+            if (res) { c0[r] = ld(res + r * ldc, 0, ncols) + c0[r]; c1[r] = ld1(res + r * ldc, ncols) + c1[r]; }
+        }
+        st(cr, 0, ncols, c0[r]);
+        if (ncols > VL) st(cr, VL, ncols, c1[r]);
+    }
+}
+
+#define TILE(n) tile(a, lda, b, c, ldc, kc, first, last, bias, act, res, n, ncols)
+static void tile_rows(const float *a, long lda, const float *b, float *c, long ldc, long kc, int first, int last,
+                      const float *bias, int act, const float *res, int R, long ncols) {
+    switch (R) {  /* a constant row count per case: the accumulators stay in registers */
+#if MR == 12
+    case 12: TILE(12); break;
+    case 11: TILE(11); break;
+    case 10: TILE(10); break;
+    case 9: TILE(9); break;
+    case 8: TILE(8); break;
+    case 7: TILE(7); break;
+#endif
+    case 6: TILE(6); break;
+    case 5: TILE(5); break;
+    case 4: TILE(4); break;
+    case 3: TILE(3); break;
+    case 2: TILE(2); break;
+    default: TILE(1); break;
+    }
+}
+#undef TILE
+
+/* rows m0..m1 of out (stride N) = act(A W^T + bias) + residual for A of stride lda (rows m0.. of the operand), the
+ * product over K in blocks of KC, each tile's epilogue after its last block */
+static void row_block(const float *A, long lda, const float *Bp, float *out, long m0, long m1, long N, long K,
+                      const float *bias, int act, const float *residual) {
+    const long panels = (N + NR - 1) / NR;
+    for (long p0 = 0; p0 < K; p0 += KC) {
+        const long kc = p0 + KC < K ? KC : K - p0;
+        const int first = p0 == 0, last = p0 + kc == K;
+        for (long jp = 0; jp < panels; jp++) {
+            const float *b = Bp + (jp * K + p0) * NR;
+            const long col = jp * NR, ncols = N - col < NR ? N - col : NR;
+            for (long i = m0; i < m1; i += MR) {
+                const int R = m1 - i < MR ? (int)(m1 - i) : MR;
+                tile_rows(A + i * lda + p0, lda, b, out + i * N + col, N, kc, first, last, bias ? bias + col : NULL,
+                          act, residual ? residual + i * N + col : NULL, R, ncols);
+            }
+        }
+    }
+}
+
+/* Rows per block for M rows: about MC_TARGET, a multiple of MR, and as many blocks for every thread */
+static inline long block_rows(long M, int nthreads) {
+    long blocks = (M + MC_TARGET - 1) / MC_TARGET;
+    blocks = (blocks + nthreads - 1) / nthreads * nthreads;
+    const long mc = (M + blocks - 1) / blocks;
+    return (mc + MR - 1) / MR * MR;
+}
+
+#endif
