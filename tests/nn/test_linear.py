@@ -320,4 +320,4 @@ def test_onednn_chosen_by_environment_or_timing(choice, monkeypatch, onednn_call
     elif choice == "1":
         assert decision is ONEDNN_HERE and len(onednn_calls) == (2 if ONEDNN_HERE else 0)  # the agreement check
     elif ONEDNN_HERE:
-        assert len(onednn_calls) == 2 + 8 * 2  # the check, then eight rounds of the two products were timed
+        assert len(onednn_calls) == 2 + 12 * 2  # the check, then twelve rounds of the two products were timed
