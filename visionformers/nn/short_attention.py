@@ -112,9 +112,10 @@ def native_short_attention_available() -> bool:
     return _KERNEL.get() is not None
 
 
-def _bias_4d(bias: torch.Tensor, b: int, h: int, n: int) -> torch.Tensor | None:
-    """bias as (1|B, 1|H, N, N) with contiguous rows, or None where the kernel cannot read it."""
-    if bias.dtype != _F32 or bias.ndim > 4 or bias.shape[-2:] != (n, n) or bias.stride(-1) != 1 or bias.stride(-2) != n:
+def _bias_4d(bias, b: int, h: int, n: int) -> torch.Tensor | None:
+    """bias as (1|B, 1|H, N, N) with contiguous rows, or None where the kernel cannot read it (not an fp32 tensor
+    of that shape: a bool mask, a bias broadcast over queries)."""
+    if not isinstance(bias, torch.Tensor) or bias.dtype != _F32 or bias.ndim > 4 or bias.shape[-2:] != (n, n) or bias.stride(-1) != 1 or bias.stride(-2) != n:
         return None
     bias = bias[(None,) * (4 - bias.ndim)]  # (1|B, 1|H, N, N)
     if bias.shape[0] not in (1, b) or bias.shape[1] not in (1, h):
@@ -133,8 +134,6 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     if d > _MAX_HEAD_DIM or not b * h or any(t.stride(-1) != 1 for t in (q, k, v)):
         return None
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.dtype == torch.bool:
-            return None
         bias = _bias_4d(bias, b, h, n)
         if bias is None:
             return None
@@ -161,8 +160,6 @@ def qkv_attention(x: torch.Tensor, qkv: torch.nn.Linear, num_heads: int, bias: t
     if d > _MAX_HEAD_DIM or not gemm_taken(x, weight, qkv_bias):
         return None
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.dtype == torch.bool:
-            return None
         bias = _bias_4d(bias, b, num_heads, n)
         if bias is None or not native_ready(bias, memory_format=None):
             return None
