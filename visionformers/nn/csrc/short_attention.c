@@ -37,9 +37,54 @@ static inline __attribute__((always_inline)) void scores2(const float *q0, const
     for (int j = 0; j < NV; j++) { s0[j] = a0[j] * scale; s1[j] = a1[j] * scale; }
 }
 
+/* every lane = the max / the sum of v's lanes (a shuffle tree, no round trip through scalars) */
+static inline vf hmax_all(vf v) {
+#if defined(__AVX2__) && VL == 8
+    __m256 x = (__m256)v;
+    x = _mm256_max_ps(x, _mm256_permute2f128_ps(x, x, 1));
+    x = _mm256_max_ps(x, _mm256_shuffle_ps(x, x, 0x4E));
+    return (vf)_mm256_max_ps(x, _mm256_shuffle_ps(x, x, 0xB1));
+#else
+    float m = v[0];
+    for (int l = 1; l < VL; l++) m = v[l] > m ? v[l] : m;
+    return splat(m);
+#endif
+}
+static inline float hsum(vf v) {
+#if defined(__AVX2__) && VL == 8
+    __m256 x = (__m256)v;
+    x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 1));
+    x = _mm256_add_ps(x, _mm256_shuffle_ps(x, x, 0x4E));
+    return _mm256_cvtss_f32(_mm256_add_ps(x, _mm256_shuffle_ps(x, x, 0xB1)));
+#else
+    float t = 0.0f;
+    for (int l = 0; l < VL; l++) t += v[l];
+    return t;
+#endif
+}
+
+/* exp(x) for x <= 0 (a softmax's scores less their max), 0 from x = -87.3 on, where e^x is no longer a normal float:
+ * v_exp's steps without its clamps, masked scores (-inf) giving 0 */
+static inline vf v_exp_le0(vf x) {
+    const vi keep = x > -87.3f;
+    x = vmax(x, splat(-87.3f));
+    const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const vf e = p * r * r + r + 1.0f;
+    const vi pow2n = (__builtin_convertvector(n, vi) + 127) << 23;
+    return (vf)((vi)(e * (vf)pow2n) & keep);
+}
+
 /* p = exp(s + bias - max) of one query row, padding keys and masked keys 0; returns 1 / sum, or 0 when every key
- * is masked (the row's output is then 0, as ATen's) */
-static inline float softmax_row(vf *s, const float *bi, long N, int NV, vi pad, float *p) {
+ * is masked (the row's output is then 0, as ATen's). Branch-free, so that two rows' calls interleave. */
+static inline __attribute__((always_inline)) float softmax_row(vf *s, const float *bi, long N, const int NV, vi pad,
+                                                               float *p) {
     const vf zero = splat(0.0f);
     if (bi) {
         for (int j = 0; j < NV - 1; j++) s[j] += load(bi + j * VL);
@@ -48,22 +93,16 @@ static inline float softmax_row(vf *s, const float *bi, long N, int NV, vi pad, 
     s[NV - 1] = vselect(pad, splat(-INFINITY), s[NV - 1]);
     vf mx = s[0];
     for (int j = 1; j < NV; j++) mx = vmax(mx, s[j]);
-    float m = mx[0];
-    for (int l = 1; l < VL; l++) m = mx[l] > m ? mx[l] : m;
-    if (m == -INFINITY) {
-        memset(p, 0, (size_t)NV * VL * sizeof(float));
-        return 0.0f;
-    }
+    mx = hmax_all(mx);
+    const int masked = mx[0] == -INFINITY;  /* every key masked: the row's output is 0 */
+    mx = vselect(mx == -INFINITY, zero, mx);
     vf sum = zero;
     for (int j = 0; j < NV; j++) {
-        const vf x = s[j] - m;
-        const vf e = vselect(x > -87.0f, v_exp(x), zero);  /* exp(-inf) = 0 (v_exp clamps at e^-80) */
+        const vf e = v_exp_le0(s[j] - mx);
         sum += e;
         store(p + j * VL, e);
     }
-    float total = 0.0f;
-    for (int l = 0; l < VL; l++) total += sum[l];
-    return 1.0f / total;
+    return masked ? 0.0f : 1.0f / hsum(sum);
 }
 
 /* o_r = inv_r sum_j p_r[j] v_j for R = 1 or 2 query rows, DV vectors of the head dim held in registers */
@@ -87,35 +126,48 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p0, 
 }
 
 
-static void task(const float *q, const float *k, const float *v, const float *bias, float *out, long N, long D,
-                 long qn, long kn, long vn, long on, int NV, float scale, float *kt, float *vc) {
-    const long NP = (long)NV * VL;
-    for (long d = 0; d < D; d++) {  /* kt (D, NP) = k^T, zero past N: contiguous stores (the rows of k are in L1) */
-        float *row = kt + d * NP;
-        for (long j = 0; j < N; j++) row[j] = k[j * kn + d];
-        for (long j = N; j < NP; j++) row[j] = 0.0f;
-    }
-    for (long j = 0; j < N; j++) memcpy(vc + j * D, v + j * vn, D * sizeof(float));  /* v's rows, contiguous */
-    v = vc;
-    vn = D;
+/* dst[j * ds + i] = src[i * ss + j] for a VL x VL block of src of which the first r rows are read (the others
+ * are taken as zeros) */
+static inline void transpose_block(const float *src, long ss, float *dst, long ds, long r) {
+#if defined(__AVX2__) && VL == 8
+    __m256 x[8];
+    for (long i = 0; i < 8; i++) x[i] = i < r ? _mm256_loadu_ps(src + i * ss) : _mm256_setzero_ps();
+    const __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(x[4], x[5]), t5 = _mm256_unpackhi_ps(x[4], x[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(x[6], x[7]), t7 = _mm256_unpackhi_ps(x[6], x[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst + 0 * ds, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + 1 * ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+#else
+    for (long j = 0; j < VL; j++)
+        for (long i = 0; i < VL; i++) dst[j * ds + i] = i < r ? src[i * ss + j] : 0.0f;
+#endif
+}
+
+/* the query rows of one task, two at a time (the last one alone when N is odd), for NV vectors of keys: a
+ * constant per instance, so that every loop over the key vectors is unrolled and its vectors stay in registers */
+static inline __attribute__((always_inline)) void query_rows(const float *q, const float *v, const float *bias,
+                                                             float *out, long N, long D, long qn, long vn, long on,
+                                                             const int NV, float scale, const float *kt) {
     vf iota;  /* lane numbers of the last key vector, where the padding keys are */
     for (int l = 0; l < VL; l++) iota[l] = (float)((NV - 1) * VL + l);
     const vi pad = iota >= (float)N;
     const int DV = (int)(D / VL);
-    for (long i = 0; i < N; i += 2) {  /* query rows two at a time (the last one alone when N is odd) */
+    for (long i = 0; i < N; i += 2) {
         const int R = i + 1 < N ? 2 : 1;
         const long i1 = R == 2 ? i + 1 : i;
         vf s0[MAX_N / VL], s1[MAX_N / VL];
-        switch (NV) {  /* a constant count per case: the accumulators stay in registers */
-        case 1: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 1, scale); break;
-        case 2: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 2, scale); break;
-        case 3: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 3, scale); break;
-        case 4: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 4, scale); break;
-        case 5: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 5, scale); break;
-        case 6: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 6, scale); break;
-        case 7: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 7, scale); break;
-        default: scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, 8, scale); break;
-        }
+        scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, NV, scale);
         float p0[MAX_N], p1[MAX_N];
         const float inv0 = softmax_row(s0, bias ? bias + i * N : NULL, N, NV, pad, p0);
         const float inv1 = R == 2 ? softmax_row(s1, bias ? bias + i1 * N : NULL, N, NV, pad, p1) : 0.0f;
@@ -132,6 +184,26 @@ static void task(const float *q, const float *k, const float *v, const float *bi
             for (long d = 0; d < D; d += VL) weighted_sum(p0, p0, v + d, vn, N, o0 + d, o0 + d, 1, 1, inv0, inv0);
         }
     }
+}
+
+static void task(const float *q, const float *k, const float *v, const float *bias, float *out, long N, long D,
+                 long qn, long kn, long vn, long on, int NV, float scale, float *kt, float *vc) {
+    const long NP = (long)NV * VL;
+    for (long j0 = 0; j0 < NP; j0 += VL)  /* kt (D, NP) = k^T, zero past N, in VL x VL blocks */
+        for (long d0 = 0; d0 < D; d0 += VL) transpose_block(k + j0 * kn + d0, kn, kt + d0 * NP + j0, NP, N - j0 < VL ? N - j0 : VL);
+    (void)vc;
+#define ROWS(nv) query_rows(q, v, bias, out, N, D, qn, vn, on, nv, scale, kt)
+    switch (NV) {
+    case 1: ROWS(1); break;
+    case 2: ROWS(2); break;
+    case 3: ROWS(3); break;
+    case 4: ROWS(4); break;
+    case 5: ROWS(5); break;
+    case 6: ROWS(6); break;
+    case 7: ROWS(7); break;
+    default: ROWS(8); break;
+    }
+#undef ROWS
 }
 
 static inline void prefetch_rows(const float *x, long N, long stride, long D) {
