@@ -37,32 +37,6 @@ static inline __attribute__((always_inline)) void scores2(const float *q0, const
     for (int j = 0; j < NV; j++) { s0[j] = a0[j] * scale; s1[j] = a1[j] * scale; }
 }
 
-/* every lane = the max / the sum of v's lanes (a shuffle tree, no round trip through scalars) */
-static inline vf hmax_all(vf v) {
-#if defined(__AVX2__) && VL == 8
-    __m256 x = (__m256)v;
-    x = _mm256_max_ps(x, _mm256_permute2f128_ps(x, x, 1));
-    x = _mm256_max_ps(x, _mm256_shuffle_ps(x, x, 0x4E));
-    return (vf)_mm256_max_ps(x, _mm256_shuffle_ps(x, x, 0xB1));
-#else
-    float m = v[0];
-    for (int l = 1; l < VL; l++) m = v[l] > m ? v[l] : m;
-    return splat(m);
-#endif
-}
-static inline float hsum(vf v) {
-#if defined(__AVX2__) && VL == 8
-    __m256 x = (__m256)v;
-    x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 1));
-    x = _mm256_add_ps(x, _mm256_shuffle_ps(x, x, 0x4E));
-    return _mm256_cvtss_f32(_mm256_add_ps(x, _mm256_shuffle_ps(x, x, 0xB1)));
-#else
-    float t = 0.0f;
-    for (int l = 0; l < VL; l++) t += v[l];
-    return t;
-#endif
-}
-
 /* exp(x) for x <= 0 (a softmax's scores less their max), 0 from x = -87.3 on, where e^x is no longer a normal float:
  * v_exp's steps without its clamps, masked scores (-inf) giving 0 */
 static inline vf v_exp_le0(vf x) {

@@ -102,25 +102,63 @@ static inline vf v_erf(vf x) {
     return vselect(saturated, (vf)(sign | 0x3f800000), x * p * recip(q));
 }
 
+/* the sum of v's lanes, as a shuffle tree (three dependent adds with AVX2, not VL) */
+static inline float hsum(vf v) {
+#if defined(__AVX2__) && VL == 8
+    __m256 x = (__m256)v;
+    x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 1));
+    x = _mm256_add_ps(x, _mm256_shuffle_ps(x, x, 0x4E));
+    return _mm256_cvtss_f32(_mm256_add_ps(x, _mm256_shuffle_ps(x, x, 0xB1)));
+#else
+    float t = 0.0f;
+    for (int l = 0; l < VL; l++) t += v[l];
+    return t;
+#endif
+}
+
+/* every lane = the max of v's lanes, as a shuffle tree */
+static inline vf hmax_all(vf v) {
+#if defined(__AVX2__) && VL == 8
+    __m256 x = (__m256)v;
+    x = _mm256_max_ps(x, _mm256_permute2f128_ps(x, x, 1));
+    x = _mm256_max_ps(x, _mm256_shuffle_ps(x, x, 0x4E));
+    return (vf)_mm256_max_ps(x, _mm256_shuffle_ps(x, x, 0xB1));
+#else
+    float m = v[0];
+    for (int l = 1; l < VL; l++) m = v[l] > m ? v[l] : m;
+    return splat(m);
+#endif
+}
+
+/* sum over n < N of f(v[n]) for f(x) = x (sq = 0) or (x - mean)^2 (sq = 1): four vector accumulators and a shuffle
+ * tree, so that a row's sum waits on a few additions rather than on one chain per vector and lane */
+static inline __attribute__((always_inline)) float row_sum(const float *v, long N, float mean, const int sq) {
+    const long full = N - N % VL;
+    vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    const vf m = splat(mean);
+#define TERM(p) (sq ? (load(p) - m) * (load(p) - m) : load(p))
+    long n = 0;
+    for (; n + 4 * VL <= full; n += 4 * VL) {
+        a0 += TERM(v + n);
+        a1 += TERM(v + n + VL);
+        a2 += TERM(v + n + 2 * VL);
+        a3 += TERM(v + n + 3 * VL);
+    }
+    for (; n < full; n += VL) a0 += TERM(v + n);
+#undef TERM
+    float t = hsum((a0 + a1) + (a2 + a3));
+    for (n = full; n < N; n++) t += sq ? (v[n] - mean) * (v[n] - mean) : v[n];
+    return t;
+}
+
 /* h = (v - mean) / sqrt(var + eps) * g + beta over one row of N floats (LayerNorm, Ba et al. 2016, eq. 4; g, beta
- * may be NULL; h may be v): the one row norm of epilogue.c's vf_add_norm and gemm.c's epilogue */
+ * may be NULL; h may be v): the one row norm of epilogue.c's vf_add_norm and gemm.c's epilogue. Two passes for the
+ * statistics (the variance of the centred values, as ATen's), the row being in L1 cache. */
 static inline void layer_norm_row(const float *v, float *h, const float *g, const float *beta, long N,
                                   float eps) {
     const long full = N - N % VL;
-    vf acc = splat(0.0f);
-    float tail = 0.0f;
-    for (long n = 0; n < full; n += VL) acc += load(v + n);
-    for (long n = full; n < N; n++) tail += v[n];
-    float sum = tail;
-    for (int i = 0; i < VL; i++) sum += acc[i];
-    const float mean = sum / (float)N;
-    acc = splat(0.0f);
-    tail = 0.0f;
-    for (long n = 0; n < full; n += VL) { const vf d = load(v + n) - mean; acc += d * d; }
-    for (long n = full; n < N; n++) { const float d = v[n] - mean; tail += d * d; }
-    float sq = tail;
-    for (int i = 0; i < VL; i++) sq += acc[i];
-    const float rstd = 1.0f / sqrtf(sq / (float)N + eps);
+    const float mean = row_sum(v, N, 0.0f, 0) / (float)N;
+    const float rstd = 1.0f / sqrtf(row_sum(v, N, mean, 1) / (float)N + eps);
     for (long n = 0; n < full; n += VL) {
         vf o = (load(v + n) - mean) * rstd;
         if (g) o = o * load(g + n);
