@@ -28,6 +28,16 @@ static inline __attribute__((always_inline)) void tile(const float *a, long lda,
                                                        const float *res, const int R, long ncols) {
     vf c0[MR], c1[MR];
     for (int r = 0; r < R; r++) c0[r] = c1[r] = splat(0.0f);
+    if (last)  /* the tile's rows of C and of the residual, fetched while the products run (strided rows of a few
+                * cache lines each: the hardware prefetcher leaves them to miss at the epilogue) */
+        for (int r = 0; r < R; r++) {
+            __builtin_prefetch(c + r * ldc, 1, 3);
+            __builtin_prefetch(c + r * ldc + ncols - 1, 1, 3);
+            if (res) {
+                __builtin_prefetch(res + r * ldc, 0, 3);
+                __builtin_prefetch(res + r * ldc + ncols - 1, 0, 3);
+            }
+        }
     const float *ar[MR];
     for (int r = 0; r < R; r++) ar[r] = a + r * lda;
     for (long k = 0; k < kc; k++) {

@@ -25,6 +25,18 @@ enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4
 
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+#if defined(__AVX512F__) && VL == 16
+#include <immintrin.h>
+/* the first n < VL lanes of p, zeros after / stores of the first n lanes: masked moves (an array filled piecewise
+ * and read back as a vector waits on a failed store-to-load forward, ~20 cycles per tail on Zen 3) */
+static inline vf load_n(const float *p, long n) { return (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+static inline void store_n(float *p, vf v, long n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v); }
+#elif defined(__AVX2__) && VL == 8
+#include <immintrin.h>
+static inline __m256i lanes_below(long n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+static inline vf load_n(const float *p, long n) { return (vf)_mm256_maskload_ps(p, lanes_below(n)); }
+static inline void store_n(float *p, vf v, long n) { _mm256_maskstore_ps(p, lanes_below(n), (__m256)v); }
+#else
 static inline vf load_n(const float *p, long n) {  /* the first n < VL lanes of p, zeros after */
     float t[VL] = {0};
     memcpy(t, p, n * sizeof(float));
@@ -35,6 +47,7 @@ static inline void store_n(float *p, vf v, long n) {
     store(t, v);
     memcpy(p, t, n * sizeof(float));
 }
+#endif
 /* lanes c .. c + VL of a row of C floats, the part past C as zeros (loads) or left alone (stores) */
 static inline vf ld(const float *p, long c, long C) { return C - c >= VL ? load(p + c) : load_n(p + c, C - c); }
 static inline void st(float *p, long c, long C, vf v) { if (C - c >= VL) store(p + c, v); else store_n(p + c, v, C - c); }
