@@ -165,7 +165,7 @@ class StagePlan:
 class SwinPlan:
     """Every index table and mask of one input resolution, built once and cached by the model."""
 
-    embed_gather: torch.Tensor | None  # raster patches -> the first block's order (fused with the NCHW transpose)
+    embed_gather: torch.Tensor | None  # the embedding's raster tokens -> the first block's order
     stages: list[StagePlan]
 
 
@@ -233,7 +233,7 @@ def build_plan(config: SwinConfig, grid: tuple[int, int], table_windows: list[tu
         stages.append(StagePlan(res, merge_gather, merge_pad, blocks, order.clone(), to_raster))
         prev_res = res
     first = stages[0].blocks[0]
-    embed_gather, first.gather = first.gather, None  # the stream starts in raster order: fuse into the embed copy
+    embed_gather, first.gather = first.gather, None  # the stream starts in raster order, from the embedding
     return _plan_to(SwinPlan(embed_gather, stages), device)
 
 
@@ -402,10 +402,10 @@ class SwinTransformer(nn.Module):
         num_stages = len(c.depths)
         self.dims = [c.embed_dim * 2**i for i in range(num_stages)]
         self.num_features = self.dims[-1]
-        # output="nchw": the plan gathers the conv output straight into window order; the norm follows
-        # (padding to the patch is done here, only when needed: PatchEmbed's pad copies even when it adds nothing)
+        # normed raster tokens, which the plan gathers into the first block's window order (padding to the patch is
+        # done here, only when needed: PatchEmbed's pad copies even when it adds nothing)
         self.patch_embed = PatchEmbed(
-            c.img_size, c.patch_size, c.in_chans, c.embed_dim, output="nchw", strict_img_size=False, pad=False,
+            c.img_size, c.patch_size, c.in_chans, c.embed_dim, strict_img_size=False, pad=False,
             norm=nn.LayerNorm(c.embed_dim, eps=c.norm_eps) if c.patch_norm else None,
         )
         # a stage's window (and so its bias table) is clipped to its grid at the build size, as in timm
@@ -471,12 +471,9 @@ class SwinTransformer(nn.Module):
         pad_h, pad_w = -images.shape[-2] % p, -images.shape[-1] % p
         if pad_h or pad_w:  # zero-pad bottom/right to a whole patch, as timm's dynamic padding
             images = F.pad(images, (0, pad_w, 0, pad_h))
-        x = self.patch_embed(images)  # (B, C, h, w)
-        b, c, h, w = x.shape
-        plan = self.plan((h, w), x.device)
-        x = x.view(b, c, h * w).transpose(1, 2)  # (B, L, C) strided view, no copy yet
-        x = _take(x, plan.embed_gather) if plan.embed_gather is not None else x.contiguous()  # one copy
-        return self.patch_embed.norm(x), plan
+        x = self.patch_embed.tokens(images)  # (B, L, C) normed, raster order
+        plan = self.plan((images.shape[-2] // p, images.shape[-1] // p), x.device)
+        return (x if plan.embed_gather is None else _take(x, plan.embed_gather)), plan
 
     def _run(self, images: torch.Tensor, keep: bool):
         x, plan = self._stream(images)
