@@ -2,9 +2,12 @@
 
 Inference: images/s of ``model(x)`` under ``torch.inference_mode()`` (median of ``--runs`` after warm-up).
 Training: one step = forward + cross-entropy + backward + AdamW, median images/s. The models of a family
-run interleaved round by round; the ratio is the median of the per-round ratios, with its quartiles.
+run interleaved round by round; the ratio is the median of the per-round ratios, with its quartiles. Each line
+also gives the median minor page faults per call; ``--keep-freed-memory`` has malloc keep freed memory for every
+model alike (see ``common.keep_freed_memory``), so that no model is timed with faults another one escapes.
 
     python bench/bench_vision.py --model all --batch 8 --runs 5
+    python bench/bench_vision.py --model swin --no-train --runs 15 --keep-freed-memory
     python bench/bench_vision.py --model swin --compile          # adds torch.compile(ours) and (timm) beside eager
     python bench/bench_vision.py --model vit --device cuda
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fastest, interleaved_times, ratio_text  # noqa: E402
+from common import fastest, interleaved_times, keep_freed_memory, ratio_text  # noqa: E402
 
 import visionformers as vf  # noqa: E402
 
@@ -49,7 +52,7 @@ def build(family: str, device: str, compile_ours: bool) -> dict[str, torch.nn.Mo
     return {k: m.to(device) for k, m in models.items()}
 
 
-def time_inference(models, x, runs: int, device: str) -> dict[str, list[float]]:
+def time_inference(models, x, runs: int, device: str, faults: dict) -> dict[str, list[float]]:
     for m in models.values():
         m.eval()
 
@@ -60,10 +63,11 @@ def time_inference(models, x, runs: int, device: str) -> dict[str, list[float]]:
         return run
 
     # warm-up: allocator, plans, kernels, compilation
-    return interleaved_times({k: forward(m) for k, m in models.items()}, runs=runs, warmup=2, device=device)
+    return interleaved_times({k: forward(m) for k, m in models.items()}, runs=runs, warmup=2, device=device,
+                             faults=faults)
 
 
-def time_training(models, x, runs: int, device: str) -> dict[str, list[float]]:
+def time_training(models, x, runs: int, device: str, faults: dict) -> dict[str, list[float]]:
     y = torch.randint(0, 1000, (x.shape[0],), device=device)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
 
@@ -77,19 +81,21 @@ def time_training(models, x, runs: int, device: str) -> dict[str, list[float]]:
 
     for m in models.values():
         m.train()
-    return interleaved_times({k: step(k, m) for k, m in models.items()}, runs=runs, warmup=1, device=device)
+    return interleaved_times({k: step(k, m) for k, m in models.items()}, runs=runs, warmup=1, device=device,
+                             faults=faults)
 
 
-def report(title: str, times: dict[str, list[float]], batch: int) -> None:
-    """img/s of every model; ours against the faster eager reference (and compiled against compiled) as the
-    median of per-round ratios with its quartiles."""
+def report(title: str, times: dict[str, list[float]], batch: int, faults: dict[str, list[int]]) -> None:
+    """img/s and page faults per call of every model; ours against the faster eager reference (and compiled
+    against compiled) as the median of per-round ratios with its quartiles."""
     best_ref = fastest(times, ("timm", "torchvision"))
     print(f"  {title}")
     for name, t in times.items():
         ratio = f"  {ratio_text(times, best_ref, name)}" if name.startswith("ours") else ""
         if name == "ours+compile":
             ratio += f", {ratio_text(times, 'timm+compile', name)}"
-        print(f"    {name:14s} {batch / statistics.median(t):8.2f} img/s  (median of {len(t)}){ratio}")
+        print(f"    {name:14s} {batch / statistics.median(t):8.2f} img/s  (median of {len(t)}, "
+              f"{statistics.median(faults[name]):.0f} page faults){ratio}")
 
 
 def main() -> None:
@@ -101,9 +107,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of ours and of timm")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="have malloc keep freed memory, for every model alike (no page faults in the timings)")
     args = p.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, batch {args.batch}, fp32")
+    malloc = "default malloc"
+    if args.keep_freed_memory:
+        malloc = "malloc keeps freed memory" if keep_freed_memory() else "default malloc (could not change it)"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, batch {args.batch}, fp32, "
+          f"{malloc}")
     for family in (["vit", "swin"] if args.model == "all" else [args.model]):
         models = build(family, args.device, args.compile)
         x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
@@ -114,9 +126,12 @@ def main() -> None:
                 diff_c = (models["ours+compile"].eval()(x) - ref).abs().max().item()
         compiled = f", compiled {diff_c:.1e}" if args.compile else ""
         print(f"{family}: {FAMILIES[family][0]} (max |ours - torchvision| logits {diff:.1e}{compiled})")
-        report("inference", time_inference(models, x, args.runs, args.device), args.batch)
+        faults: dict[str, list[int]] = {}
+        report("inference", time_inference(models, x, args.runs, args.device, faults), args.batch, faults)
         if not args.no_train:
-            report("training step (fwd + bwd + AdamW)", time_training(models, x, args.runs, args.device), args.batch)
+            faults = {}
+            report("training step (fwd + bwd + AdamW)", time_training(models, x, args.runs, args.device, faults),
+                   args.batch, faults)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """Timing helpers shared by the side-by-side benchmarks (scripts, never tests)."""
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+try:
+    import resource
+except ImportError:  # not a Unix: no page-fault counts
+    resource = None
 
 
 def sync(device: str | torch.device) -> None:
@@ -27,11 +33,18 @@ def median_time(fn: Callable[[], object], runs: int = 5, warmup: int = 2, device
     return statistics.median(times)
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def interleaved_times(
-    fns: dict[str, Callable[[], object]], runs: int = 5, warmup: int = 2, device: str = "cpu"
+    fns: dict[str, Callable[[], object]], runs: int = 5, warmup: int = 2, device: str = "cpu",
+    faults: dict[str, list[int]] | None = None,
 ) -> dict[str, list[float]]:
     """Wall times in seconds of several candidates, one call each per round, ``runs`` rounds after ``warmup``
-    calls each: load on a shared machine drifts slowly, so candidates of one round see about the same load."""
+    calls each: load on a shared machine drifts slowly, so candidates of one round see about the same load.
+    ``faults``, when given, is filled with each call's minor page faults (memory the allocator had given back to
+    the system and takes again: see ``keep_freed_memory``)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -39,11 +52,32 @@ def interleaved_times(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
+            before = _minor_faults()
             start = time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            if faults is not None:
+                faults.setdefault(name, []).append(_minor_faults() - before)
     return times
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse (mmap only above 64 MB, no trimming below 1 GB), for every
+    model in the process alike; False where that cannot be set (not glibc).
+
+    By default glibc maps large blocks fresh from the system and unmaps them on free, and trims the freed top of
+    its heap: a model's next forward then takes a page fault per 4 KB of those activations. Which models pay
+    depends on what the process allocated before (glibc raises its thresholds after freeing large blocks), so a
+    side-by-side timing can charge one model faults that another in the same process escapes: Swin-T at batch 8
+    here, torchvision 0-50k faults per forward, timm 9-75k, ours 0-9k, each ~3 us on this VM.
+    ``MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=1073741824`` does the same from the environment."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def paired_ratio(reference: list[float], ours: list[float]) -> tuple[float, float, float]:
