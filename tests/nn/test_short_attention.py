@@ -13,7 +13,13 @@ from visionformers import _native
 from visionformers.nn import Attention
 from visionformers.nn.attention import attend
 from visionformers.nn.linear import gemm_taken
-from visionformers.nn.short_attention import MAX_TOKENS, native_short_attention_available, qkv_attention, short_attention
+from visionformers.nn.short_attention import (
+    MAX_TOKENS,
+    QKV_MAX_TOKENS,
+    native_short_attention_available,
+    qkv_attention,
+    short_attention,
+)
 
 CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 needs_kernel = pytest.mark.skipif(not native_short_attention_available(), reason="needs the native kernel")
@@ -39,7 +45,7 @@ def test_kernel_is_built_where_a_compiler_exists():
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [1, 7, 49, MAX_TOKENS])
+@pytest.mark.parametrize("n", [1, 7, 49, QKV_MAX_TOKENS, QKV_MAX_TOKENS + 1, 100, 197, MAX_TOKENS])
 @pytest.mark.parametrize("d", [16, 32, 64])
 @pytest.mark.parametrize("bias_shape", [None, "1H", "BH", "B1", "2d"])
 def test_matches_float64(n, d, bias_shape):
@@ -56,8 +62,9 @@ def test_matches_float64(n, d, bias_shape):
 
 
 @needs_kernel
-def test_masks_scale_and_fully_masked_rows():
-    b, h, n, d = 2, 3, 49, 32
+@pytest.mark.parametrize("n, d", [(49, 32), (197, 24)])  # the register path; the products' path, a partial panel
+def test_masks_scale_and_fully_masked_rows(n, d):
+    b, h = 2, 3
     q, k, v = qkv_views(b, h, n, d, seed=2)
     g = torch.Generator().manual_seed(3)
     bias = torch.randn(b, h, n, n, generator=g).masked_fill(torch.rand(b, 1, n, n, generator=g) < 0.5, float("-inf"))
@@ -70,9 +77,10 @@ def test_masks_scale_and_fully_masked_rows():
 
 
 @needs_kernel
-def test_result_does_not_depend_on_thread_count():
-    q, k, v = qkv_views(8, 3, 49, 32)
-    bias = torch.randn(1, 3, 49, 49)
+@pytest.mark.parametrize("n", [49, 197])
+def test_result_does_not_depend_on_thread_count(n):
+    q, k, v = qkv_views(8, 3, n, 32)
+    bias = torch.randn(1, 3, n, n)
     threads = torch.get_num_threads()
     outs = []
     try:
@@ -178,7 +186,7 @@ def test_qkv_attention_declines_what_it_cannot_take():
     layer = Attention(64, 2, qkv_bias=True).eval()
     x = torch.randn(4, 9, 64)
     with torch.no_grad():
-        assert qkv_attention(torch.randn(2, MAX_TOKENS + 1, 64), layer.qkv, 2, None, None) is None  # too long
+        assert qkv_attention(torch.randn(2, QKV_MAX_TOKENS + 1, 64), layer.qkv, 2, None, None) is None  # too long
         assert qkv_attention(x, layer.qkv, 2, torch.ones(4, 2, 9, 9, dtype=torch.bool), None) is None  # bool mask
         assert qkv_attention(x, layer.qkv, 2, torch.randn(4, 2, 1, 9), None) is None  # broadcast over queries
         assert qkv_attention(x.double(), layer.qkv, 2, None, None) is None

@@ -27,6 +27,7 @@ from visionformers.nn.linear import Linear
 from visionformers.nn.norm import RMSNorm
 from visionformers.nn.rope import apply_rotary
 from visionformers.nn.short_attention import MAX_TOKENS as SHORT_MAX_TOKENS
+from visionformers.nn.short_attention import QKV_MAX_TOKENS
 from visionformers.nn.short_attention import qkv_attention, short_attention
 
 __all__ = [
@@ -109,7 +110,7 @@ def attend(
     if is_causal and mask is None and bias is None and nq == nk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     attn_mask = _merge_masks(mask, bias, is_causal, nq, nk, q.dtype, q.device)
-    if dropout_p == 0.0 and nq == nk <= SHORT_MAX_TOKENS and q.is_cpu:  # Swin's windows: the native kernel (CPU inference)
+    if dropout_p == 0.0 and nq == nk <= SHORT_MAX_TOKENS and q.is_cpu:  # Swin's windows, ViT: the native kernel (CPU inference)
         out = short_attention(q, k, v, attn_mask, scale)
         if out is not None:
             return out
@@ -347,7 +348,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         if (
             context is None and kv_cache is None and rope is None and mask is None and not is_causal
-            and not return_weights and not self.training and n <= SHORT_MAX_TOKENS and x.is_cpu
+            and not return_weights and not self.training and n <= QKV_MAX_TOKENS and x.is_cpu
             and self._plain_self_attention
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.ndim in (3, 4) and bias.shape[-1] == n
                                   and bias.shape[-2] in (1, n)))

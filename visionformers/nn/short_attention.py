@@ -3,14 +3,16 @@
 Swin attends inside 7x7 windows: 49 queries and keys per (window, head), head dim 32. ATen's CPU flash attention
 is built for long sequences and spends most of such a call on its tiling, and its (B, H, N, D) output costs one
 more copy into the (B, N, H*D) rows of the output projection. ``csrc/short_attention.c`` computes one (batch, head)
-pair per task with the keys held in L1 cache and writes (B, N, H, D) memory directly; ``short_attention`` returns
-it as the (B, H, N, D) view SDPA would, so the caller's transpose back is free. Swin-T's 64 windows x 3 heads of
-stage 1, 2 threads (Zen 3): SDPA and the copy 1.76 ms, the kernel 1.18 ms (at one thread it is 0.82x SDPA).
+pair per task and writes (B, N, H, D) memory directly; ``short_attention`` returns it as the (B, H, N, D) view SDPA
+would, so the caller's transpose back is free. Up to ``QKV_MAX_TOKENS`` keys a task holds its scores in registers
+(Swin-T's 64 windows x 3 heads of stage 1, 2 threads, Zen 3: SDPA and the copy 1.76 ms, the kernel 1.18 ms); up
+to ``MAX_TOKENS`` it runs as two products with the native GEMM's micro-kernel around the softmax (ViT-B's 197
+tokens, 8 images x 12 heads of 64: SDPA and the copy 11.8 ms, the kernel 8.0 ms; BERT's 128: 3.7 and 3.6 ms).
 
 ``qkv_attention`` runs the qkv projection (the native GEMM's kernel, ``csrc/gemm_kernel.h``) and the attention
 together, a few windows per task group, so that a window's q, k, v are read from L2 cache rather than from a
 (B, N, 3, H, D) tensor that went through memory: ``Attention`` takes it for plain self-attention of at most
-``MAX_TOKENS`` tokens in CPU inference where the GEMM takes the product. Swin-T inference (batch 8, 2 cores,
+``QKV_MAX_TOKENS`` tokens in CPU inference where the GEMM takes the product. Swin-T inference (batch 8, 2 cores,
 Zen 3): 1.05x (median of 10 paired rounds) over the projection and the attention as two calls; the floats are
 identical, the kernels being the same.
 
@@ -30,9 +32,10 @@ from visionformers import _native
 from visionformers.nn.gemm import packed
 from visionformers.nn.linear import gemm_taken, native_ready
 
-__all__ = ["short_attention", "qkv_attention", "native_short_attention_available", "MAX_TOKENS"]
+__all__ = ["short_attention", "qkv_attention", "native_short_attention_available", "MAX_TOKENS", "QKV_MAX_TOKENS"]
 
-MAX_TOKENS = 64  # csrc/short_attention.c's MAX_N
+MAX_TOKENS = 256  # csrc/short_attention.c's MAX_LONG_N
+QKV_MAX_TOKENS = 64  # its MAX_N: scores in registers, and vf_qkv_attention
 _MAX_HEAD_DIM = 128
 _F32 = torch.float32
 _LONGS = ctypes.c_long * 3
@@ -62,13 +65,14 @@ def _run(lib, q, k, v, bias, scale) -> torch.Tensor | None:
 
 def _self_check(lib) -> bool:
     """Against the one attention's math path on strided views of one qkv tensor, with a per-batch bias holding
-    -inf, a broadcast bias, no bias, and a ragged length (two vector widths and a tail), threaded."""
+    -inf, a broadcast bias, no bias, a ragged length (two vector widths and a tail) and a long one (the products'
+    path, with a head dim of three vector widths: a partial panel), threaded."""
     from visionformers.nn.attention import attend_math  # (imports this module: resolved at the first call)
 
     g = torch.Generator().manual_seed(0)
     width = lib.vf_vector_width()
     with torch.inference_mode():
-        for n, d, heads in ((49, 2 * width, 3), (13, width, 2)):
+        for n, d, heads in ((49, 2 * width, 3), (13, width, 2), (100, 3 * width, 2)):
             qkv = torch.randn(5, n, 3, heads, d, generator=g)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             per_batch = torch.randn(5, heads, n, n, generator=g).masked_fill(torch.rand(5, 1, n, n, generator=g) < 0.3,
@@ -150,10 +154,10 @@ def qkv_attention(x: torch.Tensor, qkv: torch.nn.Linear, num_heads: int, bias: t
     """softmax(scale q k^T + bias) v with q, k, v = split(qkv(x)) into ``num_heads`` heads: (B, N, H*D) heads, the
     projection and the attention of a few windows at a time in one native call (``vf_qkv_attention``), so that
     each window's q, k, v are still in cache when its attention reads them. None where it cannot be taken: x not
-    (B, N <= ``MAX_TOKENS``, dim), the product not the native GEMM's (``nn.linear.gemm_taken``), or a head dim
+    (B, N <= ``QKV_MAX_TOKENS``, dim), the product not the native GEMM's (``nn.linear.gemm_taken``), or a head dim
     or bias the attention kernel does not take (see ``short_attention``)."""
     weight, qkv_bias = qkv.weight, qkv.bias
-    if x.ndim != 3 or not 0 < x.shape[1] <= MAX_TOKENS or weight.shape[0] % (3 * num_heads):
+    if x.ndim != 3 or not 0 < x.shape[1] <= QKV_MAX_TOKENS or weight.shape[0] % (3 * num_heads):
         return None
     b, n, c = x.shape
     d = weight.shape[0] // (3 * num_heads)

@@ -1,10 +1,11 @@
 /* Softmax attention over short sequences, out = softmax(scale q k^T + bias) v (Vaswani et al. 2017, eq. 1), for
- * CPU fp32 inference: Swin's 7x7 windows (49 tokens, head dim 32) and any other attention of at most 64 keys.
+ * CPU fp32 inference: Swin's 7x7 windows (49 tokens, head dim 32) and any other attention of at most 64 keys, and
+ * (long_task, below) sequences of up to 256 tokens such as ViT's 197.
  *
  * ATen's CPU flash attention tiles for long sequences; at 49 keys most of its time is per-tile bookkeeping, and
  * its (B, H, N, D) output needs another copy to reach the (B, N, H*D) rows that the output projection reads.
  * Here one (batch, head) pair is one task (the next task's rows are prefetched meanwhile): its keys are transposed
- * once into a small (D, NP) block in L1 cache and its values copied into contiguous rows,
+ * once into a small (D, NP) block in L1 cache (its values are read in place),
  * each query row's NP scores are a few vectors accumulated in registers (vectorised over keys), the softmax
  * runs on those vectors, and the weighted sum of the values (vectorised over D) is written straight into
  * out (B, N, H, D). NP is N rounded up to whole vectors; padding keys score -inf.
@@ -185,11 +186,106 @@ static inline void prefetch_rows(const float *x, long N, long stride, long D) {
         for (long d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(x + n * stride + d);
 }
 
+#define MAX_LONG_N 256  /* keys and queries per sequence of the long path */
+
+/* A per-thread scratch block of at least n floats, kept between calls: a block this size from malloc is a fresh
+ * mapping each time, whose pages fault in again on every call. NULL where it cannot be had. */
+static float *scratch(size_t n) {
+    static __thread float *buf;
+    static __thread size_t cap;
+    if (n > cap) {
+        free(buf);
+        buf = malloc(n * sizeof(float));
+        cap = buf ? n : 0;
+    }
+    return buf;
+}
+
+/* rows 0..M of C (stride ldc) = A (M rows of stride lda) Bp^T for Bp packed in panels over K (one block: K <= KC) */
+static void product(const float *A, long lda, const float *Bp, float *C, long ldc, long M, long N, long K) {
+    for (long jp = 0; jp * NR < N; jp++) {
+        const long col = jp * NR, ncols = N - col < NR ? N - col : NR;
+        for (long i = 0; i < M; i += MR)
+            tile_rows(A + i * lda, lda, Bp + jp * K * NR, C + i * ldc + col, ldc, K, 1, 1, NULL, 0, NULL,
+                      M - i < MR ? (int)(M - i) : MR, ncols);
+    }
+}
+
+/* One (batch, head) of a longer sequence (MAX_N < N <= MAX_LONG_N) as two products with the micro-kernel of
+ * gemm_kernel.h: S = q k^T into a buffer of rows of NP = N rounded up to NR, each row's softmax in place
+ * (normalised: P = exp(s - max) / sum), then out = P v. k and v are packed into panels first; buf holds
+ * NP (NP + 2 D) floats. */
+static void long_task(const float *q, const float *k, const float *v, const float *bias, float *out, long N, long D,
+                      long qn, long kn, long vn, long on, float scale, float *buf) {
+    const long NP = (N + NR - 1) / NR * NR, DP = (D + NR - 1) / NR * NR;
+    float *S = buf, *kp = S + N * NP, *vp = kp + NP * D;
+    for (long p = 0; p < NP / NR; p++)  /* kp: panel p holds k[p NR + j][d] at kp[(p D + d) NR + j] */
+        for (long d0 = 0; d0 < D; d0 += VL)
+            transpose_block(k + p * NR * kn + d0, kn, kp + (p * D + d0) * NR, NR, N - p * NR < VL ? N - p * NR : VL),
+            transpose_block(k + (p * NR + VL) * kn + d0, kn, kp + (p * D + d0) * NR + VL, NR,
+                            N - p * NR - VL < 0 ? 0 : N - p * NR - VL < VL ? N - p * NR - VL : VL);
+    for (long p = 0; p < DP / NR; p++)  /* vp: panel p holds v[j][p NR + c] at vp[(p N + j) NR + c] */
+        for (long j = 0; j < N; j++) {
+            const long c0 = p * NR;
+            store(vp + (p * N + j) * NR, ld(v + j * vn, c0, D));
+            store(vp + (p * N + j) * NR + VL, ld(v + j * vn, c0 + VL < D ? c0 + VL : D, D));
+        }
+    product(q, qn, kp, S, NP, N, NP, D);
+    const long NV = NP / VL;
+    const vf zero = splat(0.0f);
+    for (long i = 0; i < N; i++) {
+        float *s = S + i * NP;
+        const float *bi = bias ? bias + i * N : NULL;
+        vf mx = splat(-INFINITY);
+        for (long j = 0; j < NV; j++) {
+            vf x = load(s + j * VL) * scale;
+            if (bi) x += ld(bi, j * VL, N);
+            if ((j + 1) * VL > N) {  /* padding keys: -inf */
+                vf iota;
+                for (int l = 0; l < VL; l++) iota[l] = (float)(j * VL + l);
+                x = vselect(iota >= (float)N, splat(-INFINITY), x);
+            }
+            store(s + j * VL, x);
+            mx = vmax(mx, x);
+        }
+        mx = hmax_all(mx);
+        const int masked = mx[0] == -INFINITY;
+        mx = vselect(mx == -INFINITY, zero, mx);
+        vf sum = zero;
+        for (long j = 0; j < NV; j++) {
+            const vf e = v_exp_le0(load(s + j * VL) - mx);
+            sum += e;
+            store(s + j * VL, e);
+        }
+        const float inv = masked ? 0.0f : 1.0f / hsum(sum);
+        for (long j = 0; j < NV; j++) store(s + j * VL, load(s + j * VL) * inv);
+    }
+    product(S, NP, vp, out, on, N, D, N);
+}
+
 /* out (B, N, H, D); returns 0, or -1 where N or D is out of range (the caller checks first) */
 int vf_short_attention(const float *q, const float *k, const float *v, const float *bias, float *out, long B, long H,
                        long N, long D, const long *qs, const long *ks, const long *vs, const long *bs, float scale,
                        int nthreads) {
-    if (N < 1 || N > MAX_N || D < VL || D > MAX_D || D % VL) return -1;
+    if (N < 1 || N > MAX_LONG_N || D < VL || D > MAX_D || D % VL) return -1;
+    if (N > MAX_N) {
+        int failed = 0;
+        const long NP = (N + NR - 1) / NR * NR;
+        #pragma omp parallel num_threads(nthreads) reduction(|: failed)
+        {
+            float *buf = scratch((size_t)(NP * (NP + 2 * (D + NR))));
+            failed = buf == NULL;
+            #pragma omp for schedule(static)
+            for (long t = 0; t < B * H; t++) {
+                if (!buf) continue;
+                const long b = t / H, h = t % H;
+                long_task(q + b * qs[0] + h * qs[1], k + b * ks[0] + h * ks[1], v + b * vs[0] + h * vs[1],
+                          bias ? bias + b * bs[0] + h * bs[1] : NULL, out + (b * N * H + h) * D, N, D, qs[2], ks[2],
+                          vs[2], H * D, scale, buf);
+            }
+        }
+        return failed ? -1 : 0;
+    }
     const int NV = (int)((N + VL - 1) / VL);
     #pragma omp parallel num_threads(nthreads)
     {
