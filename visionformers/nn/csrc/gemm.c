@@ -45,7 +45,7 @@ void vf_gemm(const float *A, const float *Bp, float *C, long M, long N, long K, 
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (long ib = 0; ib < blocks; ib++) {
         const long m0 = ib * mc, m1 = m0 + mc < M ? m0 + mc : M;
-        row_block(A, K, Bp, out, m0, m1, N, K, bias, act, residual);
+        row_block(A, K, Bp, out, N, m0, m1, N, K, bias, act, residual);
         if (h)  /* the block's rows are complete and still in cache */
             for (long i = m0; i < m1; i++) layer_norm_row(out + i * N, h + i * N, g, beta, N, eps);
     }
@@ -62,18 +62,17 @@ int vf_mlp(const float *A, const float *W1p, const float *b1, int act, const flo
     int failed = 0;
     #pragma omp parallel num_threads(nthreads) reduction(|: failed)
     {
-        float *hidden = malloc((size_t)mc * H * sizeof(float));
+        float *hidden = scratch((size_t)mc * H);
         failed = hidden == NULL;
         #pragma omp for schedule(dynamic, 1)
         for (long ib = 0; ib < blocks; ib++) {
             if (!hidden) continue;
             const long m0 = ib * mc, m1 = m0 + mc < M ? m0 + mc : M;
-            row_block(A + m0 * K, K, W1p, hidden, 0, m1 - m0, H, K, b1, act, NULL);
-            row_block(hidden, H, W2p, out + m0 * N, 0, m1 - m0, N, H, b2, 0, residual ? residual + m0 * N : NULL);
+            row_block(A + m0 * K, K, W1p, hidden, H, 0, m1 - m0, H, K, b1, act, NULL);
+            row_block(hidden, H, W2p, out + m0 * N, N, 0, m1 - m0, N, H, b2, 0, residual ? residual + m0 * N : NULL);
             if (h)
                 for (long i = m0; i < m1; i++) layer_norm_row(out + i * N, h + i * N, g, beta, N, eps);
         }
-        free(hidden);
     }
     return failed ? -1 : 0;
 }

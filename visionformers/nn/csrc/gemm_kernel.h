@@ -1,6 +1,7 @@
 /* The register-blocked GEMM kernel of gemm.c (its comment tells the method), shared with the kernels that run a
  * product as one step of a larger computation (short_attention.c's fused qkv projection): the panel packing of W,
- * the MR x NR micro-kernel with its epilogue, and row_block, one block of rows of C = epilogue(A W^T).
+ * the MR x NR micro-kernel with its epilogue, row_block, one block of rows of C = epilogue(A W^T), and the per-thread
+ * scratch buffers of the kernels that keep a block's intermediate results in cache.
  */
 #ifndef VF_GEMM_KERNEL_H
 #define VF_GEMM_KERNEL_H
@@ -86,10 +87,11 @@ static void tile_rows(const float *a, long lda, const float *b, float *c, long l
 }
 #undef TILE
 
-/* rows m0..m1 of out (stride N) = act(A W^T + bias) + residual for A of stride lda (rows m0.. of the operand), the
- * product over K in blocks of KC, each tile's epilogue after its last block */
-static void row_block(const float *A, long lda, const float *Bp, float *out, long m0, long m1, long N, long K,
-                      const float *bias, int act, const float *residual) {
+/* rows m0..m1 of out (N columns, rows of stride ldc) = act(A W^T + bias) + residual (rows of the same stride) for A
+ * of stride lda (rows m0.. of the operand), the product over K in blocks of KC, each tile's epilogue after its last
+ * block */
+static void row_block(const float *A, long lda, const float *Bp, float *out, long ldc, long m0, long m1, long N,
+                      long K, const float *bias, int act, const float *residual) {
     const long panels = (N + NR - 1) / NR;
     for (long p0 = 0; p0 < K; p0 += KC) {
         const long kc = p0 + KC < K ? KC : K - p0;
@@ -99,11 +101,25 @@ static void row_block(const float *A, long lda, const float *Bp, float *out, lon
             const long col = jp * NR, ncols = N - col < NR ? N - col : NR;
             for (long i = m0; i < m1; i += MR) {
                 const int R = m1 - i < MR ? (int)(m1 - i) : MR;
-                tile_rows(A + i * lda + p0, lda, b, out + i * N + col, N, kc, first, last, bias ? bias + col : NULL,
-                          act, residual ? residual + i * N + col : NULL, R, ncols);
+                tile_rows(A + i * lda + p0, lda, b, out + i * ldc + col, ldc, kc, first, last, bias ? bias + col : NULL,
+                          act, residual ? residual + i * ldc + col : NULL, R, ncols);
             }
         }
     }
+}
+
+/* A per-thread scratch block of at least n floats, kept for the thread's life (PyTorch's OpenMP threads persist): a
+ * block this size from malloc is a fresh mapping each time, whose pages fault in again on every call. NULL where it
+ * cannot be had. One per kernel library and thread: a kernel must not hold it across a call of another. */
+static float *scratch(size_t n) {
+    static __thread float *buf;
+    static __thread size_t cap;
+    if (n > cap) {
+        free(buf);
+        buf = malloc(n * sizeof(float));
+        cap = buf ? n : 0;
+    }
+    return buf;
 }
 
 /* Rows per block for M rows: about MC_TARGET, a multiple of MR, and as many blocks for every thread */

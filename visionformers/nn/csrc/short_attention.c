@@ -38,24 +38,6 @@ static inline __attribute__((always_inline)) void scores2(const float *q0, const
     for (int j = 0; j < NV; j++) { s0[j] = a0[j] * scale; s1[j] = a1[j] * scale; }
 }
 
-/* exp(x) for x <= 0 (a softmax's scores less their max), 0 from x = -87.3 on, where e^x is no longer a normal float:
- * v_exp's steps without its clamps, masked scores (-inf) giving 0 */
-static inline vf v_exp_le0(vf x) {
-    const vi keep = x > -87.3f;
-    x = vmax(x, splat(-87.3f));
-    const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const vf e = p * r * r + r + 1.0f;
-    const vi pow2n = (__builtin_convertvector(n, vi) + 127) << 23;
-    return (vf)((vi)(e * (vf)pow2n) & keep);
-}
-
 /* p = exp(s + bias - max) of one query row, padding keys and masked keys 0; returns 1 / sum, or 0 when every key
  * is masked (the row's output is then 0, as ATen's). Branch-free, so that two rows' calls interleave. */
 static inline __attribute__((always_inline)) float softmax_row(vf *s, const float *bi, long N, const int NV, vi pad,
@@ -162,11 +144,10 @@ static inline __attribute__((always_inline)) void query_rows(const float *q, con
 }
 
 static void task(const float *q, const float *k, const float *v, const float *bias, float *out, long N, long D,
-                 long qn, long kn, long vn, long on, int NV, float scale, float *kt, float *vc) {
+                 long qn, long kn, long vn, long on, int NV, float scale, float *kt) {
     const long NP = (long)NV * VL;
     for (long j0 = 0; j0 < NP; j0 += VL)  /* kt (D, NP) = k^T, zero past N, in VL x VL blocks */
         for (long d0 = 0; d0 < D; d0 += VL) transpose_block(k + j0 * kn + d0, kn, kt + d0 * NP + j0, NP, N - j0 < VL ? N - j0 : VL);
-    (void)vc;
 #define ROWS(nv) query_rows(q, v, bias, out, N, D, qn, vn, on, nv, scale, kt)
     switch (NV) {
     case 1: ROWS(1); break;
@@ -188,33 +169,10 @@ static inline void prefetch_rows(const float *x, long N, long stride, long D) {
 
 #define MAX_LONG_N 256  /* keys and queries per sequence of the long path */
 
-/* A per-thread scratch block of at least n floats, kept between calls: a block this size from malloc is a fresh
- * mapping each time, whose pages fault in again on every call. NULL where it cannot be had. */
-static float *scratch(size_t n) {
-    static __thread float *buf;
-    static __thread size_t cap;
-    if (n > cap) {
-        free(buf);
-        buf = malloc(n * sizeof(float));
-        cap = buf ? n : 0;
-    }
-    return buf;
-}
-
-/* rows 0..M of C (stride ldc) = A (M rows of stride lda) Bp^T for Bp packed in panels over K (one block: K <= KC) */
-static void product(const float *A, long lda, const float *Bp, float *C, long ldc, long M, long N, long K) {
-    for (long jp = 0; jp * NR < N; jp++) {
-        const long col = jp * NR, ncols = N - col < NR ? N - col : NR;
-        for (long i = 0; i < M; i += MR)
-            tile_rows(A + i * lda, lda, Bp + jp * K * NR, C + i * ldc + col, ldc, K, 1, 1, NULL, 0, NULL,
-                      M - i < MR ? (int)(M - i) : MR, ncols);
-    }
-}
-
 /* One (batch, head) of a longer sequence (MAX_N < N <= MAX_LONG_N) as two products with the micro-kernel of
  * gemm_kernel.h: S = q k^T into a buffer of rows of NP = N rounded up to NR, each row's softmax in place
  * (normalised: P = exp(s - max) / sum), then out = P v. k and v are packed into panels first; buf holds
- * NP (NP + 2 D) floats. */
+ * N NP + NP D + DP N floats (DP: D rounded up to NR). */
 static void long_task(const float *q, const float *k, const float *v, const float *bias, float *out, long N, long D,
                       long qn, long kn, long vn, long on, float scale, float *buf) {
     const long NP = (N + NR - 1) / NR * NR, DP = (D + NR - 1) / NR * NR;
@@ -230,7 +188,7 @@ static void long_task(const float *q, const float *k, const float *v, const floa
             store(vp + (p * N + j) * NR, ld(v + j * vn, c0, D));
             store(vp + (p * N + j) * NR + VL, ld(v + j * vn, c0 + VL < D ? c0 + VL : D, D));
         }
-    product(q, qn, kp, S, NP, N, NP, D);
+    row_block(q, qn, kp, S, NP, 0, N, NP, D, NULL, 0, NULL);
     const long NV = NP / VL;
     const vf zero = splat(0.0f);
     for (long i = 0; i < N; i++) {
@@ -260,7 +218,7 @@ static void long_task(const float *q, const float *k, const float *v, const floa
         const float inv = masked ? 0.0f : 1.0f / hsum(sum);
         for (long j = 0; j < NV; j++) store(s + j * VL, load(s + j * VL) * inv);
     }
-    product(S, NP, vp, out, on, N, D, N);
+    row_block(S, NP, vp, out, on, 0, N, D, N, NULL, 0, NULL);
 }
 
 /* out (B, N, H, D); returns 0, or -1 where N or D is out of range (the caller checks first) */
@@ -289,7 +247,7 @@ int vf_short_attention(const float *q, const float *k, const float *v, const flo
     const int NV = (int)((N + VL - 1) / VL);
     #pragma omp parallel num_threads(nthreads)
     {
-        float kt[MAX_D * MAX_N], vc[MAX_N * MAX_D];  /* k^T and v of the current task, in L1 */
+        float kt[MAX_D * MAX_N];  /* k^T of the current task, in L1 */
         #pragma omp for schedule(static)
         for (long t = 0; t < B * H; t++) {
             const long b = t / H, h = t % H;
@@ -302,7 +260,7 @@ int vf_short_attention(const float *q, const float *k, const float *v, const flo
             }
             task(q + b * qs[0] + h * qs[1], k + b * ks[0] + h * ks[1], v + b * vs[0] + h * vs[1],
                  bias ? bias + b * bs[0] + h * bs[1] : NULL, out + (b * N * H + h) * D, N, D, qs[2], ks[2], vs[2],
-                 H * D, NV, scale, kt, vc);
+                 H * D, NV, scale, kt);
         }
     }
     return 0;
@@ -332,22 +290,21 @@ int vf_qkv_attention(const float *x, const float *Wp, const float *qkv_bias, con
     int failed = 0;
     #pragma omp parallel num_threads(nthreads) reduction(|: failed)
     {
-        float *qkv = malloc((size_t)(G * N * E) * sizeof(float));
-        float kt[MAX_D * MAX_N], vc[MAX_N * MAX_D];
+        float *qkv = scratch((size_t)(G * N * E));
+        float kt[MAX_D * MAX_N];
         failed = qkv == NULL;
         #pragma omp for schedule(dynamic, 1)
         for (long g = 0; g < groups; g++) {
             if (!qkv) continue;
             const long w0 = g * G, w1 = w0 + G < B ? w0 + G : B;
-            row_block(x + w0 * N * C, C, Wp, qkv, 0, (w1 - w0) * N, E, C, qkv_bias, 0, NULL);
+            row_block(x + w0 * N * C, C, Wp, qkv, E, 0, (w1 - w0) * N, E, C, qkv_bias, 0, NULL);
             for (long w = w0; w < w1; w++)
                 for (long h = 0; h < H; h++) {
                     const float *q = qkv + (w - w0) * N * E + h * D;
                     task(q, q + H * D, q + 2 * H * D, bias ? bias + w * bs[0] + h * bs[1] : NULL,
-                         out + (w * N * H + h) * D, N, D, E, E, E, H * D, NV, scale, kt, vc);
+                         out + (w * N * H + h) * D, N, D, E, E, E, H * D, NV, scale, kt);
                 }
         }
-        free(qkv);
     }
     return failed ? -1 : 0;
 }

@@ -78,8 +78,8 @@ static inline vf vmin(vf a, vf b) { return vselect(a < b, a, b); }
 static inline vf recip(vf d) { return 1.0f / d; }
 #endif
 
-static inline vf v_exp(vf x) {
-    x = vmin(vmax(x, splat(-80.0f)), splat(88.3f));  /* from e^-80: results stay normal floats (no slow subnormals) */
+/* e^x for x already in [-87.3, 88.3] (normal float results): Cephes expf's range reduction and polynomial */
+static inline vf exp_in_range(vf x) {
     const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round(x / ln 2) */
     const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;              /* x - n ln 2, in two parts */
     vf p = splat(1.9875691500e-4f);
@@ -91,6 +91,17 @@ static inline vf v_exp(vf x) {
     const vf e = p * r * r + r + 1.0f;
     const vi pow2n = (__builtin_convertvector(n, vi) + 127) << 23;          /* 2^n as float bits */
     return e * (vf)pow2n;
+}
+
+static inline vf v_exp(vf x) {  /* from e^-80: results stay normal floats (no slow subnormals) */
+    return exp_in_range(vmin(vmax(x, splat(-80.0f)), splat(88.3f)));
+}
+
+/* exp(x) for x <= 0 (a softmax's scores less their max), 0 from x = -87.3 on, where e^x is no longer a normal float
+ * (masked scores, -inf, give 0) */
+static inline vf v_exp_le0(vf x) {
+    const vi keep = x > -87.3f;
+    return (vf)((vi)exp_in_range(vmax(x, splat(-87.3f))) & keep);
 }
 
 /* erf(x) = x P(x^2) / Q(x^2) below |x| = 3.92, +-1 beyond (float's erf is +-1 there): the rational minimax fit of
