@@ -157,3 +157,42 @@ def test_patch_embed_shapes_padding_and_errors():
     loose = PatchEmbed(32, 8, 3, 16, strict_img_size=False)
     with pytest.raises(ValueError, match="divisible"):
         loose(torch.randn(1, 3, 30, 32))
+
+
+@pytest.mark.parametrize("name", ["pre_norm", "post_norm", "cross", "adaln_zero", "layer_scale_drop_path", "gqa_qknorm",
+                                  "linear", "differential"])
+@pytest.mark.parametrize("mode", ["inference", "autograd"])
+def test_queries_gives_the_first_tokens_of_the_full_block(name, mode):
+    """Only the first tokens' outputs, the rest still keys and values: the full block's first rows (the fused
+    inference path and the autograd path)."""
+    kw = VARIANTS[name]
+    torch.manual_seed(0)
+    block = TransformerBlock(DIM, H, **kw).eval()
+    if kw.get("cond_dim"):
+        torch.nn.init.normal_(block.adaLN.linear.weight, std=0.1)
+    x, extra = _inputs(kw)
+    bias = torch.randn(1, H, 6, 6) if name == "pre_norm" else None
+    with torch.inference_mode() if mode == "inference" else torch.enable_grad():
+        full = block(x, bias=bias, **extra)
+        first = block(x, bias=bias, queries=2, **extra)
+    assert first.shape == (2, 2, DIM)
+    torch.testing.assert_close(first, full[:, :2], rtol=1e-5, atol=1e-6)
+
+
+def test_queries_keeps_gradients_of_every_token():
+    block = TransformerBlock(DIM, H)
+    x = torch.randn(2, 6, DIM, requires_grad=True)
+    block(x, queries=1).sum().backward()
+    assert x.grad[:, 1:].abs().sum() > 0  # the other tokens reach the output as keys and values
+
+
+def test_queries_is_checked():
+    block = TransformerBlock(DIM, H).eval()
+    x = torch.randn(2, 6, DIM)
+    for bad in (0, 7, 1.5):
+        with pytest.raises(ValueError, match="queries"):
+            block(x, queries=bad)
+    with pytest.raises(ValueError, match="queries"):
+        TransformerBlock(DIM, H, is_causal=True)(x, queries=2)
+    with pytest.raises(ValueError, match="queries"):
+        block(x, queries=2, partition=(lambda t: t, lambda t: t))

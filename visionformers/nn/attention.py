@@ -332,6 +332,7 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         return_weights: bool = False,
         project: bool = True,
+        queries: int | None = None,
     ):
         """x: (B, N, dim); context: (B, M, context_dim) for cross-attention.
 
@@ -339,15 +340,19 @@ class Attention(nn.Module):
         ``bias``: additive, broadcastable to (B, H, Nq, Nk). ``rope``: (cos, sin) for the new positions,
         broadcastable to (B, H, N, D). Returns (B, N, dim), or (out, weights) with ``return_weights``;
         ``project=False`` returns the heads before the output projection, (B, N, H*D), for a caller that
-        fuses ``proj`` with what follows (``TransformerBlock``).
+        fuses ``proj`` with what follows (``TransformerBlock``). ``queries``: only the first ``queries`` tokens
+        attend, every token still being a key and a value; the output is (B, queries, dim) (a classifier's last
+        block needs only its class token). Not with a KV cache, causal or sliding-window attention.
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             fail("x", x, f"a (B, N, {self.dim}) tensor")
+        if queries is not None:
+            self._check_queries(queries, x.shape[1], context, kv_cache, is_causal)
         if x.dtype != self.proj.weight.dtype:  # one compare on the usual path; the check itself allows autocast
             check_dtype("x", x, self.proj.weight.dtype)
         b, n, _ = x.shape
         if (
-            context is None and kv_cache is None and rope is None and mask is None and not is_causal
+            context is None and kv_cache is None and rope is None and mask is None and not is_causal and queries is None
             and not return_weights and not self.training and n <= QKV_MAX_TOKENS and x.is_cpu
             and self._plain_self_attention
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.ndim in (3, 4) and bias.shape[-1] == n
@@ -381,6 +386,11 @@ class Attention(nn.Module):
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.ndim not in (3, 4) or bias.shape[-1] != nk or bias.shape[-2] not in (1, n):
                 fail("bias", bias, f"an additive float tensor broadcastable to (B, H, {n}, {nk})")
+        if queries is not None:  # the first rows of q, and of the masks and biases that have a row per query
+            q = q[:, :, :queries]
+            mask = mask[:, :, :queries] if mask is not None and mask.shape[2] == n else mask
+            bias = bias[..., :queries, :] if bias is not None and bias.shape[-2] == n else bias
+            n = queries
         dropout_p = self.attn_drop if self.training else 0.0
         out, weights = self._attend(q, k, v, mask, bias, is_causal, dropout_p, return_weights)
         # (B, N, H*D) -> (B, N, dim); H*D spelled out, as -1 cannot be inferred for an empty batch
@@ -391,6 +401,12 @@ class Attention(nn.Module):
         if self.proj_drop_p and self.training:
             out = self.proj_drop(out)
         return (out, weights) if return_weights else out
+
+    def _check_queries(self, queries, n: int, context, kv_cache, is_causal) -> None:
+        if not is_int(queries) or not 1 <= queries <= n:
+            fail("queries", queries, f"an int in [1, {n}] (the first tokens of x), or None")
+        if kv_cache is not None or is_causal or self.window_size is not None or context is not None:
+            fail("queries", queries, "None with a KV cache, a context, causal or sliding-window attention")
 
     def _q_heads(self) -> int:
         return self.num_heads

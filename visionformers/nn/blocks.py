@@ -27,6 +27,11 @@ __all__ = ["LayerScale", "TransformerBlock", "ATTENTION_TYPES"]
 ATTENTION_TYPES = {"softmax": Attention, "linear": LinearAttention, "differential": DifferentialAttention}
 
 
+def _first(x: torch.Tensor, queries: int | None) -> torch.Tensor:
+    """The residual stream of the rows a block computes: all of x, or its first ``queries`` tokens."""
+    return x if queries is None else x[:, :queries]
+
+
 class LayerScale(nn.Module):
     """Per-channel learned residual scale initialised small (Touvron et al. 2021, CaiT, eq. 5)."""
 
@@ -133,24 +138,32 @@ class TransformerBlock(nn.Module):
         kv_cache: KVCache | None = None,
         cross_kv_cache: KVCache | None = None,
         partition: tuple[Callable, Callable] | None = None,
+        queries: int | None = None,
     ) -> torch.Tensor:
-        """x: (B, N, dim) -> (B, N, dim).
+        """x: (B, N, dim) -> (B, N, dim), or (B, queries, dim) with ``queries``.
 
         ``mask``/``bias``/``rope`` go to self-attention; ``context``/``context_mask``/``context_bias`` to
         cross-attention; ``cond`` (B, cond_dim) drives adaLN-Zero. ``partition`` = (split, merge) wraps only
         the self-attention call, e.g. Swin's window partition: split(norm1(x)) -> windows -> merge.
+        ``queries``: the block's output for the first ``queries`` tokens only, the others serving as keys and
+        values (``Attention``'s ``queries``): a classifier's last block needs only its class token.
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             fail("x", x, f"a (B, N, {self.dim}) tensor")
+        if queries is not None and partition is not None:
+            fail("queries", queries, "None with a partition (the windows' rows are not the stream's)")
         if self.grad_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None:
             return checkpoint(
                 self._forward, x, mask, bias, rope, context, context_mask, context_bias, cond, None, None, partition,
-                use_reentrant=False,
+                queries, use_reentrant=False,
             )
-        return self._forward(x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache, partition)
+        return self._forward(x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache,
+                             partition, queries)
 
-    def _self_attention(self, h, mask, bias, rope, kv_cache, partition, project=True):
+    def _self_attention(self, h, mask, bias, rope, kv_cache, partition, project=True, queries=None):
         kw = dict(mask=mask, bias=bias, is_causal=self.is_causal, rope=rope, project=project)
+        if queries is not None:
+            kw["queries"] = queries
         if partition is not None:  # the merge is per token, so it may come before the output projection
             split, merge = partition
             return merge(self.attn(split(h), **kw))
@@ -165,19 +178,21 @@ class TransformerBlock(nn.Module):
             and native_epilogue_available()
         )
 
-    def _forward_fused(self, x, mask, bias, rope, kv_cache, partition):
+    def _forward_fused(self, x, mask, bias, rope, kv_cache, partition, queries):
         """The plain block's math with each product's bias fused into the residual add, norm or activation."""
+        res = _first(x, queries)
         if self.pre_norm:
-            heads = self._self_attention(self.norm1(x), mask, bias, rope, kv_cache, partition, project=False)
-            x, h = linear_add_norm(heads, self.attn.proj, x, self.norm2)
+            heads = self._self_attention(self.norm1(x), mask, bias, rope, kv_cache, partition, False, queries)
+            x, h = linear_add_norm(heads, self.attn.proj, res, self.norm2)
             return mlp_add_norm(h, self.mlp, x, None)[0]
-        heads = self._self_attention(x, mask, bias, rope, kv_cache, partition, project=False)
-        x = linear_add_norm(heads, self.attn.proj, x, self.norm1, keep_sum=False)[1]
+        heads = self._self_attention(x, mask, bias, rope, kv_cache, partition, False, queries)
+        x = linear_add_norm(heads, self.attn.proj, res, self.norm1, keep_sum=False)[1]
         return mlp_add_norm(x, self.mlp, x, self.norm2, keep_sum=False)[1]
 
-    def _forward(self, x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache, partition):
+    def _forward(self, x, mask, bias, rope, context, context_mask, context_bias, cond, kv_cache, cross_kv_cache, partition,
+                 queries=None):
         if context is None and self._fusable(x):
-            return self._forward_fused(x, mask, bias, rope, kv_cache, partition)
+            return self._forward_fused(x, mask, bias, rope, kv_cache, partition, queries)
         if self.adaLN is not None:
             if (
                 not isinstance(cond, torch.Tensor) or cond.ndim != 2 or cond.shape[-1] != self.cond_dim
@@ -187,16 +202,19 @@ class TransformerBlock(nn.Module):
             if cond.dtype != self.adaLN.linear.weight.dtype:
                 check_dtype("cond", cond, self.adaLN.linear.weight.dtype)
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond)  # each (B, dim)
-            h = self._self_attention(modulate(self.norm1(x), shift1, scale1), mask, bias, rope, kv_cache, partition)
-            x = x + self.drop_path(gate1.unsqueeze(1) * h)
+            h = self._self_attention(modulate(self.norm1(x), shift1, scale1), mask, bias, rope, kv_cache, partition,
+                                     queries=queries)
+            x = _first(x, queries) + self.drop_path(gate1.unsqueeze(1) * h)
             x = self._cross(x, context, context_mask, context_bias, cross_kv_cache)
             h = self.mlp(modulate(self.norm2(x), shift2, scale2))
             return x + self.drop_path(gate2.unsqueeze(1) * h)
         if self.pre_norm:
-            x = x + self._branch(self.ls1, self._self_attention(self.norm1(x), mask, bias, rope, kv_cache, partition))
+            h = self._self_attention(self.norm1(x), mask, bias, rope, kv_cache, partition, queries=queries)
+            x = _first(x, queries) + self._branch(self.ls1, h)
             x = self._cross(x, context, context_mask, context_bias, cross_kv_cache)
             return x + self._branch(self.ls2, self.mlp(self.norm2(x)))
-        x = self.norm1(x + self._branch(self.ls1, self._self_attention(x, mask, bias, rope, kv_cache, partition)))
+        h = self._self_attention(x, mask, bias, rope, kv_cache, partition, queries=queries)
+        x = self.norm1(_first(x, queries) + self._branch(self.ls1, h))
         x = self._cross(x, context, context_mask, context_bias, cross_kv_cache)
         return self.norm2(x + self._branch(self.ls2, self.mlp(x)))
 

@@ -251,8 +251,19 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> logits (B, num_classes) (pooled features (B, D) when num_classes=0)."""
-        return self.forward_head(self.forward_features(images))
+        """images (B, C, H, W) -> logits (B, num_classes) (pooled features (B, D) when num_classes=0).
+
+        ``forward_head(forward_features(images))``, except that with the class token's pooling the last block
+        computes the class token's output only (the patch tokens still its keys and values): the same logits,
+        with the last block's attention, projection and MLP on one row per image (ViT-B/16: ~6% fewer
+        multiply-adds; its qkv product stays whole, as the keys and values need it).
+        """
+        if self.config.global_pool != "cls":
+            return self.forward_head(self.forward_features(images))
+        x, rope = self._embed(images)
+        for block in self.blocks[:-1]:
+            x = block(x, rope=rope)
+        return self.forward_head(self.norm(self.blocks[-1](x, rope=rope, queries=1)))
 
     def get_attention_maps(self, images: torch.Tensor, block_idx: int = -1) -> torch.Tensor:
         """Softmax attention weights of one block, (B, heads, N, N) with N = P + h*w; rows sum to 1.
