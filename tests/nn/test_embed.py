@@ -10,7 +10,7 @@ from visionformers.nn import embed as embed_mod
 def _reference(pe: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
     """The convolution path: what autograd runs (grad enabled)."""
     with torch.enable_grad():
-        out = pe.tokens(x.requires_grad_(False))
+        out = pe(x.requires_grad_(False))
     return out.detach()
 
 

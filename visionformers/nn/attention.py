@@ -27,8 +27,7 @@ from visionformers.nn.linear import Linear
 from visionformers.nn.norm import RMSNorm
 from visionformers.nn.rope import apply_rotary
 from visionformers.nn.short_attention import MAX_TOKENS as SHORT_MAX_TOKENS
-from visionformers.nn.short_attention import QKV_MAX_TOKENS
-from visionformers.nn.short_attention import qkv_attention, short_attention
+from visionformers.nn.short_attention import QKV_MAX_TOKENS, qkv_attention, short_attention
 
 __all__ = [
     "attend",

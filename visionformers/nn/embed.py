@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from visionformers._validate import check_image, check_int, fail, is_int
+from visionformers.nn.fused import is_layer_norm
 from visionformers.nn.gemm import gemm
 from visionformers.nn.linear import gemm_taken, linear, native_inference_ready
 
@@ -79,15 +80,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) normed tokens in raster order, or (B, D, h, w) with ``output="nchw"``."""
-        if self.output == "tokens":
-            return self.tokens(x)
-        self.check_input(x)
-        return self.proj(self._padded(x))
-
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, D) normed tokens in raster order, whatever ``output`` says."""
         self.check_input(x)
         x = self._padded(x)
+        if self.output == "nchw":
+            return self.proj(x)
         if self._as_product(x):
             return self._product_tokens(x)
         return self.norm(rearrange(self.proj(x), "b d h w -> b (h w) d"))
@@ -122,11 +118,8 @@ class PatchEmbed(nn.Module):
         gh, gw = h // ph, w // pw
         patches = x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
         weight, bias, norm = self._flat_weight(), self.proj.bias, self.norm
-        layer_norm = type(norm) is nn.LayerNorm and norm.normalized_shape == (weight.shape[0],)
-        if (layer_norm or isinstance(norm, nn.Identity)) and gemm_taken(patches, weight, bias, *(
-                (t for t in (norm.weight, norm.bias) if t is not None) if layer_norm else ())):
-            out = gemm(patches, weight, bias, norm=(norm.weight, norm.bias, norm.eps) if layer_norm else None,
-                       keep_sum=False)
+        if is_layer_norm(norm, weight.shape[0]) and gemm_taken(patches, weight, bias, norm.weight, norm.bias):
+            out = gemm(patches, weight, bias, norm=(norm.weight, norm.bias, norm.eps), keep_sum=False)
             if out is not None:
-                return out[1] if layer_norm else out[0]
-        return norm(linear(patches, weight, bias))
+                return out[1]
+        return norm(linear(patches, weight, bias))  # (linear takes the native GEMM itself where it may)

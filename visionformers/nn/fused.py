@@ -23,7 +23,7 @@ from visionformers.nn.gemm import ACT_CODES, gemm
 from visionformers.nn.gemm import mlp as mlp_product
 from visionformers.nn.linear import NATIVE_MAX_ROWS, gemm_taken, linear, native_inference_ready
 
-__all__ = ["native_bias_act_", "linear_add_norm", "mlp_add_norm", "native_epilogue_available"]
+__all__ = ["native_bias_act_", "linear_add_norm", "mlp_add_norm", "native_epilogue_available", "is_layer_norm"]
 
 _REFERENCE = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
@@ -67,6 +67,11 @@ def native_epilogue_available() -> bool:
     return _KERNEL.get() is not None
 
 
+def is_layer_norm(norm: nn.Module | None, width: int) -> bool:
+    """Whether ``norm`` is a plain LayerNorm over the last ``width`` features: what the native epilogues compute."""
+    return type(norm) is nn.LayerNorm and norm.normalized_shape == (width,)
+
+
 def _native_rows(*tensors: torch.Tensor | None) -> int:
     """Rows of the first tensor when all can go to the kernel (CPU fp32 contiguous, inference), else 0."""
     if _KERNEL.get() is None or not native_inference_ready(*(t for t in tensors if t is not None)):
@@ -93,7 +98,7 @@ def linear_add_norm(
     """
     keep_sum = keep_sum or norm is None
     weight, bias = layer.weight, layer.bias
-    layer_norm = type(norm) is nn.LayerNorm and norm.normalized_shape == (weight.shape[0],)
+    layer_norm = is_layer_norm(norm, weight.shape[0])
     rows = 0
     if norm is None or layer_norm:
         rows = _native_rows(x, weight, bias, residual, *((norm.weight, norm.bias) if layer_norm else ()))
@@ -124,7 +129,7 @@ def mlp_add_norm(
     residual and the next norm, as one native call (``nn.gemm.mlp``) where the GEMM takes fc1's product."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     if (not mlp.gated and mlp.act in ACT_CODES and residual.shape == x.shape[:-1] + (fc2.weight.shape[0],)
-            and (norm is None or (type(norm) is nn.LayerNorm and norm.normalized_shape == (fc2.weight.shape[0],)))
+            and (norm is None or is_layer_norm(norm, fc2.weight.shape[0]))
             and gemm_taken(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual,
                            *((norm.weight, norm.bias) if norm is not None else ()))):
         out = mlp_product(x, fc1, mlp.act, fc2, residual=residual, keep_sum=keep_sum,

@@ -471,7 +471,7 @@ class SwinTransformer(nn.Module):
         pad_h, pad_w = -images.shape[-2] % p, -images.shape[-1] % p
         if pad_h or pad_w:  # zero-pad bottom/right to a whole patch, as timm's dynamic padding
             images = F.pad(images, (0, pad_w, 0, pad_h))
-        x = self.patch_embed.tokens(images)  # (B, L, C) normed, raster order
+        x = self.patch_embed(images)  # (B, L, C) normed, raster order
         plan = self.plan((images.shape[-2] // p, images.shape[-1] // p), x.device)
         return (x if plan.embed_gather is None else _take(x, plan.embed_gather)), plan
 

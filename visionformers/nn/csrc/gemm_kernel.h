@@ -1,7 +1,8 @@
 /* The register-blocked GEMM kernel of gemm.c (its comment tells the method), shared with the kernels that run a
- * product as one step of a larger computation (short_attention.c's fused qkv projection): the panel packing of W,
- * the MR x NR micro-kernel with its epilogue, row_block, one block of rows of C = epilogue(A W^T), and the per-thread
- * scratch buffers of the kernels that keep a block's intermediate results in cache.
+ * product as one step of a larger computation (short_attention.c's fused qkv projection and its longer sequences'
+ * two products): the MR x NR micro-kernel over W packed in panels of NR columns (gemm.c's vf_gemm_pack lays them
+ * out) with its epilogue, row_block, one block of rows of C = epilogue(A W^T), and the per-thread scratch buffers
+ * of the kernels that keep a block's intermediate results in cache.
  */
 #ifndef VF_GEMM_KERNEL_H
 #define VF_GEMM_KERNEL_H

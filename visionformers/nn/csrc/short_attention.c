@@ -38,6 +38,13 @@ static inline __attribute__((always_inline)) void scores2(const float *q0, const
     for (int j = 0; j < NV; j++) { s0[j] = a0[j] * scale; s1[j] = a1[j] * scale; }
 }
 
+/* the lanes of the last of NV key vectors that are past the N keys (padding, scored -inf) */
+static inline vi padding_lanes(long N, int NV) {
+    vf iota;
+    for (int l = 0; l < VL; l++) iota[l] = (float)((NV - 1) * VL + l);
+    return iota >= (float)N;
+}
+
 /* p = exp(s + bias - max) of one query row, padding keys and masked keys 0; returns 1 / sum, or 0 when every key
  * is masked (the row's output is then 0, as ATen's). Branch-free, so that two rows' calls interleave. */
 static inline __attribute__((always_inline)) float softmax_row(vf *s, const float *bi, long N, const int NV, vi pad,
@@ -116,9 +123,7 @@ static inline void transpose_block(const float *src, long ss, float *dst, long d
 static inline __attribute__((always_inline)) void query_rows(const float *q, const float *v, const float *bias,
                                                              float *out, long N, long D, long qn, long vn, long on,
                                                              const int NV, float scale, const float *kt) {
-    vf iota;  /* lane numbers of the last key vector, where the padding keys are */
-    for (int l = 0; l < VL; l++) iota[l] = (float)((NV - 1) * VL + l);
-    const vi pad = iota >= (float)N;
+    const vi pad = padding_lanes(N, NV);
     const int DV = (int)(D / VL);
     for (long i = 0; i < N; i += 2) {
         const int R = i + 1 < N ? 2 : 1;
@@ -189,34 +194,14 @@ static void long_task(const float *q, const float *k, const float *v, const floa
             store(vp + (p * N + j) * NR + VL, ld(v + j * vn, c0 + VL < D ? c0 + VL : D, D));
         }
     row_block(q, qn, kp, S, NP, 0, N, NP, D, NULL, 0, NULL);
-    const long NV = NP / VL;
-    const vf zero = splat(0.0f);
-    for (long i = 0; i < N; i++) {
-        float *s = S + i * NP;
-        const float *bi = bias ? bias + i * N : NULL;
-        vf mx = splat(-INFINITY);
-        for (long j = 0; j < NV; j++) {
-            vf x = load(s + j * VL) * scale;
-            if (bi) x += ld(bi, j * VL, N);
-            if ((j + 1) * VL > N) {  /* padding keys: -inf */
-                vf iota;
-                for (int l = 0; l < VL; l++) iota[l] = (float)(j * VL + l);
-                x = vselect(iota >= (float)N, splat(-INFINITY), x);
-            }
-            store(s + j * VL, x);
-            mx = vmax(mx, x);
-        }
-        mx = hmax_all(mx);
-        const int masked = mx[0] == -INFINITY;
-        mx = vselect(mx == -INFINITY, zero, mx);
-        vf sum = zero;
-        for (long j = 0; j < NV; j++) {
-            const vf e = v_exp_le0(load(s + j * VL) - mx);
-            sum += e;
-            store(s + j * VL, e);
-        }
-        const float inv = masked ? 0.0f : 1.0f / hsum(sum);
-        for (long j = 0; j < NV; j++) store(s + j * VL, load(s + j * VL) * inv);
+    const int NV = (int)((N + VL - 1) / VL);  /* the vectors that hold keys (the second product reads N of them) */
+    const vi pad = padding_lanes(N, NV);
+    for (long i = 0; i < N; i++) {  /* each row's softmax, as the short path's, normalised in place */
+        float *p = S + i * NP;
+        vf s[MAX_LONG_N / VL];
+        for (int j = 0; j < NV; j++) s[j] = load(p + j * VL) * scale;
+        const float inv = softmax_row(s, bias ? bias + i * N : NULL, N, NV, pad, p);
+        for (int j = 0; j < NV; j++) store(p + j * VL, load(p + j * VL) * inv);
     }
     row_block(S, NP, vp, out, on, 0, N, D, N, NULL, 0, NULL);
 }

@@ -18,6 +18,9 @@
 #define VL 8
 #endif
 #endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>  /* the intrinsics below, where the machine has them */
+#endif
 typedef float vf __attribute__((vector_size(4 * VL)));
 typedef int vi __attribute__((vector_size(4 * VL)));
 
@@ -26,13 +29,11 @@ enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 #if defined(__AVX512F__) && VL == 16
-#include <immintrin.h>
 /* the first n < VL lanes of p, zeros after / stores of the first n lanes: masked moves (an array filled piecewise
  * and read back as a vector waits on a failed store-to-load forward, ~20 cycles per tail on Zen 3) */
 static inline vf load_n(const float *p, long n) { return (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
 static inline void store_n(float *p, vf v, long n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v); }
 #elif defined(__AVX2__) && VL == 8
-#include <immintrin.h>
 static inline __m256i lanes_below(long n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
 static inline vf load_n(const float *p, long n) { return (vf)_mm256_maskload_ps(p, lanes_below(n)); }
 static inline void store_n(float *p, vf v, long n) { _mm256_maskstore_ps(p, lanes_below(n), (__m256)v); }
@@ -56,7 +57,6 @@ static inline vf splat(float a) { return a - (vf){0}; }
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
 static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 static inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
 static inline vf recip(vf d) {  /* 1/d: 14-bit estimate and one Newton step (relative error ~1e-8, no divider) */
@@ -64,7 +64,6 @@ static inline vf recip(vf d) {  /* 1/d: 14-bit estimate and one Newton step (rel
     return r * (2.0f - d * r);
 }
 #elif defined(__AVX2__) && VL == 8
-#include <immintrin.h>
 static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
 static inline vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
 static inline vf recip(vf d) {  /* 1/d: 12-bit estimate and one Newton step (relative error ~2e-7; the divider is
