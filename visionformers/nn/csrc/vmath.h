@@ -3,7 +3,7 @@
  * LayerNorm row.
  * Vectors wider than the registers are split by the compiler but passed between functions through memory: on a
  * Zen 3 (AVX2) 16-float vectors made SiLU 2.9x and the GroupNorm kernels 3x slower than 8-float ones.
- * exp is a degree-5 polynomial on [-ln2/2, ln2/2] after range reduction (Cephes expf); erf is a rational fit.
+ * exp is a degree-5 polynomial on [-ln2/2, ln2/2] after range reduction (Cephes expf); GELU's erf is a rational fit.
  * Included by the kernels in this directory; visionformers/_native.py keys each build by these headers too.
  */
 #ifndef VF_VMATH_H
@@ -103,26 +103,30 @@ static inline vf v_exp_le0(vf x) {
     return (vf)((vi)exp_in_range(vmax(x, splat(-87.3f))) & keep);
 }
 
-/* erf(x) = x P(x^2) / Q(x^2) below |x| = 3.92, +-1 beyond (float's erf is +-1 there): the rational minimax fit of
- * Eigen's and XLA's float erf, |error| <= 4.3e-7; no exp and one reciprocal, three times cheaper than exp-based. */
-static inline vf v_erf(vf x) {
-    const vi sign = (vi)x & (int)0x80000000;
-    const vi saturated = (vf)((vi)x ^ sign) >= 3.92f;  /* erf rounds to +-1 in float from |x| = 3.92 on */
-    x = vmin(vmax(x, splat(-4.0f)), splat(4.0f));
-    const vf x2 = x * x;
-    vf p = splat(-2.72614225801306e-10f);
-    p = p * x2 + 2.77068142495902e-08f;
-    p = p * x2 + -2.10102402082508e-06f;
-    p = p * x2 + -5.69250639462346e-05f;
-    p = p * x2 + -7.34990630326855e-04f;
-    p = p * x2 + -2.95459980854025e-03f;
-    p = p * x2 + -1.60960333262415e-02f;
-    vf q = splat(-1.45660718464996e-05f);
-    q = q * x2 + -2.13374055278905e-04f;
-    q = q * x2 + -1.68282697438203e-03f;
-    q = q * x2 + -7.37332916720468e-03f;
-    q = q * x2 + -1.42647390514189e-02f;
-    return vselect(saturated, (vf)(sign | 0x3f800000), x * p * recip(q));
+/* GELU x Phi(x) = x (1/2 + erf(x / sqrt 2) / 2) (Hendrycks & Gimpel 2016, sec. 2), with erf(z) = z P(z^2) / Q(z^2), the
+ * rational minimax fit of Eigen's and XLA's float erf (|error| <= 4.3e-7 below |z| = 3.92, where float's erf becomes
+ * +-1). z = x / sqrt 2 and the halving are folded into the coefficients: with c = x clamped to |x| <= 4.2 sqrt 2 and
+ * u = c^2, erf(x / sqrt 2) / 2 = c P~(u) / Q~(u), P~(u) = P(u/2) / (2 sqrt 2), Q~(u) = Q(u/2). At |z| = 4.2 the fit
+ * exceeds 1 by 2.7e-6, so clamping the half-erf to [-1/2, 1/2] gives exactly Phi = 0 or 1 far out (GELU(-1e30) = 0)
+ * whatever the reciprocal's rounding. 22 vector operations, one reciprocal and no exp: 1.2x as fast as the unfolded
+ * erf with its saturation select, and Swin-T's stage-1 MLP (96 -> 384 -> 96, the GELU in its epilogue) 4% faster. */
+static inline vf v_gelu(vf x) {
+    const vf c = vmin(vmax(x, splat(-5.939696961966999f)), splat(5.939696961966999f));
+    const vf u = c * c;
+    vf p = splat(-1.505995060250189e-12f);
+    p = p * u + 3.061199412650202e-10f;
+    p = p * u + -4.642651039253876e-08f;
+    p = p * u + -2.515756170991271e-06f;
+    p = p * u + -6.496460735158676e-05f;
+    p = p * u + -5.223043900778214e-04f;
+    p = p * u + -5.690807157595012e-03f;
+    vf q = splat(-9.103794904062250e-07f);
+    q = q * u + -2.667175690986312e-05f;
+    q = q * u + -4.207067435955075e-04f;
+    q = q * u + -3.686664583602340e-03f;
+    q = q * u + -1.426473905141890e-02f;
+    const vf half_erf = vmin(vmax(c * p * recip(q), splat(-0.5f)), splat(0.5f));
+    return x * (0.5f + half_erf);
 }
 
 /* the sum of v's lanes, as a shuffle tree (three dependent adds with AVX2, not VL) */
@@ -198,8 +202,8 @@ static inline void layer_norm_row(const float *v, float *h, const float *g, cons
 
 static inline vf v_act(vf x, int act) {
     switch (act) {
-    case ACT_GELU:  /* x Phi(x) = x/2 (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel 2016, sec. 2) */
-        return 0.5f * x * (1.0f + v_erf(x * 0.70710678118654752f));
+    case ACT_GELU:
+        return v_gelu(x);
     case ACT_GELU_TANH: {  /* x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) = x sigmoid(2u): no 1 - 1/(..) to cancel */
         const vf u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
         return x * recip(1.0f + v_exp(-2.0f * u));
