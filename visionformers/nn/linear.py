@@ -41,10 +41,12 @@ __all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "
 # to 16 rows and even with it at 64-96; with many rows a BLAS matrix product, blocked for the caches, wins.
 NATIVE_MAX_ROWS = 16
 # Inputs up to which the native GEMM (nn.gemm) may take a product. It saves the weights' re-packing and the epilogue's
-# passes, which matter most where K is small; from K = 768 on (ViT-B, Swin-T's last stage) BLAS's own kernel is as
-# fast or faster (Zen 3, 2 cores: 0.90-1.01x at ViT-B's 1576 x 768 -> 2304 / 3072 and 3072 -> 768; 1.1-1.2x at
-# Swin-T's K = 96-384 with the fused GELU / residual + LayerNorm).
-GEMM_MAX_K = 512
+# passes, which matter most where K is small (Swin-T's K = 96-384: 1.1-1.2x MKL with the fused GELU / residual +
+# LayerNorm). With the tile prefetches it is also ahead at 768-1536 (Zen 3, 2 cores, paired calls: 1.02-1.09x at
+# Swin-T's last stage, 392 x 768 -> 2304, -> 768 with residual + norm, and its MLP; 1.02-1.06x at ViT-B's 1576 rows;
+# 1.06x at both patch mergings, 768 and 1536 inputs), and whole models gained a little: Swin-T 1.021x (quartiles
+# 0.987-1.044, 40 paired rounds), ViT-B 1.019x (0.972-1.045, 20) over a limit of 512. Larger K is unmeasured.
+GEMM_MAX_K = 1536
 # Inputs from which oneDNN may take a product: with 96-192 inputs (Swin-T's first stages) it was no faster than MKL
 # even where it wins at 768 (Zen 4, 2 cores: 170-178 vs 188-197 GFLOP/s at 96, even at 192, +2-4% at 384).
 ONEDNN_MIN_K = 384
