@@ -6,6 +6,7 @@
  */
 #ifndef VF_GEMM_KERNEL_H
 #define VF_GEMM_KERNEL_H
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "vmath.h"
@@ -110,15 +111,19 @@ static void row_block(const float *A, long lda, const float *Bp, float *out, lon
 }
 
 /* A per-thread scratch block of at least n floats, kept for the thread's life (PyTorch's OpenMP threads persist): a
- * block this size from malloc is a fresh mapping each time, whose pages fault in again on every call. NULL where it
- * cannot be had. One per kernel library and thread: a kernel must not hold it across a call of another. */
+ * block this size from malloc is a fresh mapping each time, whose pages fault in again on every call. It starts on a
+ * cache line (malloc's large blocks start 16 bytes past a page, where every other vector straddles two lines: the
+ * windowed attention's q, k, v rows and the MLP's hidden rows). NULL where it cannot be had. One per kernel library
+ * and thread: a kernel must not hold it across a call of another. */
 static float *scratch(size_t n) {
+    static __thread void *block;
     static __thread float *buf;
     static __thread size_t cap;
     if (n > cap) {
-        free(buf);
-        buf = malloc(n * sizeof(float));
-        cap = buf ? n : 0;
+        free(block);
+        block = malloc(n * sizeof(float) + 64);
+        buf = block ? (float *)(((uintptr_t)block + 63) & ~(uintptr_t)63) : NULL;
+        cap = block ? n : 0;
     }
     return buf;
 }

@@ -20,6 +20,9 @@
 
 #define MAX_N 64   /* keys and queries per sequence */
 #define MAX_D 128  /* head dim; a multiple of VL */
+/* the task buffers on the stack: whole vectors never straddle two cache lines (kt at an odd multiple of 16 bytes
+ * made every other key vector a split load, and the short path ~12% slower) */
+#define ALIGNED __attribute__((aligned(64)))
 
 /* scores of two query rows at once: each key vector loaded once for both */
 static inline __attribute__((always_inline)) void scores2(const float *q0, const float *q1, const float *kt, long D,
@@ -130,7 +133,7 @@ static inline __attribute__((always_inline)) void query_rows(const float *q, con
         const long i1 = R == 2 ? i + 1 : i;
         vf s0[MAX_N / VL], s1[MAX_N / VL];
         scores2(q + i * qn, q + i1 * qn, kt, D, s0, s1, NV, scale);
-        float p0[MAX_N], p1[MAX_N];
+        float p0[MAX_N] ALIGNED, p1[MAX_N] ALIGNED;
         const float inv0 = softmax_row(s0, bias ? bias + i * N : NULL, N, NV, pad, p0);
         const float inv1 = R == 2 ? softmax_row(s1, bias ? bias + i1 * N : NULL, N, NV, pad, p1) : 0.0f;
         float *o0 = out + i * on, *o1 = out + i1 * on;
@@ -232,7 +235,7 @@ int vf_short_attention(const float *q, const float *k, const float *v, const flo
     const int NV = (int)((N + VL - 1) / VL);
     #pragma omp parallel num_threads(nthreads)
     {
-        float kt[MAX_D * MAX_N];  /* k^T of the current task, in L1 */
+        float kt[MAX_D * MAX_N] ALIGNED;  /* k^T of the current task, in L1 */
         #pragma omp for schedule(static)
         for (long t = 0; t < B * H; t++) {
             const long b = t / H, h = t % H;
@@ -276,7 +279,7 @@ int vf_qkv_attention(const float *x, const float *Wp, const float *qkv_bias, con
     #pragma omp parallel num_threads(nthreads) reduction(|: failed)
     {
         float *qkv = scratch((size_t)(G * N * E));
-        float kt[MAX_D * MAX_N];
+        float kt[MAX_D * MAX_N] ALIGNED;
         failed = qkv == NULL;
         #pragma omp for schedule(dynamic, 1)
         for (long g = 0; g < groups; g++) {
