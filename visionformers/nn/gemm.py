@@ -5,8 +5,8 @@ tile of the output gets its epilogue while it is still in registers, and a block
 is still in cache. W is packed once into the micro-kernel's panel layout and kept (see ``packed``), where BLAS
 re-packs it on every call. On a Zen 3 EPYC (2 cores, AVX2) the micro-kernel runs at MKL's rate (90-95 GFLOP/s
 per core); a product with its epilogue is 1.04-1.22x MKL's plus our epilogue pass at Swin-T's sizes (96-384 inputs),
-1.02-1.09x at 768-1536 inputs (Swin-T's last stage and patch mergings, ViT-B), and Swin-T inference 1.02-1.04x of
-itself without it (``bench/RESULTS.md``).
+1.02-1.09x at 768 inputs (Swin-T's last stage, ViT-B, BERT-base), 0.95-0.99x at ViT-L's 1024 (``GEMM_MAX_K``), and
+Swin-T inference 1.02-1.04x of itself without it (``bench/RESULTS.md``).
 
 ``mlp`` runs a whole MLP (fc1, activation, fc2, residual, norm) block of rows by block of rows, the hidden
 activations in a per-thread buffer that stays in cache.
