@@ -44,8 +44,9 @@ NATIVE_MAX_ROWS = 16
 # passes, which matter most where K is small (Swin-T's K = 96-384: 1.1-1.2x MKL with the fused GELU / residual +
 # LayerNorm). With the tile prefetches it is also ahead at 768 (Zen 3, 2 cores, paired calls: 1.02-1.09x at Swin-T's
 # last stage, 392 x 768 -> 2304, -> 768 with residual + norm, and its MLP; 1.02-1.06x at ViT-B's 1576 rows; 1.06x at
-# the patch merging of 768 inputs), and whole models gained a little: Swin-T 1.021x (quartiles 0.987-1.044, 40 paired
-# rounds), ViT-B 1.019x (0.972-1.045, 20) over a limit of 512; BERT-base 1.01x -> 1.07-1.09x transformers. Not above:
+# the patch merging of 768 inputs), and whole models gained a little (a limit of 1536 over one of 512: Swin-T 1.021x,
+# quartiles 0.987-1.044, 40 paired rounds; ViT-B 1.019x, 0.972-1.045, 20; BERT-base 1.01x -> 1.07-1.09x transformers
+# at 768). Not above:
 # each block of rows streams all of W through the cache, and at ViT-L's and ViT-H's 1024 and 1280 inputs (W of 12-20
 # MB) that made the qkv product and the MLP 0.95-0.99x MKL's, which streams W once.
 GEMM_MAX_K = 768
