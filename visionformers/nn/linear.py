@@ -46,9 +46,8 @@ NATIVE_MAX_ROWS = 16
 # last stage, 392 x 768 -> 2304, -> 768 with residual + norm, and its MLP; 1.02-1.06x at ViT-B's 1576 rows; 1.06x at
 # the patch merging of 768 inputs), and whole models gained a little (a limit of 1536 over one of 512: Swin-T 1.021x,
 # quartiles 0.987-1.044, 40 paired rounds; ViT-B 1.019x, 0.972-1.045, 20; BERT-base 1.01x -> 1.07-1.09x transformers
-# at 768). Not above:
-# each block of rows streams all of W through the cache, and at ViT-L's and ViT-H's 1024 and 1280 inputs (W of 12-20
-# MB) that made the qkv product and the MLP 0.95-0.99x MKL's, which streams W once.
+# at 768). Not above: each block of rows streams all of W through the cache, and at ViT-L's and ViT-H's 1024 and 1280
+# inputs (W of 12-20 MB) that made the qkv product and the MLP 0.95-0.99x MKL's, which streams W once.
 GEMM_MAX_K = 768
 # Inputs from which oneDNN may take a product: with 96-192 inputs (Swin-T's first stages) it was no faster than MKL
 # even where it wins at 768 (Zen 4, 2 cores: 170-178 vs 188-197 GFLOP/s at 96, even at 192, +2-4% at 384).
