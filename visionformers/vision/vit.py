@@ -228,9 +228,14 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> normed tokens (B, P + h*w, D), prefix tokens first."""
+        return self._features(images)
+
+    def _features(self, images: torch.Tensor, last_queries: int | None = None) -> torch.Tensor:
+        """``forward_features``; with ``last_queries``, the last block's output for the first tokens only."""
         x, rope = self._embed(images)
-        for block in self.blocks:
-            x = block(x, rope=rope)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, queries=last_queries if i == last else None)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -258,12 +263,7 @@ class VisionTransformer(nn.Module):
         with the last block's attention, projection and MLP on one row per image (ViT-B/16: ~6% fewer
         multiply-adds; its qkv product stays whole, as the keys and values need it).
         """
-        if self.config.global_pool != "cls":
-            return self.forward_head(self.forward_features(images))
-        x, rope = self._embed(images)
-        for block in self.blocks[:-1]:
-            x = block(x, rope=rope)
-        return self.forward_head(self.norm(self.blocks[-1](x, rope=rope, queries=1)))
+        return self.forward_head(self._features(images, 1 if self.config.global_pool == "cls" else None))
 
     def get_attention_maps(self, images: torch.Tensor, block_idx: int = -1) -> torch.Tensor:
         """Softmax attention weights of one block, (B, heads, N, N) with N = P + h*w; rows sum to 1.

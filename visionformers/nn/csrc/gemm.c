@@ -14,8 +14,6 @@
  * Sums run over k in the same order for every row and any number of threads: deterministic. Results agree with
  * F.linear to float rounding (another summation order). Built on first use by visionformers/_native.py.
  */
-#include <stdlib.h>
-
 #include "gemm_kernel.h"
 
 long vf_gemm_packed_floats(long N, long K) { return (N + NR - 1) / NR * NR * K; }
@@ -24,14 +22,7 @@ long vf_gemm_packed_floats(long N, long K) { return (N + NR - 1) / NR * NR * K; 
 void vf_gemm_pack(const float *W, long N, long K, float *Bp, int nthreads) {
     const long panels = (N + NR - 1) / NR;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (long p = 0; p < panels; p++) {
-        float *dst = Bp + p * K * NR;
-        const long cols = N - p * NR < NR ? N - p * NR : NR;
-        for (long k = 0; k < K; k++) {
-            for (long j = 0; j < cols; j++) dst[k * NR + j] = W[(p * NR + j) * K + k];
-            for (long j = cols; j < NR; j++) dst[k * NR + j] = 0.0f;
-        }
-    }
+    for (long p = 0; p < panels; p++) pack_panel(W + p * NR * K, K, N - p * NR < NR ? N - p * NR : NR, K, Bp + p * K * NR);
 }
 
 /* C (M, N) = act(A (M, K) W^T + bias) + residual, W packed by vf_gemm_pack; then, with h, h = LayerNorm(C) (g, beta,

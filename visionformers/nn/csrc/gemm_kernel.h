@@ -1,8 +1,8 @@
 /* The register-blocked GEMM kernel of gemm.c (its comment tells the method), shared with the kernels that run a
  * product as one step of a larger computation (short_attention.c's fused qkv projection and its longer sequences'
- * two products): the MR x NR micro-kernel over W packed in panels of NR columns (gemm.c's vf_gemm_pack lays them
- * out) with its epilogue, row_block, one block of rows of C = epilogue(A W^T), and the per-thread scratch buffers
- * of the kernels that keep a block's intermediate results in cache.
+ * two products): W packed in panels of NR columns (pack_panel: gemm.c's weights, the long attention's keys), the
+ * MR x NR micro-kernel over them with its epilogue, row_block, one block of rows of C = epilogue(A W^T), and the
+ * per-thread scratch buffers of the kernels that keep a block's intermediate results in cache.
  */
 #ifndef VF_GEMM_KERNEL_H
 #define VF_GEMM_KERNEL_H
@@ -19,6 +19,46 @@
 #endif
 #define KC 384                   /* columns of A per block: MR x KC of A and KC x NR of W stay in L1 / L2 */
 #define MC_TARGET (12 * MR)      /* rows per block, rounded so that blocks split evenly over the threads */
+
+/* dst[j * ds + i] = src[i * ss + j] for a VL x VL block of src of which the first r rows are read (the others
+ * are taken as zeros) */
+static inline void transpose_block(const float *src, long ss, float *dst, long ds, long r) {
+#if defined(__AVX2__) && VL == 8
+    __m256 x[8];
+    for (long i = 0; i < 8; i++) x[i] = i < r ? _mm256_loadu_ps(src + i * ss) : _mm256_setzero_ps();
+    const __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(x[4], x[5]), t5 = _mm256_unpackhi_ps(x[4], x[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(x[6], x[7]), t7 = _mm256_unpackhi_ps(x[6], x[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst + 0 * ds, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + 1 * ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+#else
+    for (long j = 0; j < VL; j++)
+        for (long i = 0; i < VL; i++) dst[j * ds + i] = i < r ? src[i * ss + j] : 0.0f;
+#endif
+}
+
+/* W packed for the micro-kernel, one panel: rows (<= NR) rows of W (K columns, row stride ldw) at dst (K x NR floats),
+ * dst[k NR + j] = W[j][k], zero for j >= rows. A VL x VL block at a time where K allows, then the last columns. */
+static void pack_panel(const float *W, long ldw, long rows, long K, float *dst) {
+    const long full = K - K % VL, low = rows < VL ? rows : VL, high = rows > VL ? rows - VL : 0;
+    for (long k0 = 0; k0 < full; k0 += VL) {
+        transpose_block(W + k0, ldw, dst + k0 * NR, NR, low);
+        transpose_block(W + VL * ldw + k0, ldw, dst + k0 * NR + VL, NR, high);
+    }
+    for (long k = full; k < K; k++)
+        for (long j = 0; j < NR; j++) dst[k * NR + j] = j < rows ? W[j * ldw + k] : 0.0f;
+}
 
 /* the second vector of a tile row of ncols <= NR columns (zeros where the row is shorter) */
 static inline vf ld1(const float *p, long ncols) { return ncols > VL ? ld(p, VL, ncols) : splat(0.0f); }

@@ -93,34 +93,6 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p0, 
 }
 
 
-/* dst[j * ds + i] = src[i * ss + j] for a VL x VL block of src of which the first r rows are read (the others
- * are taken as zeros) */
-static inline void transpose_block(const float *src, long ss, float *dst, long ds, long r) {
-#if defined(__AVX2__) && VL == 8
-    __m256 x[8];
-    for (long i = 0; i < 8; i++) x[i] = i < r ? _mm256_loadu_ps(src + i * ss) : _mm256_setzero_ps();
-    const __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(x[4], x[5]), t5 = _mm256_unpackhi_ps(x[4], x[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(x[6], x[7]), t7 = _mm256_unpackhi_ps(x[6], x[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    _mm256_storeu_ps(dst + 0 * ds, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(dst + 1 * ds, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
-#else
-    for (long j = 0; j < VL; j++)
-        for (long i = 0; i < VL; i++) dst[j * ds + i] = i < r ? src[i * ss + j] : 0.0f;
-#endif
-}
-
 /* the query rows of one task, two at a time (the last one alone when N is odd), for NV vectors of keys: a
  * constant per instance, so that every loop over the key vectors is unrolled and its vectors stay in registers */
 static inline __attribute__((always_inline)) void query_rows(const float *q, const float *v, const float *bias,
@@ -179,17 +151,14 @@ static inline void prefetch_rows(const float *x, long N, long stride, long D) {
 
 /* One (batch, head) of a longer sequence (MAX_N < N <= MAX_LONG_N) as two products with the micro-kernel of
  * gemm_kernel.h: S = q k^T into a buffer of rows of NP = N rounded up to NR, each row's softmax in place
- * (normalised: P = exp(s - max) / sum), then out = P v. k and v are packed into panels first; buf holds
+ * (normalised: P = exp(s - max) / sum), then out = P v. k and v^T are packed into panels first; buf holds
  * N NP + NP D + DP N floats (DP: D rounded up to NR). */
 static void long_task(const float *q, const float *k, const float *v, const float *bias, float *out, long N, long D,
                       long qn, long kn, long vn, long on, float scale, float *buf) {
     const long NP = (N + NR - 1) / NR * NR, DP = (D + NR - 1) / NR * NR;
     float *S = buf, *kp = S + N * NP, *vp = kp + NP * D;
-    for (long p = 0; p < NP / NR; p++)  /* kp: panel p holds k[p NR + j][d] at kp[(p D + d) NR + j] */
-        for (long d0 = 0; d0 < D; d0 += VL)
-            transpose_block(k + p * NR * kn + d0, kn, kp + (p * D + d0) * NR, NR, N - p * NR < VL ? N - p * NR : VL),
-            transpose_block(k + (p * NR + VL) * kn + d0, kn, kp + (p * D + d0) * NR + VL, NR,
-                            N - p * NR - VL < 0 ? 0 : N - p * NR - VL < VL ? N - p * NR - VL : VL);
+    for (long p = 0; p < NP / NR; p++)  /* kp: k packed as W is for a product (S = q k^T) */
+        pack_panel(k + p * NR * kn, kn, N - p * NR < NR ? N - p * NR : NR, D, kp + p * D * NR);
     for (long p = 0; p < DP / NR; p++)  /* vp: panel p holds v[j][p NR + c] at vp[(p N + j) NR + c] */
         for (long j = 0; j < N; j++) {
             const long c0 = p * NR;
