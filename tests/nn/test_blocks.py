@@ -196,3 +196,66 @@ def test_queries_is_checked():
         TransformerBlock(DIM, H, is_causal=True)(x, queries=2)
     with pytest.raises(ValueError, match="queries"):
         block(x, queries=2, partition=(lambda t: t, lambda t: t))
+
+
+def _windows_reference(block, x, n, bias, gather):
+    """forward_windows spelled out: reorder, split into windows, the block per window, back to (B, L, C)."""
+    b, length, c = x.shape
+    xw = (x if gather is None else x[:, gather]).reshape(-1, n, c)
+    return block(xw, bias=bias).reshape(b, length, c)
+
+
+@pytest.mark.parametrize("variant", ["pre_norm", "post_norm", "layer_scale_drop_path", "gqa_qknorm"])
+@pytest.mark.parametrize("mode", ["inference", "autograd"])
+def test_forward_windows_is_the_block_per_window(variant, mode):
+    """Every path of forward_windows (the native block where it takes the block, else the gather and a view
+    partition) gives the block run on each window alone, with a per-window bias holding -inf and a reorder."""
+    torch.manual_seed(0)
+    kw = {k: v for k, v in VARIANTS[variant].items() if k not in ("attn_drop", "proj_drop", "drop_path")}
+    block = TransformerBlock(DIM, H, qkv_bias=True, **kw).eval()
+    b, n, windows = 3, 13, 5
+    x, gather = torch.randn(b, windows * n, DIM), torch.randperm(windows * n)
+    bias = torch.randn(b * windows, H, n, n).masked_fill(torch.rand(b * windows, 1, n, n) < 0.3, float("-inf"))
+    bias[..., torch.arange(n), torch.arange(n)] = 0.0
+    with torch.inference_mode(mode == "inference"):
+        for bias_, gather_ in ((bias, gather), (torch.randn(1, H, n, n), None), (None, gather)):
+            out = block.forward_windows(x, n, bias=bias_, gather=gather_)
+            torch.testing.assert_close(out, _windows_reference(block, x, n, bias_, gather_), rtol=1e-4, atol=1e-5)
+    if mode == "autograd":
+        block.forward_windows(x, n, bias=bias, gather=gather).sum().backward()
+        assert all(p.grad is not None for p in block.parameters())
+
+
+def test_forward_windows_takes_the_native_block_for_a_plain_pre_norm_block(monkeypatch):
+    import visionformers.nn.blocks as blocks
+    from visionformers.nn.linear import gemm_chosen
+    from visionformers.nn.short_attention import native_short_attention_available
+
+    real, results = blocks.window_block, []
+    monkeypatch.setattr(blocks, "window_block", lambda *a: results.append(real(*a)) or results[-1])
+    block = TransformerBlock(DIM, H, qkv_bias=True).eval()
+    x = torch.randn(2, 4 * 16, DIM)
+    with torch.no_grad():
+        block.forward_windows(x, 16)
+        TransformerBlock(DIM, H, pre_norm=False).eval().forward_windows(x, 16)  # post-norm: never offered
+        block.forward_windows(x, 16, bias=torch.zeros(2 * 4, H, 16, 16, dtype=torch.bool))  # a bool mask: declined
+    block.forward_windows(x, 16)  # autograd: never offered
+    native = native_short_attention_available() and gemm_chosen()
+    assert [out is not None for out in results] == [native, False]
+
+
+def test_forward_windows_checks_its_arguments():
+    block = TransformerBlock(DIM, H).eval()
+    x = torch.randn(2, 12, DIM)
+    with pytest.raises(ValueError, match="x"):
+        block.forward_windows(torch.randn(2, 12, DIM + 1), 4)
+    with pytest.raises(ValueError, match="window_tokens"):
+        block.forward_windows(x, 5)
+    with pytest.raises(ValueError, match="window_tokens"):
+        block.forward_windows(x, 0)
+    with pytest.raises(ValueError, match="gather"):
+        block.forward_windows(x, 4, gather=torch.arange(11))
+    with pytest.raises(ValueError, match="gather"):
+        block.forward_windows(x, 4, gather=torch.arange(12).int())
+    with pytest.raises(ValueError, match="gather"):
+        block.forward_windows(x, 4, gather=torch.arange(12) + 1)  # position 12 is past the stream

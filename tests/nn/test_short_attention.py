@@ -1,4 +1,5 @@
 """nn.short_attention: the native attention for short sequences against float64 math, and when attend takes it."""
+import copy
 import os
 import shutil
 import sys
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 import visionformers.nn.attention as attention_mod
 import visionformers.nn.short_attention as sa_mod
 from visionformers import _native
-from visionformers.nn import Attention
+from visionformers.nn import Attention, TransformerBlock
 from visionformers.nn.attention import attend
 from visionformers.nn.linear import gemm_taken
 from visionformers.nn.short_attention import (
@@ -19,6 +20,7 @@ from visionformers.nn.short_attention import (
     native_short_attention_available,
     qkv_attention,
     short_attention,
+    window_block,
 )
 
 CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
@@ -192,3 +194,82 @@ def test_qkv_attention_declines_what_it_cannot_take():
         assert qkv_attention(x.double(), layer.qkv, 2, None, None) is None
         assert qkv_attention(x, layer.qkv, 5, None, None) is None  # the width is not 3 x 5 heads
     assert qkv_attention(x, layer.qkv, 2, None, None) is None  # autograd: the weight requires grad
+
+
+def _block_reference64(block, x, n, bias, gather):
+    """The pre-norm block per window in float64: x reordered by gather, split into windows of n tokens."""
+    b, length, c = x.shape
+    blk = copy.deepcopy(block).double()
+    xw = (x if gather is None else x[:, gather]).double().reshape(-1, n, c)
+    with torch.no_grad():
+        s = xw + blk.attn(blk.norm1(xw), bias=None if bias is None else bias.double())
+        return (s + blk.mlp(blk.norm2(s))).reshape(b, length, c).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("images, windows, n, dim, heads, kw", [
+    (3, 4, 49, 96, 3, dict()),  # Swin-T's stage 1 at a small batch: ragged groups of windows
+    (2, 3, 13, 32, 2, dict(proj_bias=False, norm_bias=False, mlp_act="gelu_tanh")),  # a ragged window, no biases
+    (1, 2, 64, 64, 1, dict(mlp_ratio=2.5, mlp_act="silu")),  # the longest window, one head of 64
+])
+def test_window_block_matches_the_block_per_window_in_float64(images, windows, n, dim, heads, kw):
+    torch.manual_seed(0)
+    block = TransformerBlock(dim, heads, qkv_bias=True, norm_eps=1e-5, **kw).eval()
+    for p in block.parameters():  # norms and biases away from their initial 1 / 0, so that every term counts
+        p.data.add_(0.1 * torch.randn_like(p))
+    x, gather = torch.randn(images, windows * n, dim), torch.randperm(windows * n)
+    w = images * windows
+    shifted = torch.randn(w, heads, n, n).masked_fill(torch.rand(w, 1, n, n) < 0.3, float("-inf"))
+    shifted[..., torch.arange(n), torch.arange(n)] = 0.0
+    with torch.no_grad():
+        if not gemm_taken(x, block.attn.qkv.weight):
+            pytest.skip("the native GEMM does not take this product here")
+        for bias, order in ((shifted, gather), (torch.randn(heads, n, n), None), (None, gather)):
+            got = window_block(x, n, order, block.norm1, block.attn, block.norm2, block.mlp, bias)
+            assert got is not None and got.shape == x.shape
+            torch.testing.assert_close(got, _block_reference64(block, x, n, bias, order), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_window_block_result_does_not_depend_on_thread_count():
+    torch.manual_seed(0)
+    block = TransformerBlock(64, 2, qkv_bias=True).eval()
+    x, gather = torch.randn(4, 8 * 49, 64), torch.randperm(8 * 49)
+    args = (x, 49, gather, block.norm1, block.attn, block.norm2, block.mlp, torch.randn(2, 49, 49))
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = window_block(*args)
+            torch.set_num_threads(2)
+            two = window_block(*args)
+    finally:
+        torch.set_num_threads(threads)
+    if one is None:
+        pytest.skip("the native GEMM does not take this product here")
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_window_block_declines_what_it_cannot_take():
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 32)
+    plain = TransformerBlock(32, 2, qkv_bias=True).eval()
+
+    def offer(block, x=x, n=16, gather=None, bias=None):
+        return window_block(x, n, gather, block.norm1, block.attn, block.norm2, block.mlp, bias)
+
+    with torch.no_grad():
+        if offer(plain) is None:
+            pytest.skip("the native GEMM does not take this product here")
+        assert offer(TransformerBlock(32, 2, mlp_act="swiglu").eval()) is None  # gated MLP
+        assert offer(TransformerBlock(32, 2, norm="rmsnorm").eval()) is None
+        assert offer(TransformerBlock(32, 2, qk_norm=True).eval()) is None
+        assert offer(TransformerBlock(32, 2, num_kv_heads=1).eval()) is None  # GQA
+        assert offer(TransformerBlock(32, 2, attn_type="differential").eval()) is None
+        assert offer(plain, x=torch.randn(1, 2 * (QKV_MAX_TOKENS + 1), 32), n=QKV_MAX_TOKENS + 1) is None  # too long
+        assert offer(plain, n=5) is None  # not a divisor of the stream
+        assert offer(plain, x=x.double()) is None
+        assert offer(plain, bias=torch.ones(4, 2, 16, 16, dtype=torch.bool)) is None
+        assert offer(plain, gather=torch.arange(32) + 1) is None  # out of range
+    assert offer(plain) is None  # autograd: the weights require grad

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import visionformers as vf
+from visionformers.nn.linear import gemm_chosen
+from visionformers.nn.short_attention import native_short_attention_available
 from visionformers.vision.swin import SwinTransformer, window_layout
 
 # Millions: torchvision's published counts of its ImageNet swin_t / swin_s / swin_b weights (the paper's
@@ -197,20 +199,40 @@ def test_eval_is_deterministic_and_inference_path_matches_autograd_path():
 
 @pytest.mark.parametrize("batch, chunk_windows", [(1, 1), (3, 3)])
 def test_inference_in_chunks_of_windows_equals_the_whole_block(monkeypatch, batch, chunk_windows):
-    """CPU inference runs large blocks window group by window group; forcing small chunks (3 windows
-    straddle images of 4 windows and the shifted-mask tiles) gives the logits of the autograd path, which
-    never chunks."""
-    import visionformers.vision.swin as swin
+    """Without the native block, CPU inference runs large blocks window group by window group; forcing small
+    chunks (3 windows straddle images of 4 windows and the shifted-mask tiles) gives the logits of the autograd
+    path, which never chunks."""
+    import visionformers.nn.blocks as blocks
 
     model = tiny()
     x = torch.randn(batch, 3, 56, 56)
     expected = model(x)
-    monkeypatch.setattr(swin, "_CHUNK_TOKENS", 49 * chunk_windows)
-    real, calls = swin._blocks_of_windows, []
-    monkeypatch.setattr(swin, "_blocks_of_windows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(blocks, "_CHUNK_TOKENS", 49 * chunk_windows)
+    monkeypatch.setattr(blocks, "window_block", lambda *a: None)
+    real, calls = blocks._in_chunks, []
+    monkeypatch.setattr(blocks, "_in_chunks", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected)
     assert len(calls) == 2, "both stage-1 blocks (plain and shifted) run in chunks"
+
+
+def test_native_window_blocks_give_the_autograd_paths_logits(monkeypatch):
+    """CPU inference runs every unpadded block as one native call (gather, shift mask and all) where the kernel
+    is built; its logits are the autograd path's, at a batch of several groups of windows per thread."""
+    import visionformers.nn.blocks as blocks
+
+    model = tiny()
+    x = torch.randn(5, 3, 56, 56)
+    expected = model(x)
+    real, calls = blocks.window_block, []
+    monkeypatch.setattr(blocks, "window_block", lambda *a: calls.append(real(*a)) or calls[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    taken = sum(out is not None for out in calls)
+    if native_short_attention_available() and gemm_chosen():
+        assert taken == len(calls) == sum(model.config.depths)
+    else:
+        assert taken == 0
 
 
 def test_plans_built_under_inference_mode_serve_training_later():

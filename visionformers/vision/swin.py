@@ -10,7 +10,8 @@ Speed: the token stream is kept in *window order* (the tokens of each window con
 partition is a free view and the roll, partition and reverse of the reference implementations become
 one row gather per block, precomputed per resolution (``SwinPlan``). Patch merging gathers straight into
 the next stage's window order. Masks, index tables and (in inference) the bias + mask sums are built once.
-CPU inference runs a large block chunk by chunk of whole windows, so its activations stay in cache.
+A block runs through ``TransformerBlock.forward_windows``: in CPU inference one native call per block, the gather
+included, group of windows by group of windows with every activation in cache.
 Inputs that are not a multiple of the window are padded timm-style (roll, then zero-pad bottom/right).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from visionformers._validate import (
     is_int,
 )
 from visionformers.nn import PatchEmbed, TransformerBlock, WindowRelativeBias
+from visionformers.nn.blocks import take_tokens
 from visionformers.nn.linear import Linear
 
 __all__ = ["SwinConfig", "SwinTransformer", "PatchMerging", "window_layout", "SwinPlan"]
@@ -261,15 +263,6 @@ def _plan_to(plan: SwinPlan, device) -> SwinPlan:
     return plan
 
 
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[:, index] for (B, L, C) as one row gather: (B, len(index), C)."""
-    if not x.is_contiguous():
-        return x.index_select(1, index)  # strided input (the NCHW patch embedding): one copy
-    b, n, c = x.shape
-    rows = (torch.arange(b, device=x.device)[:, None] * n + index).flatten()  # (B * len(index),)
-    return x.view(b * n, c).index_select(0, rows).view(b, index.numel(), c)  # dim-0 gather copies whole rows
-
-
 def _with_zero_token(x: torch.Tensor) -> torch.Tensor:
     """(B, L, C) -> (B, L + 1, C): index L reads a zero token (padding)."""
     return torch.cat((x, x.new_zeros(x.shape[0], 1, x.shape[2])), dim=1)
@@ -343,54 +336,22 @@ class SwinStage(nn.Module):
         """x: (B, L, C) stream in the order the plan says -> (B, L', out_dim) in ``plan.order``."""
         if self.downsample is not None:
             src = _with_zero_token(x) if plan.merge_pad else x
-            x = _take(src, plan.merge_gather).view(x.shape[0], plan.merge_gather.numel() // 4, 4 * x.shape[-1])  # (B, L', 4C)
+            x = take_tokens(src, plan.merge_gather).view(x.shape[0], plan.merge_gather.numel() // 4, 4 * x.shape[-1])  # (B, L', 4C)
             x = self.downsample(x)
         for j, (block, bp) in enumerate(zip(self.blocks, plan.blocks)):
-            if bp.gather is not None:
-                x = _take(x, bp.gather)
             b = x.shape[0]
             bias = self.block_bias(j, bp, b)
             n = bp.window[0] * bp.window[1]
-            slots = bp.num_windows * n  # window slots per image (sizes spelled out: -1 is ambiguous for B = 0)
-            if bp.split is None and self._in_chunks(x, n):
-                x = _blocks_of_windows(block, x, bias, n)
+            if bp.split is None:  # the stream in this block's window order after the gather: windows are views
+                x = block.forward_windows(x, n, bias=bias, gather=bp.gather)
                 continue
-            if bp.split is None:  # stream in this block's window order: the partition is a view
-                split = lambda h, n=n: h.view(-1, n, h.shape[-1])  # (B*nW, N, C)  # noqa: E731
-                merge = lambda o, b=b, slots=slots: o.view(b, slots, o.shape[-1])  # (B, L, C)  # noqa: E731
-            else:
-                split = lambda h, bp=bp, n=n: _take(_with_zero_token(h), bp.split).view(-1, n, h.shape[-1])  # noqa: E731
-                merge = lambda o, bp=bp, b=b, slots=slots: _take(o.view(b, slots, o.shape[-1]), bp.merge)  # noqa: E731
+            if bp.gather is not None:
+                x = take_tokens(x, bp.gather)
+            slots = bp.num_windows * n  # window slots per image (sizes spelled out: -1 is ambiguous for B = 0)
+            split = lambda h, bp=bp, n=n: take_tokens(_with_zero_token(h), bp.split).view(-1, n, h.shape[-1])  # noqa: E731
+            merge = lambda o, bp=bp, b=b, slots=slots: take_tokens(o.view(b, slots, o.shape[-1]), bp.merge)  # noqa: E731
             x = block(x, bias=bias, partition=(split, merge))
         return x
-
-    def _in_chunks(self, x: torch.Tensor, n: int) -> bool:
-        """Inference on CPU with more than two chunks of windows (see ``_blocks_of_windows``)."""
-        return (
-            x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
-            and x.shape[0] * x.shape[1] > 2 * _CHUNK_TOKENS and not torch.compiler.is_compiling()
-        )
-
-
-# Tokens per chunk of a block run window group by window group (64 windows of 7x7): every activation of
-# the chunk (qkv, scores, MLP hidden) stays in cache instead of making a full pass through memory.
-_CHUNK_TOKENS = 3136
-
-
-def _blocks_of_windows(block: TransformerBlock, x: torch.Tensor, bias: torch.Tensor, n: int) -> torch.Tensor:
-    """A whole Swin block, chunk by chunk of whole windows: (B, L, C) in window order -> (B, L, C).
-
-    Exact: every op of a block (norms, projections, windowed attention, MLP) is local to a window, so
-    a group of windows is a complete input. Stage 1 of Swin-T at batch 8 runs ~15% faster on CPU.
-    """
-    windows = x.view(-1, n, x.shape[-1])  # (B*nW, N, C)
-    out = torch.empty_like(windows)
-    step = max(1, _CHUNK_TOKENS // n)
-    per_window_bias = bias.shape[0] > 1  # shifted blocks: (B*nW, H, N, N)
-    for start in range(0, windows.shape[0], step):
-        stop = start + step
-        out[start:stop] = block(windows[start:stop], bias=bias[start:stop] if per_window_bias else bias)
-    return out.view(x.shape)
 
 
 class SwinTransformer(nn.Module):
@@ -473,7 +434,7 @@ class SwinTransformer(nn.Module):
             images = F.pad(images, (0, pad_w, 0, pad_h))
         x = self.patch_embed(images)  # (B, L, C) normed, raster order
         plan = self.plan((images.shape[-2] // p, images.shape[-1] // p), x.device)
-        return (x if plan.embed_gather is None else _take(x, plan.embed_gather)), plan
+        return (x if plan.embed_gather is None else take_tokens(x, plan.embed_gather)), plan
 
     def _run(self, images: torch.Tensor, keep: bool):
         x, plan = self._stream(images)
@@ -488,7 +449,7 @@ class SwinTransformer(nn.Module):
         """images (B, C, H, W) -> normed last-stage features (B, h, w, C) (channels last, as timm)."""
         x, plan, _ = self._run(images, keep=False)
         last = plan.stages[-1]
-        x = self.norm(x if last.to_raster is None else _take(x, last.to_raster))
+        x = self.norm(x if last.to_raster is None else take_tokens(x, last.to_raster))
         return x.view(x.shape[0], *last.resolution, x.shape[-1])
 
     def forward_intermediates(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -496,7 +457,7 @@ class SwinTransformer(nn.Module):
         _, _, feats = self._run(images, keep=True)
         out = []
         for x, sp in feats:
-            x = x if sp.to_raster is None else _take(x, sp.to_raster)
+            x = x if sp.to_raster is None else take_tokens(x, sp.to_raster)
             out.append(rearrange(x, "b (h w) c -> b c h w", h=sp.resolution[0]))
         return out
 

@@ -266,4 +266,70 @@ int vf_qkv_attention(const float *x, const float *Wp, const float *qkv_bias, con
     return failed ? -1 : 0;
 }
 
+#ifndef BLOCK_ROWS
+#define BLOCK_ROWS 144  /* rows per group of windows in vf_window_block (about two GEMM row blocks) */
+#endif
+
+/* floats of one buffer of n, rounded up to whole cache lines */
+static inline long lines(long n) { return (n + 15) / 16 * 16; }
+
+/* A whole pre-norm transformer block over short sequences (Swin's windows), a group of windows at a time:
+ *     s = x + proj(attention(qkv(LN1(x))))          out = s + fc2(act(fc1(LN2(s))))
+ * (the block of Dosovitskiy et al. 2021, eqs. 2-3; Liu et al. 2021, eq. 3 with windowed attention). x holds B
+ * windows of N rows of C, or, with gather, row p of the window order is row (p / L) L + gather[p % L] of x (a
+ * stream of images of L tokens, reordered on the fly: Swin's cyclic shift). Every intermediate of a group (its
+ * normed rows, q k v, heads, s, the MLP's hidden rows) lives in a per-thread buffer that stays in cache, and the
+ * group's output rows are written once, in window order, to out. Weights packed by vf_gemm_pack; Wqkv (3 H D, C),
+ * Wproj (C, H D), W1 (F, C), W2 (C, F); the attention's bias and scale as vf_qkv_attention's. Returns 0, or -1
+ * where N or D is out of range or a buffer cannot be had. */
+int vf_window_block(const float *x, const long *gather, long L, float *out, long B, long N, long C,
+                    const float *g1, const float *beta1, float eps1, const float *Wqkv, const float *bqkv, long H,
+                    long D, const float *bias, const long *bs, float scale, const float *Wproj, const float *bproj,
+                    const float *g2, const float *beta2, float eps2, const float *W1, const float *b1, int act, long F,
+                    const float *W2, const float *b2, int nthreads) {
+    if (N < 1 || N > MAX_N || D < VL || D > MAX_D || D % VL) return -1;
+    const int NV = (int)((N + VL - 1) / VL);
+    const long E = 3 * H * D, HD = H * D;
+    /* about BLOCK_ROWS rows per group, as many groups for every thread, windows spread evenly over the groups */
+    long groups = (B * N + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    groups = (groups + nthreads - 1) / nthreads * nthreads;
+    groups = groups > B ? B : groups;
+    const long G = (B + groups - 1) / groups, R = G * N;  /* the most windows and rows of a group */
+    const long wa = C > HD ? C : HD, wq = E > F ? E : F;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads) reduction(|: failed)
+    {
+        float *X = scratch((size_t)(lines(R * C) * 2 + lines(R * wa) + lines(R * wq)));
+        float *S = X + lines(R * C), *A = S + lines(R * C), *Q = A + lines(R * wa);
+        float kt[MAX_D * MAX_N] ALIGNED;
+        failed = X == NULL;
+        #pragma omp for schedule(dynamic, 1)
+        for (long g = 0; g < groups; g++) {
+            if (failed) continue;
+            const long w0 = g * B / groups, w1 = (g + 1) * B / groups, r = (w1 - w0) * N;
+            const float *xr = x + w0 * N * C;
+            if (gather) {
+                for (long i = 0; i < r; i++) {
+                    const long p = w0 * N + i;
+                    memcpy(X + i * C, x + ((p / L) * L + gather[p % L]) * C, C * sizeof(float));
+                }
+                xr = X;
+            }
+            for (long i = 0; i < r; i++) layer_norm_row(xr + i * C, A + i * C, g1, beta1, C, eps1);
+            row_block(A, C, Wqkv, Q, E, 0, r, E, C, bqkv, 0, NULL);
+            for (long w = w0; w < w1; w++)
+                for (long h = 0; h < H; h++) {
+                    const float *q = Q + (w - w0) * N * E + h * D;
+                    task(q, q + HD, q + 2 * HD, bias ? bias + w * bs[0] + h * bs[1] : NULL, A + (w - w0) * N * HD + h * D,
+                         N, D, E, E, E, HD, NV, scale, kt);
+                }
+            row_block(A, HD, Wproj, S, C, 0, r, C, HD, bproj, 0, xr);
+            for (long i = 0; i < r; i++) layer_norm_row(S + i * C, A + i * C, g2, beta2, C, eps2);
+            row_block(A, C, W1, Q, F, 0, r, F, C, b1, act, NULL);
+            row_block(Q, F, W2, out + w0 * N * C, C, 0, r, C, F, b2, 0, S);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
 int vf_vector_width(void) { return VL; }
