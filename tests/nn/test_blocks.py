@@ -218,9 +218,12 @@ def test_forward_windows_is_the_block_per_window(variant, mode):
     bias = torch.randn(b * windows, H, n, n).masked_fill(torch.rand(b * windows, 1, n, n) < 0.3, float("-inf"))
     bias[..., torch.arange(n), torch.arange(n)] = 0.0
     with torch.inference_mode(mode == "inference"):
-        for bias_, gather_ in ((bias, gather), (torch.randn(1, H, n, n), None), (None, gather)):
+        per_image = bias[:windows]  # (L / N, H, N, N): the same for every image, as Swin's shift mask
+        for bias_, gather_, tiled in ((bias, gather, bias), (torch.randn(1, H, n, n), None, None), (None, gather, None),
+                                      (per_image, gather, per_image.repeat(b, 1, 1, 1))):
             out = block.forward_windows(x, n, bias=bias_, gather=gather_)
-            torch.testing.assert_close(out, _windows_reference(block, x, n, bias_, gather_), rtol=1e-4, atol=1e-5)
+            expected = _windows_reference(block, x, n, bias_ if tiled is None else tiled, gather_)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     if mode == "autograd":
         block.forward_windows(x, n, bias=bias, gather=gather).sum().backward()
         assert all(p.grad is not None for p in block.parameters())

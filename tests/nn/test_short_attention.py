@@ -224,10 +224,13 @@ def test_window_block_matches_the_block_per_window_in_float64(images, windows, n
     with torch.no_grad():
         if not gemm_taken(x, block.attn.qkv.weight):
             pytest.skip("the native GEMM does not take this product here")
-        for bias, order in ((shifted, gather), (torch.randn(heads, n, n), None), (None, gather)):
+        per_image = shifted[:windows]  # one per window of an image, read by every image (not tiled)
+        for bias, order, tiled in ((shifted, gather, shifted), (torch.randn(heads, n, n), None, None), (None, gather, None),
+                                   (per_image, gather, per_image.repeat(images, 1, 1, 1))):
             got = window_block(x, n, order, block.norm1, block.attn, block.norm2, block.mlp, bias)
             assert got is not None and got.shape == x.shape
-            torch.testing.assert_close(got, _block_reference64(block, x, n, bias, order), rtol=1e-4, atol=1e-4)
+            expected = _block_reference64(block, x, n, bias if tiled is None else tiled, order)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel

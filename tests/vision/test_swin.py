@@ -81,9 +81,9 @@ def test_shifted_block_bias_is_minus_inf_exactly_across_regions():
     stage = model.layers[0]
     plan = model.plan((14, 14), "cpu").stages[0]
     with torch.no_grad():
-        bias = stage.block_bias(1, plan.blocks[1], batch=2)  # (B*nW, H, N, N)
-    assert bias.shape == (2 * 4, 1, 49, 49)
-    assert torch.equal(torch.isinf(bias), ~plan.blocks[1].mask.repeat(2, 1, 1, 1))
+        bias = stage.block_bias(1, plan.blocks[1])  # (nW, H, N, N): the same for every image
+    assert bias.shape == (4, 1, 49, 49)
+    assert torch.equal(torch.isinf(bias), ~plan.blocks[1].mask)
     assert plan.blocks[0].mask is None  # regular windows: no mask
 
 

@@ -193,8 +193,9 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         """The block with self-attention inside windows (Swin): x (B, L, C), read in the order of ``gather`` (L,)
         (positions in x; None: as it is), holds L / ``window_tokens`` consecutive windows per image. Returns
-        (B, L, C) in that window order. ``bias``: additive, broadcastable to (B * L / window_tokens, heads, N, N) for
-        N = ``window_tokens`` (window w of image i is row i * L / N + w): Swin's relative bias and shift mask.
+        (B, L, C) in that window order. ``bias``: additive, broadcastable to (B * L / N, heads, N, N) for N =
+        ``window_tokens`` (window w of image i is row i * L / N + w), or (L / N, heads, N, N): one per window of an
+        image, the same for every image. Swin's relative bias and shift mask.
 
         CPU inference of a plain pre-norm block is one native call (``nn.short_attention.window_block``): every
         intermediate of a group of windows stays in cache and the gather is a row read. Otherwise the gather is
@@ -219,6 +220,8 @@ class TransformerBlock(nn.Module):
         if gather is not None:
             x = take_tokens(x, gather)
         windows = x.view(-1, window_tokens, c)  # (B * L / N, N, C)
+        if bias is not None and bias.ndim == 4 and b > 1 and bias.shape[0] == length // window_tokens > 1:
+            bias = bias.repeat(b, 1, 1, 1)  # one per window of an image: tiled over the batch for the attention
         if (x.is_cpu and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and x.shape[0] * length > 2 * _CHUNK_TOKENS):
             return _in_chunks(self, windows, bias).view(b, length, c)

@@ -235,7 +235,8 @@ def window_block(x: torch.Tensor, window_tokens: int, gather: torch.Tensor | Non
     """A whole pre-norm transformer block over windows, ``s = x + proj(attn(norm1(x)))``, ``s + mlp(norm2(s))``, in
     one native call (``vf_window_block``): x (B, L, C) holds L / ``window_tokens`` consecutive windows per image,
     after its tokens are reordered by ``gather`` (L,) (positions in x), when given; attention stays inside each
-    window, with ``bias`` as ``qkv_attention``'s (one row of windows per image window, in order). Returns the
+    window, with ``bias`` as ``qkv_attention``'s (a row per window, in order) or (L / ``window_tokens``, H, N, N):
+    one row per window of an image, the same for every image (Swin's shift mask, not tiled). Returns the
     (B, L, C) output in window order, or None where the kernel cannot take it: ``attn`` not plain softmax
     self-attention (``Attention._plain_self_attention``), ``mlp`` gated or with an activation the kernels lack,
     norms that are not LayerNorms over C, a product the native GEMM does not take, or what ``qkv_attention``
@@ -254,9 +255,10 @@ def window_block(x: torch.Tensor, window_tokens: int, gather: torch.Tensor | Non
     params = [t for m in (norm1, qkv, proj, norm2, fc1, fc2) for t in (m.weight, m.bias) if t is not None]
     if not gemm_taken(x, qkv.weight, *params):
         return None
-    windows = b * length // window_tokens
+    windows, per_image = b * length // window_tokens, length // window_tokens
+    period = per_image if bias is not None and bias.ndim == 4 and bias.shape[0] == per_image != windows else 0
     if bias is not None:
-        bias = _bias_4d(bias, windows, heads, window_tokens)
+        bias = _bias_4d(bias, period or windows, heads, window_tokens)
         if bias is None or not native_ready(bias, memory_format=None):
             return None
     if gather is not None:
@@ -269,7 +271,7 @@ def window_block(x: torch.Tensor, window_tokens: int, gather: torch.Tensor | Non
         return None
     out = torch.empty_like(x)
     scale = d**-0.5 if attn.scale is None else attn.scale
-    bs = None if bias is None else _LONGS(bias.stride(0), bias.stride(1), 0)
+    bs = None if bias is None else _LONGS(bias.stride(0), bias.stride(1), period)
     done = lib.vf_window_block(
         x.data_ptr(), _ptr(gather), length, out.data_ptr(), windows, window_tokens, c,
         _ptr(norm1.weight), _ptr(norm1.bias), norm1.eps, panels[0].data_ptr(), _ptr(qkv.bias), heads, d, _ptr(bias), bs,

@@ -167,7 +167,6 @@ class StagePlan:
 class SwinPlan:
     """Every index table and mask of one input resolution, built once and cached by the model."""
 
-    embed_gather: torch.Tensor | None  # the embedding's raster tokens -> the first block's order
     stages: list[StagePlan]
 
 
@@ -234,9 +233,7 @@ def build_plan(config: SwinConfig, grid: tuple[int, int], table_windows: list[tu
         to_raster = _gather_or_none(_inverse(order, n_tok))
         stages.append(StagePlan(res, merge_gather, merge_pad, blocks, order.clone(), to_raster))
         prev_res = res
-    first = stages[0].blocks[0]
-    embed_gather, first.gather = first.gather, None  # the stream starts in raster order, from the embedding
-    return _plan_to(SwinPlan(embed_gather, stages), device)
+    return _plan_to(SwinPlan(stages), device)  # (the first block's gather reorders the embedding's raster tokens)
 
 
 def _slot_of(slots: torch.Tensor, n_tok: int) -> torch.Tensor:
@@ -248,8 +245,6 @@ def _slot_of(slots: torch.Tensor, n_tok: int) -> torch.Tensor:
 
 
 def _plan_to(plan: SwinPlan, device) -> SwinPlan:
-    if plan.embed_gather is not None:
-        plan.embed_gather = plan.embed_gather.to(device)
     for stage in plan.stages:
         for name in ("merge_gather", "order", "to_raster"):
             t = getattr(stage, name)
@@ -269,8 +264,6 @@ def _with_zero_token(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- modules ----------------------------------------------------------------------------------------
-
-_BIAS_CACHE_BYTES = 32 * 2**20  # largest per-block tiled bias kept between inference calls (Swin-T, batch 8: 15 MB)
 
 
 class PatchMerging(nn.Module):
@@ -303,18 +296,17 @@ class SwinStage(nn.Module):
         self.table_window = table_window
         self._bias_cache: dict = {}
 
-    def block_bias(self, j: int, plan: BlockPlan, batch: int) -> torch.Tensor:
-        """Relative bias + shift mask of block j for SDPA: (1, H, N, N), or (B*nW, H, N, N) when shifted
-        (-inf across regions; window w of image i is row i*nW + w).
+    def block_bias(self, j: int, plan: BlockPlan) -> torch.Tensor:
+        """Relative bias + shift mask of block j: (1, H, N, N), or (nW, H, N, N) when shifted (-inf across regions;
+        one per window of an image, the same for every image).
 
-        Input-independent: in inference (no grad) it is cached until the table changes; the per-batch
-        tiling only up to _BIAS_CACHE_BYTES (it grows with the batch).
+        Input-independent: in inference (no grad) it is cached until the table changes.
         """
         rb = self.rel_bias[j]
         # under torch.compile the bias is part of the graph (no Python-side cache to guard on)
         cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
-            key = (id(plan), rb.table.data_ptr(), rb.table._version, rb.table.dtype, batch)
+            key = (id(plan), rb.table.data_ptr(), rb.table._version, rb.table.dtype)
             hit = self._bias_cache.get(j)
             if hit is not None and hit[0] == key:
                 return hit[1]
@@ -326,9 +318,7 @@ class SwinStage(nn.Module):
         bias = bias.unsqueeze(0)  # (1, H, N, N)
         if plan.mask is not None:
             bias = bias.masked_fill(~plan.mask, float("-inf"))  # (nW, H, N, N)
-            # SDPA broadcasts a mask over the batch only as a whole: tile it to (B*nW, H, N, N)
-            bias = bias.repeat(batch, 1, 1, 1)
-        if cacheable and bias.numel() * bias.element_size() <= _BIAS_CACHE_BYTES:
+        if cacheable:
             self._bias_cache[j] = (key, bias)
         return bias
 
@@ -340,13 +330,15 @@ class SwinStage(nn.Module):
             x = self.downsample(x)
         for j, (block, bp) in enumerate(zip(self.blocks, plan.blocks)):
             b = x.shape[0]
-            bias = self.block_bias(j, bp, b)
+            bias = self.block_bias(j, bp)
             n = bp.window[0] * bp.window[1]
             if bp.split is None:  # the stream in this block's window order after the gather: windows are views
                 x = block.forward_windows(x, n, bias=bias, gather=bp.gather)
                 continue
             if bp.gather is not None:
                 x = take_tokens(x, bp.gather)
+            if bias.shape[0] > 1 and b > 1:  # SDPA broadcasts a mask over the batch only as a whole: tiled
+                bias = bias.repeat(b, 1, 1, 1)  # (B*nW, H, N, N)
             slots = bp.num_windows * n  # window slots per image (sizes spelled out: -1 is ambiguous for B = 0)
             split = lambda h, bp=bp, n=n: take_tokens(_with_zero_token(h), bp.split).view(-1, n, h.shape[-1])  # noqa: E731
             merge = lambda o, bp=bp, b=b, slots=slots: take_tokens(o.view(b, slots, o.shape[-1]), bp.merge)  # noqa: E731
@@ -426,7 +418,7 @@ class SwinTransformer(nn.Module):
         return plan
 
     def _stream(self, images: torch.Tensor):
-        """Patch embedding -> (B, L, C) stream in the first block's order, and the plan."""
+        """Patch embedding -> (B, L, C) stream in raster order (the first block gathers its windows), and the plan."""
         check_image("images", images, channels=self.config.in_chans, dtype=self.patch_embed.proj.weight.dtype)
         p = self.config.patch_size
         pad_h, pad_w = -images.shape[-2] % p, -images.shape[-1] % p
@@ -434,7 +426,7 @@ class SwinTransformer(nn.Module):
             images = F.pad(images, (0, pad_w, 0, pad_h))
         x = self.patch_embed(images)  # (B, L, C) normed, raster order
         plan = self.plan((images.shape[-2] // p, images.shape[-1] // p), x.device)
-        return (x if plan.embed_gather is None else take_tokens(x, plan.embed_gather)), plan
+        return x, plan
 
     def _run(self, images: torch.Tensor, keep: bool):
         x, plan = self._stream(images)

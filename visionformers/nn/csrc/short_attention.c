@@ -280,7 +280,9 @@ static inline long lines(long n) { return (n + 15) / 16 * 16; }
  * stream of images of L tokens, reordered on the fly: Swin's cyclic shift). Every intermediate of a group (its
  * normed rows, q k v, heads, s, the MLP's hidden rows) lives in a per-thread buffer that stays in cache, and the
  * group's output rows are written once, in window order, to out. Weights packed by vf_gemm_pack; Wqkv (3 H D, C),
- * Wproj (C, H D), W1 (F, C), W2 (C, F); the attention's bias and scale as vf_qkv_attention's. Returns 0, or -1
+ * Wproj (C, H D), W1 (F, C), W2 (C, F); the attention's bias and scale as vf_qkv_attention's, except that with
+ * bs[2] > 0 window w reads bias row w % bs[2] (the windows of every image share one set: Swin's shift mask, which
+ * then need not be tiled over the batch and stays in cache). Returns 0, or -1
  * where N or D is out of range or a buffer cannot be had. */
 int vf_window_block(const float *x, const long *gather, long L, float *out, long B, long N, long C,
                     const float *g1, const float *beta1, float eps1, const float *Wqkv, const float *bqkv, long H,
@@ -320,8 +322,9 @@ int vf_window_block(const float *x, const long *gather, long L, float *out, long
             for (long w = w0; w < w1; w++)
                 for (long h = 0; h < H; h++) {
                     const float *q = Q + (w - w0) * N * E + h * D;
-                    task(q, q + HD, q + 2 * HD, bias ? bias + w * bs[0] + h * bs[1] : NULL, A + (w - w0) * N * HD + h * D,
-                         N, D, E, E, E, HD, NV, scale, kt);
+                    const long wb = bs && bs[2] ? w % bs[2] : w;  /* the bias row of window w */
+                    task(q, q + HD, q + 2 * HD, bias ? bias + wb * bs[0] + h * bs[1] : NULL,
+                         A + (w - w0) * N * HD + h * D, N, D, E, E, E, HD, NV, scale, kt);
                 }
             row_block(A, HD, Wproj, S, C, 0, r, C, HD, bproj, 0, xr);
             for (long i = 0; i < r; i++) layer_norm_row(S + i * C, A + i * C, g2, beta2, C, eps2);
