@@ -205,3 +205,49 @@ def test_mlp_hidden_fuses_bias_and_activation(gemm_on, kernel_calls, monkeypatch
     # with the GEMM: the activation inside fc1's product, and fc2; without: fc1's product, then the epilogue
     assert kernel_calls == (["vf_gemm", "vf_gemm"] if gemm_on else ["vf_bias_act"])
     torch.testing.assert_close(out, mlp.fc2(F.gelu(mlp.fc1(x))), rtol=1e-5, atol=1e-5)
+
+
+def _merge_reference64(x, index, group, norm, layer):
+    """The rows of x gathered in groups (index L = a zero row), concatenated, normed and projected, in float64."""
+    b, length, c = x.shape
+    src = torch.cat((x, x.new_zeros(b, 1, c)), dim=1).double()
+    a = src[:, index].reshape(b, index.numel() // group, group * c)
+    if norm is not None:
+        a = F.layer_norm(a, (group * c,), norm.weight.double(), norm.bias.double(), norm.eps)
+    return F.linear(a, layer.weight.double(), None if layer.bias is None else layer.bias.double()).float()
+
+
+@pytest.mark.parametrize("with_norm, with_bias", [(True, False), (False, True)])
+def test_gather_norm_linear_matches_the_gathered_modules(with_norm, with_bias):
+    """Swin's patch merging from the stream: 4 neighbours per new token, some of them padding (index L)."""
+    torch.manual_seed(0)
+    b, length, c, lo = 3, 50, 24, 15
+    x = torch.randn(b, length, c)
+    index = torch.randint(0, length + 1, (lo * 4,))
+    index[:3] = length  # zero rows, as an odd grid's padding
+    norm = nn.LayerNorm(4 * c) if with_norm else None
+    layer = nn.Linear(4 * c, 40, bias=with_bias)
+    for p in [*layer.parameters(), *(norm.parameters() if norm is not None else ())]:
+        p.data.add_(0.1 * torch.randn_like(p))
+    with torch.no_grad():
+        out = fused_mod.gather_norm_linear(x, index, 4, norm, layer)
+    if out is None:
+        assert not (gemm_mod.native_gemm_available() and linear_mod.gemm_chosen())
+        pytest.skip("the native GEMM does not take this product here")
+    torch.testing.assert_close(out, _merge_reference64(x, index, 4, norm, layer), rtol=1e-4, atol=1e-4)
+
+
+def test_gather_norm_linear_declines_what_it_cannot_take():
+    torch.manual_seed(0)
+    x, index = torch.randn(2, 40, 16), torch.arange(40)
+    norm, layer = nn.LayerNorm(64), nn.Linear(64, 32)
+    with torch.no_grad():
+        taken = fused_mod.gather_norm_linear(x, index, 4, norm, layer) is not None
+        assert taken == (gemm_mod.native_gemm_available() and linear_mod.gemm_chosen())
+        assert fused_mod.gather_norm_linear(x, index + 2, 4, norm, layer) is None  # 40 is the zero row, 41 out of range
+        assert fused_mod.gather_norm_linear(x, index.int(), 4, norm, layer) is None
+        assert fused_mod.gather_norm_linear(x, index, 4, RMSNorm(64), layer) is None
+        assert fused_mod.gather_norm_linear(x, index, 4, nn.LayerNorm(32), layer) is None  # not over the 4 C features
+        assert fused_mod.gather_norm_linear(x.double(), index, 4, norm, layer) is None
+        assert fused_mod.gather_norm_linear(x, index[:38], 4, norm, layer) is None  # not whole groups
+    assert fused_mod.gather_norm_linear(x, index, 4, norm, layer) is None  # autograd: the weights require grad

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers import _native
-from visionformers.nn.gemm import ACT_CODES, gemm
+from visionformers.nn.gemm import ACT_CODES, gather_norm_gemm, gemm
 from visionformers.nn.gemm import mlp as mlp_product
-from visionformers.nn.linear import NATIVE_MAX_ROWS, gemm_taken, linear, native_inference_ready
+from visionformers.nn.linear import GEMM_MAX_K, NATIVE_MAX_ROWS, gemm_chosen, gemm_taken, linear, native_inference_ready
 
-__all__ = ["native_bias_act_", "linear_add_norm", "mlp_add_norm", "native_epilogue_available", "is_layer_norm"]
+__all__ = ["native_bias_act_", "linear_add_norm", "mlp_add_norm", "gather_norm_linear", "native_epilogue_available", "is_layer_norm"]
 
 _REFERENCE = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
@@ -137,3 +137,26 @@ def mlp_add_norm(
         if out is not None:
             return out if keep_sum or norm is None else (None, out[1])
     return linear_add_norm(mlp.hidden(x), fc2, residual, norm, keep_sum)
+
+
+def gather_norm_linear(x: torch.Tensor, index: torch.Tensor, group: int, norm: nn.Module | None,
+                       layer: nn.Linear) -> torch.Tensor | None:
+    """layer(norm(A)) for A (B, Lo, group C) whose row o concatenates the tokens x[:, index[o group + j]], j < group,
+    of x (B, L, C); index L reads a zero token (padding): Swin's patch merging from the token stream, in one native
+    call (``nn.gemm.gather_norm_gemm``) without the (B, Lo, group C) gather in memory. None where it cannot be taken
+    (not CPU fp32 inference, norm not a LayerNorm over group C, more than ``GEMM_MAX_K`` inputs, an index out of
+    [0, L]); the caller then gathers and runs the modules."""
+    if x.ndim != 3 or group < 1 or index.ndim != 1 or index.numel() % group or index.dtype != torch.long:
+        return None
+    b, length, c = x.shape
+    width = group * c
+    if not (norm is None or is_layer_norm(norm, width)) or layer.weight.shape[1] != width or width > GEMM_MAX_K:
+        return None
+    weight, bias = layer.weight, layer.bias
+    params = (weight, bias) + ((norm.weight, norm.bias) if norm is not None else ())
+    if (b * (index.numel() // group) <= NATIVE_MAX_ROWS or not index.is_contiguous()
+            or not native_inference_ready(x, *(t for t in params if t is not None)) or not gemm_chosen()):
+        return None
+    if index.numel() and not 0 <= int(index.min()) <= int(index.max()) <= length:
+        return None
+    return gather_norm_gemm(x, index, group, weight, bias, None if norm is None else (norm.weight, norm.bias, norm.eps))

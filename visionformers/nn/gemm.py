@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from visionformers import _native
 
-__all__ = ["gemm", "mlp", "packed", "native_gemm_available", "clear_packed", "PACK_BUDGET_BYTES", "ACT_CODES"]
+__all__ = ["gemm", "mlp", "gather_norm_gemm", "packed", "native_gemm_available", "clear_packed", "PACK_BUDGET_BYTES", "ACT_CODES"]
 
 ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}  # vmath.h's ACT_* codes
 PACK_BUDGET_BYTES = int(os.environ.get("VISIONFORMERS_PACK_BUDGET_MB", "2048")) * 2**20
@@ -47,6 +47,9 @@ def _configure(lib) -> None:
     lib.vf_mlp.argtypes = ([_P, _P, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, ctypes.c_float,
                             ctypes.c_int])
     lib.vf_mlp.restype = ctypes.c_int
+    lib.vf_gather_norm_gemm.argtypes = ([_P, _L, _L, _L, _P, _L, _L, ctypes.c_int, _P, _P, ctypes.c_float, _P, _L, _P, _P,
+                                         ctypes.c_int])
+    lib.vf_gather_norm_gemm.restype = ctypes.c_int
 
 
 def _ptr(t: torch.Tensor | None):
@@ -109,7 +112,16 @@ def _self_check(lib) -> bool:
             ok &= out is not None and torch.allclose(out[0].double(), ref, **tol)
             if not ok:
                 return False
-    return True
+        x, index = torch.randn(2, 30, 12, generator=g), torch.randint(0, 31, (4 * 25,), generator=g)  # 30: a zero row
+        w, b, nw, nb = (torch.randn(19, 48, generator=g), torch.randn(19, generator=g), torch.randn(48, generator=g),
+                        torch.randn(48, generator=g))
+        lo, panels = index.numel() // 4, _pack(lib, w)  # (panels held: a temporary would be freed before the call)
+        out = torch.empty(2, lo, 19)
+        lib.vf_gather_norm_gemm(x.data_ptr(), 2, 30, 12, index.data_ptr(), lo, 4, 1, nw.data_ptr(), nb.data_ptr(), 1e-5,
+                                panels.data_ptr(), 19, b.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        a = torch.cat((x, x.new_zeros(2, 1, 12)), dim=1)[:, index].reshape(2, lo, 48).double()
+        ref = F.linear(F.layer_norm(a, (48,), nw.double(), nb.double(), 1e-5), w.double(), b.double())
+        return torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
 
 
 _KERNEL = _native.Kernel("gemm", _configure, _self_check)
@@ -216,3 +228,29 @@ def mlp(
         return None
     return _call_mlp(_KERNEL.get(), x, p1, fc1.bias, ACT_CODES[act], p2, fc2.bias, fc2.weight.shape[0],
                      fc1.weight.shape[0], residual, norm, keep_sum)
+
+
+def gather_norm_gemm(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    group: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
+) -> torch.Tensor | None:
+    """LayerNorm(A) W^T + b, (B, Lo, N), for A (B, Lo, group C) whose row o of image b concatenates the rows
+    x[b, index[o group + j]], j < group (index L = x.shape[1] reads a zero row): a patch merging's gather, norm and
+    reduction in one call, the rows gathered and normed block by block in cache. ``norm`` = (weight, bias, eps) or
+    None. None where the kernel or the packing budget is missing (the caller checked the tensors and the index)."""
+    panels = packed(weight)
+    if panels is None:
+        return None
+    b, length, c = x.shape
+    lo, n = index.numel() // group, weight.shape[0]
+    out = torch.empty(b, lo, n, dtype=torch.float32)
+    g, beta, eps = norm if norm is not None else (None, None, 0.0)
+    failed = _KERNEL.get().vf_gather_norm_gemm(
+        x.data_ptr(), b, length, c, index.data_ptr(), lo, group, norm is not None, _ptr(g), _ptr(beta), eps,
+        panels.data_ptr(), n, _ptr(bias), out.data_ptr(), torch.get_num_threads(),
+    )
+    return None if failed else out

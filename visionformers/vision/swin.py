@@ -36,6 +36,7 @@ from visionformers._validate import (
 )
 from visionformers.nn import PatchEmbed, TransformerBlock, WindowRelativeBias
 from visionformers.nn.blocks import take_tokens
+from visionformers.nn.fused import gather_norm_linear
 from visionformers.nn.linear import Linear
 
 __all__ = ["SwinConfig", "SwinTransformer", "PatchMerging", "window_layout", "SwinPlan"]
@@ -275,8 +276,17 @@ class PatchMerging(nn.Module):
         self.reduction = Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L', 4C) neighbours already gathered by the plan -> (B, L', out_dim)."""
+        """x: (B, L', 4C) neighbours already gathered -> (B, L', out_dim)."""
         return self.reduction(self.norm(x))
+
+    def merge(self, x: torch.Tensor, index: torch.Tensor, pad: bool) -> torch.Tensor:
+        """x: (B, L, C) token stream -> (B, L', out_dim), the 4 neighbours of new token o being x[:, index[4o:4o+4]]
+        (index L: a zero token, with ``pad``). CPU inference: gather, norm and reduction in one native call."""
+        out = gather_norm_linear(x, index, 4, self.norm, self.reduction)
+        if out is not None:
+            return out
+        src = _with_zero_token(x) if pad else x
+        return self(take_tokens(src, index).view(x.shape[0], index.numel() // 4, 4 * x.shape[-1]))  # (B, L', 4C)
 
 
 class SwinStage(nn.Module):
@@ -325,9 +335,7 @@ class SwinStage(nn.Module):
     def forward(self, x: torch.Tensor, plan: StagePlan) -> torch.Tensor:
         """x: (B, L, C) stream in the order the plan says -> (B, L', out_dim) in ``plan.order``."""
         if self.downsample is not None:
-            src = _with_zero_token(x) if plan.merge_pad else x
-            x = take_tokens(src, plan.merge_gather).view(x.shape[0], plan.merge_gather.numel() // 4, 4 * x.shape[-1])  # (B, L', 4C)
-            x = self.downsample(x)
+            x = self.downsample.merge(x, plan.merge_gather, plan.merge_pad)
         for j, (block, bp) in enumerate(zip(self.blocks, plan.blocks)):
             b = x.shape[0]
             bias = self.block_bias(j, bp)

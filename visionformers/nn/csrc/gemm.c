@@ -67,3 +67,39 @@ int vf_mlp(const float *A, const float *W1p, const float *b1, int act, const flo
     }
     return failed ? -1 : 0;
 }
+
+/* A product over gathered rows, out (B Lo, N) = LN(A) W^T + bias with row i = b Lo + o of A the concatenation of the
+ * G rows x[b, index[o G + j]], j < G, of x (B, L, C), index L reading a zero row (padding), and LayerNorm (g, beta,
+ * eps; over the G C features) when g or beta or eps > 0 says so: Swin's patch merging (Liu et al. 2021, sec. 3.1: the
+ * 2x2 neighbours, their norm, the reduction) with the neighbours gathered straight from the token stream. Row block
+ * by row block, the gathered and normed rows in a per-thread buffer in cache. Returns -1 where the buffer cannot
+ * be had. */
+int vf_gather_norm_gemm(const float *x, long B, long L, long C, const long *index, long Lo, long G, int norm,
+                        const float *g, const float *beta, float eps, const float *Wp, long N, const float *bias,
+                        float *out, int nthreads) {
+    const long M = B * Lo, K = G * C;
+    const long mc = block_rows(M, nthreads), blocks = (M + mc - 1) / mc;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads) reduction(|: failed)
+    {
+        float *A = scratch((size_t)(mc * K));
+        failed = A == NULL;
+        #pragma omp for schedule(dynamic, 1)
+        for (long ib = 0; ib < blocks; ib++) {
+            if (failed) continue;
+            const long m0 = ib * mc, m1 = m0 + mc < M ? m0 + mc : M;
+            for (long i = m0; i < m1; i++) {
+                float *row = A + (i - m0) * K;
+                const long b = i / Lo, o = i % Lo;
+                for (long j = 0; j < G; j++) {
+                    const long src = index[o * G + j];
+                    if (src == L) memset(row + j * C, 0, C * sizeof(float));
+                    else memcpy(row + j * C, x + (b * L + src) * C, C * sizeof(float));
+                }
+                if (norm) layer_norm_row(row, row, g, beta, K, eps);
+            }
+            row_block(A, K, Wp, out + m0 * N, N, 0, m1 - m0, N, K, bias, 0, NULL);
+        }
+    }
+    return failed ? -1 : 0;
+}
