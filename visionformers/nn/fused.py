@@ -21,9 +21,17 @@ from torch import nn
 from visionformers import _native
 from visionformers.nn.gemm import ACT_CODES, gather_norm_gemm, gemm
 from visionformers.nn.gemm import mlp as mlp_product
-from visionformers.nn.linear import GEMM_MAX_K, NATIVE_MAX_ROWS, gemm_chosen, gemm_taken, linear, native_inference_ready
+from visionformers.nn.linear import (
+    GEMM_MAX_K,
+    NATIVE_MAX_ROWS,
+    gemm_chosen,
+    gemm_taken,
+    linear,
+    native_inference_ready,
+)
 
-__all__ = ["native_bias_act_", "linear_add_norm", "mlp_add_norm", "gather_norm_linear", "native_epilogue_available", "is_layer_norm"]
+__all__ = ["native_bias_act_", "linear_add_norm", "mlp_add_norm", "gather_norm_linear", "native_epilogue_available",
+           "is_layer_norm"]
 
 _REFERENCE = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 

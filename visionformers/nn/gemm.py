@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from visionformers import _native
 
-__all__ = ["gemm", "mlp", "gather_norm_gemm", "packed", "native_gemm_available", "clear_packed", "PACK_BUDGET_BYTES", "ACT_CODES"]
+__all__ = ["gemm", "mlp", "gather_norm_gemm", "packed", "native_gemm_available", "clear_packed", "PACK_BUDGET_BYTES",
+           "ACT_CODES"]
 
 ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}  # vmath.h's ACT_* codes
 PACK_BUDGET_BYTES = int(os.environ.get("VISIONFORMERS_PACK_BUDGET_MB", "2048")) * 2**20

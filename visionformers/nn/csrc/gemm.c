@@ -68,12 +68,12 @@ int vf_mlp(const float *A, const float *W1p, const float *b1, int act, const flo
     return failed ? -1 : 0;
 }
 
-/* A product over gathered rows, out (B Lo, N) = LN(A) W^T + bias with row i = b Lo + o of A the concatenation of the
- * G rows x[b, index[o G + j]], j < G, of x (B, L, C), index L reading a zero row (padding), and LayerNorm (g, beta,
- * eps; over the G C features) when g or beta or eps > 0 says so: Swin's patch merging (Liu et al. 2021, sec. 3.1: the
- * 2x2 neighbours, their norm, the reduction) with the neighbours gathered straight from the token stream. Row block
- * by row block, the gathered and normed rows in a per-thread buffer in cache. Returns -1 where the buffer cannot
- * be had. */
+/* A product over gathered rows, out (B Lo, N) = LN(A) W^T + bias: row i = b Lo + o of A concatenates the G rows
+ * x[b, index[o G + j]], j < G, of x (B, L, C) (index L reads a zero row: padding), and LN is the LayerNorm (g, beta,
+ * eps) over its G C features with norm, else the identity. Swin's patch merging (Liu et al. 2021, sec. 3.1: the 2x2
+ * neighbours, their norm, the reduction) with the neighbours gathered straight from the token stream, row block by
+ * row block, the gathered and normed rows in a per-thread buffer in cache. Returns -1 where the buffer cannot be
+ * had. */
 int vf_gather_norm_gemm(const float *x, long B, long L, long C, const long *index, long Lo, long G, int norm,
                         const float *g, const float *beta, float eps, const float *Wp, long N, const float *bias,
                         float *out, int nthreads) {

@@ -282,8 +282,7 @@ static inline long lines(long n) { return (n + 15) / 16 * 16; }
  * group's output rows are written once, in window order, to out. Weights packed by vf_gemm_pack; Wqkv (3 H D, C),
  * Wproj (C, H D), W1 (F, C), W2 (C, F); the attention's bias and scale as vf_qkv_attention's, except that with
  * bs[2] > 0 window w reads bias row w % bs[2] (the windows of every image share one set: Swin's shift mask, which
- * then need not be tiled over the batch and stays in cache). Returns 0, or -1
- * where N or D is out of range or a buffer cannot be had. */
+ * then need not be tiled over the batch). Returns 0, or -1 where N or D is out of range or a buffer cannot be had. */
 int vf_window_block(const float *x, const long *gather, long L, float *out, long B, long N, long C,
                     const float *g1, const float *beta1, float eps1, const float *Wqkv, const float *bqkv, long H,
                     long D, const float *bias, const long *bs, float scale, const float *Wproj, const float *bproj,
