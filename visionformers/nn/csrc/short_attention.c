@@ -291,7 +291,8 @@ int vf_window_block(const float *x, const long *gather, long L, float *out, long
     if (N < 1 || N > MAX_N || D < VL || D > MAX_D || D % VL) return -1;
     const int NV = (int)((N + VL - 1) / VL);
     const long E = 3 * H * D, HD = H * D;
-    /* about BLOCK_ROWS rows per group, as many groups for every thread, windows spread evenly over the groups */
+    /* about BLOCK_ROWS rows per group, as many groups for every thread, windows spread evenly over the groups (the
+     * threads take groups as they come, so that a core slowed by another tenant takes fewer) */
     long groups = (B * N + BLOCK_ROWS - 1) / BLOCK_ROWS;
     groups = (groups + nthreads - 1) / nthreads * nthreads;
     groups = groups > B ? B : groups;
@@ -307,7 +308,9 @@ int vf_window_block(const float *x, const long *gather, long L, float *out, long
         #pragma omp for schedule(dynamic, 1)
         for (long g = 0; g < groups; g++) {
             if (failed) continue;
-            const long w0 = g * B / groups, w1 = (g + 1) * B / groups, r = (w1 - w0) * N;
+            /* the B % groups groups of one window more come first: the groups taken last are the short ones */
+            const long per = B / groups, extra = B % groups;
+            const long w0 = g * per + (g < extra ? g : extra), w1 = w0 + per + (g < extra), r = (w1 - w0) * N;
             const float *xr = x + w0 * N * C;
             if (gather) {
                 for (long i = 0; i < r; i++) {
