@@ -3,15 +3,16 @@
 Stages of pre-norm blocks that attend inside non-overlapping windows; every second block shifts the
 windows by half a window (a cyclic roll, sec. 3.2) with a mask so that tokens only attend tokens of
 their own region of the rolled map; a learned relative position bias is added per head (eq. 4); patch
-merging halves the resolution between stages. Attention is the shared ``nn.Attention`` through
-``TransformerBlock``'s ``partition`` hook, with ``bias`` = relative bias + shift mask.
+merging halves the resolution between stages. Attention is the shared ``nn.Attention`` of ``TransformerBlock``,
+over windows (``forward_windows``; the ``partition`` hook for padded layouts), with ``bias`` = relative bias + shift
+mask.
 
 Speed: the token stream is kept in *window order* (the tokens of each window contiguous), so a window
 partition is a free view and the roll, partition and reverse of the reference implementations become
 one row gather per block, precomputed per resolution (``SwinPlan``). Patch merging gathers straight into
-the next stage's window order. Masks, index tables and (in inference) the bias + mask sums are built once.
-A block runs through ``TransformerBlock.forward_windows``: in CPU inference one native call per block, the gather
-included, group of windows by group of windows with every activation in cache.
+the next stage's window order (in CPU inference with its norm and reduction, in one native call). Masks, index
+tables and (in inference) the bias + mask sums are built once. In CPU inference a block is one native call, the
+gather included, group of windows by group of windows with every activation in cache.
 Inputs that are not a multiple of the window are padded timm-style (roll, then zero-pad bottom/right).
 """
 from __future__ import annotations
