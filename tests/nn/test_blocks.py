@@ -242,7 +242,7 @@ def test_forward_windows_takes_the_native_block_for_a_plain_pre_norm_block(monke
     with torch.no_grad():
         block.forward_windows(x, 16)
         TransformerBlock(DIM, H, pre_norm=False).eval().forward_windows(x, 16)  # post-norm: never offered
-        block.forward_windows(x, 16, bias=torch.zeros(2 * 4, H, 16, 16, dtype=torch.bool))  # a bool mask: declined
+        block.forward_windows(x, 16, bias=torch.randn(2 * 4, H, 16, 16).transpose(-2, -1))  # strided rows: declined
     block.forward_windows(x, 16)  # autograd: never offered
     native = native_short_attention_available() and gemm_chosen()
     offered = [native, False] if native_epilogue_available() else []  # (no native kernels: a plain block is not fusable)
@@ -264,3 +264,7 @@ def test_forward_windows_checks_its_arguments():
         block.forward_windows(x, 4, gather=torch.arange(12).int())
     with pytest.raises(ValueError, match="gather"):
         block.forward_windows(x, 4, gather=torch.arange(12) + 1)  # position 12 is past the stream
+    for bias in (torch.randn(5, H, 4, 4), torch.randn(3, 4, 4), torch.randn(1, H, 4, 5), torch.ones(4, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="bias"):  # 2 images x 3 windows: 1, 3 or 6 rows of H (or 1) heads
+            block.forward_windows(x, 4, bias=bias)
+    block.forward_windows(x, 4, bias=torch.randn(3, 1, 4, 4))  # one per window of an image, shared by the heads

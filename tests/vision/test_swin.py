@@ -301,3 +301,18 @@ def test_bad_images_raise_value_error_naming_the_argument(images, match):
 def test_bad_config_raises_value_error_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny(**overrides)
+
+
+def test_patch_merging_checks_the_stream_and_the_index():
+    merging = tiny().layers[1].downsample
+    x = torch.randn(2, 196, 16)
+    index = torch.arange(196)
+    with torch.no_grad():
+        assert merging.merge(x, index, pad=False).shape == (2, 49, 32)
+        with pytest.raises(ValueError, match="x"):
+            merging.merge(torch.randn(2, 196, 8), index, pad=False)
+        with pytest.raises(ValueError, match="index"):
+            merging.merge(x, index[:-1], pad=False)  # not 4 per new token
+        with pytest.raises(ValueError, match="index"):
+            merging.merge(x, index + 1, pad=False)  # 196 is the zero token, only with pad
+        assert merging.merge(x, index + 1, pad=True).shape == (2, 49, 32)

@@ -213,6 +213,13 @@ class TransformerBlock(nn.Module):
                                    or (length and not torch.compiler.is_compiling()  # (a data-dependent check)
                                        and not 0 <= int(gather.min()) <= int(gather.max()) < length)):
             fail("gather", gather, f"None or a ({length},) int64 tensor of positions in x (0 to {length - 1}) on {x.device}")
+        if bias is not None:
+            n, heads, per_image = window_tokens, self.attn.num_heads, length // window_tokens
+            if (not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.ndim not in (2, 3, 4)
+                    or bias.shape[-2:] != (n, n) or (bias.ndim > 2 and bias.shape[-3] not in (1, heads))
+                    or (bias.ndim == 4 and bias.shape[0] not in (1, per_image, b * per_image))):
+                fail("bias", bias, f"None or a float tensor of (N, N), (1|{heads}, N, N) or (1|{per_image}|"
+                                   f"{b * per_image}, 1|{heads}, N, N) for N = {n}: windows of an image or of the batch")
         if self.pre_norm and self._fusable(x):
             out = window_block(x, window_tokens, gather, self.norm1, self.attn, self.norm2, self.mlp, bias)
             if out is not None:

@@ -283,6 +283,14 @@ class PatchMerging(nn.Module):
     def merge(self, x: torch.Tensor, index: torch.Tensor, pad: bool) -> torch.Tensor:
         """x: (B, L, C) token stream -> (B, L', out_dim), the 4 neighbours of new token o being x[:, index[4o:4o+4]]
         (index L: a zero token, with ``pad``). CPU inference: gather, norm and reduction in one native call."""
+        dim = self.norm.normalized_shape[0] // 4
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != dim:
+            fail("x", x, f"a (B, L, {dim}) token stream")
+        top = x.shape[1] if pad else x.shape[1] - 1
+        if (not isinstance(index, torch.Tensor) or index.dtype != torch.long or index.ndim != 1 or index.numel() % 4
+                or (index.numel() and not torch.compiler.is_compiling()  # (a data-dependent check)
+                    and not 0 <= int(index.min()) <= int(index.max()) <= top)):
+            fail("index", index, f"a 1-D int64 tensor of 4 positions per new token, each in [0, {top}]")
         out = gather_norm_linear(x, index, 4, self.norm, self.reduction)
         if out is not None:
             return out
