@@ -59,8 +59,8 @@ int vf_mlp(const float *A, const float *W1p, const float *b1, int act, const flo
         for (long ib = 0; ib < blocks; ib++) {
             if (!hidden) continue;
             const long m0 = ib * mc, m1 = m0 + mc < M ? m0 + mc : M;
-            row_block(A + m0 * K, K, W1p, hidden, H, 0, m1 - m0, H, K, b1, act, NULL);
-            row_block(hidden, H, W2p, out + m0 * N, N, 0, m1 - m0, N, H, b2, 0, residual ? residual + m0 * N : NULL);
+            mlp_rows(A + m0 * K, K, W1p, b1, act, W2p, b2, hidden, H, out + m0 * N, N, m1 - m0,
+                     residual ? residual + m0 * N : NULL);
             if (h)
                 for (long i = m0; i < m1; i++) layer_norm_row(out + i * N, h + i * N, g, beta, N, eps);
         }

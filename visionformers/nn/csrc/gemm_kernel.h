@@ -150,6 +150,16 @@ static void row_block(const float *A, long lda, const float *Bp, float *out, lon
     }
 }
 
+/* m rows of out (stride N) = residual + (act(A W1^T + b1) W2^T + b2), a transformer MLP, for m rows of A (stride
+ * K), W1 packed (H, K) and W2 packed (N, H); the hidden rows go through hidden (m x H, in cache); residual (stride
+ * N) may be NULL. gemm.c's vf_mlp runs it per block of rows, short_attention.c's vf_window_block per group of
+ * windows. */
+static void mlp_rows(const float *A, long K, const float *W1p, const float *b1, int act, const float *W2p,
+                     const float *b2, float *hidden, long H, float *out, long N, long m, const float *residual) {
+    row_block(A, K, W1p, hidden, H, 0, m, H, K, b1, act, NULL);
+    row_block(hidden, H, W2p, out, N, 0, m, N, H, b2, 0, residual);
+}
+
 /* A per-thread scratch block of at least n floats, kept for the thread's life (PyTorch's OpenMP threads persist): a
  * block this size from malloc is a fresh mapping each time, whose pages fault in again on every call. It starts on a
  * cache line (malloc's large blocks start 16 bytes past a page, where every other vector straddles two lines: the

@@ -223,6 +223,25 @@ int vf_short_attention(const float *q, const float *k, const float *v, const flo
     return 0;
 }
 
+/* The qkv projection of a group of whole windows w0 .. w1 (N rows each; A: their rows of C, stride lda) into qkv
+ * (rows of E = 3 H D: q, k, v, each H heads of D; gemm_kernel.h's product, Wp packed by vf_gemm_pack), then every
+ * (window, head) task of the group on it: window w's heads go to o + (w - w0) N H D (rows of H D). bias (N, N) rows
+ * at bs[0] wb + bs[1] h, with wb = w % bs[2] where bs[2] > 0 (the windows of every image sharing one set), else w.
+ * vf_qkv_attention and vf_window_block run it per group. */
+static void group_attention(const float *A, long lda, long C, const float *Wp, const float *qkv_bias, float *qkv,
+                            long w0, long w1, long N, long H, long D, const float *bias, const long *bs, float scale,
+                            int NV, float *o, float *kt) {
+    const long E = 3 * H * D, HD = H * D;
+    row_block(A, lda, Wp, qkv, E, 0, (w1 - w0) * N, E, C, qkv_bias, 0, NULL);
+    for (long w = w0; w < w1; w++)
+        for (long h = 0; h < H; h++) {
+            const float *q = qkv + (w - w0) * N * E + h * D;
+            const long wb = bs && bs[2] ? w % bs[2] : w;
+            task(q, q + HD, q + 2 * HD, bias ? bias + wb * bs[0] + h * bs[1] : NULL, o + (w - w0) * N * HD + h * D, N,
+                 D, E, E, E, HD, NV, scale, kt);
+        }
+}
+
 /* Bytes of a thread's qkv buffer in vf_qkv_attention: windows are projected a few at a time so that their q, k, v
  * are still in the core's L2 cache when their attention reads them */
 #define QKV_BUDGET (256 * 1024)
@@ -254,13 +273,8 @@ int vf_qkv_attention(const float *x, const float *Wp, const float *qkv_bias, con
         for (long g = 0; g < groups; g++) {
             if (!qkv) continue;
             const long w0 = g * G, w1 = w0 + G < B ? w0 + G : B;
-            row_block(x + w0 * N * C, C, Wp, qkv, E, 0, (w1 - w0) * N, E, C, qkv_bias, 0, NULL);
-            for (long w = w0; w < w1; w++)
-                for (long h = 0; h < H; h++) {
-                    const float *q = qkv + (w - w0) * N * E + h * D;
-                    task(q, q + H * D, q + 2 * H * D, bias ? bias + w * bs[0] + h * bs[1] : NULL,
-                         out + (w * N * H + h) * D, N, D, E, E, E, H * D, NV, scale, kt);
-                }
+            group_attention(x + w0 * N * C, C, C, Wp, qkv_bias, qkv, w0, w1, N, H, D, bias, bs, scale, NV,
+                            out + w0 * N * H * D, kt);
         }
     }
     return failed ? -1 : 0;
@@ -320,18 +334,10 @@ int vf_window_block(const float *x, const long *gather, long L, float *out, long
                 xr = X;
             }
             for (long i = 0; i < r; i++) layer_norm_row(xr + i * C, A + i * C, g1, beta1, C, eps1);
-            row_block(A, C, Wqkv, Q, E, 0, r, E, C, bqkv, 0, NULL);
-            for (long w = w0; w < w1; w++)
-                for (long h = 0; h < H; h++) {
-                    const float *q = Q + (w - w0) * N * E + h * D;
-                    const long wb = bs && bs[2] ? w % bs[2] : w;  /* the bias row of window w */
-                    task(q, q + HD, q + 2 * HD, bias ? bias + wb * bs[0] + h * bs[1] : NULL,
-                         A + (w - w0) * N * HD + h * D, N, D, E, E, E, HD, NV, scale, kt);
-                }
+            group_attention(A, C, C, Wqkv, bqkv, Q, w0, w1, N, H, D, bias, bs, scale, NV, A, kt);  /* heads into A */
             row_block(A, HD, Wproj, S, C, 0, r, C, HD, bproj, 0, xr);
             for (long i = 0; i < r; i++) layer_norm_row(S + i * C, A + i * C, g2, beta2, C, eps2);
-            row_block(A, C, W1, Q, F, 0, r, F, C, b1, act, NULL);
-            row_block(Q, F, W2, out + w0 * N * C, C, 0, r, C, F, b2, 0, S);
+            mlp_rows(A, C, W1, b1, act, W2, b2, Q, F, out + w0 * N * C, C, r, S);
         }
     }
     return failed ? -1 : 0;
