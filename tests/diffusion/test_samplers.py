@@ -11,7 +11,8 @@ S = torch.tensor([0.3, 1.5, 1.0])
 # Steps at which each sampler's discretisation error on this Gaussian stays well inside the tolerance: first-order
 # solvers shrink the variance by a few % at 50 steps. Worst std error measured over linear / cosine / sigmoid:
 # ddim 250 -> 1.9%, euler 500 -> 1.5%, heun 100 -> 1.1%, dpmpp_2m 100 -> 1.5%, ddpm 1000 -> 1.0% (with sampling error).
-STEPS = {"ddpm": 1000, "ddim": 250, "dpmpp_2m": 100, "euler": 500, "heun": 100}
+STEPS = {"ddpm": 1000, "ddim": 250, "dpmpp_2m": 100, "euler": 500, "heun": 100, "euler_maruyama": 500}
+STOCHASTIC = ("ddpm", "euler_maruyama")
 
 
 def gaussian_model(sched, prediction_type):
@@ -24,7 +25,7 @@ def gaussian_model(sched, prediction_type):
         denom = a**2 * S**2 + sig**2
         x0 = MU + a * S**2 / denom * (x - a * MU)
         eps = sig / denom * (x - a * MU)  # (x - a x0) / sig, written without the cancellation
-        return {"eps": eps, "x0": x0, "v": a * eps - sig * x0}[prediction_type]
+        return {"eps": eps, "x0": x0, "v": a * eps - sig * x0, "flow": eps - x0}[prediction_type]
 
     return model
 
@@ -44,17 +45,17 @@ def _check_moments(x, tol_mean=0.02, tol_std=0.03):
 
 def _run_gaussian(sampler, sched, prediction_type, seed):
     # ddpm adds fresh noise each step, so it needs many samples; the ODE solvers need only a few (see standard_noise).
-    n = 10000 if sampler == "ddpm" else 1000
+    n = 10000 if sampler in STOCHASTIC else 1000
     fn = D.SAMPLERS[sampler]
     x = fn(gaussian_model(sched, prediction_type), standard_noise(n, seed), sched, STEPS[sampler],
            prediction_type=prediction_type, generator=torch.Generator().manual_seed(seed))
-    if sampler == "ddpm":
+    if sampler in STOCHASTIC:
         _check_moments(x, tol_mean=0.04, tol_std=0.04)  # 10k samples: ~1% sampling error on each moment
     else:
         _check_moments(x)
 
 
-@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v", "flow"])
 @pytest.mark.parametrize("sampler", list(D.SAMPLERS))
 def test_gaussian_moments_linear(sampler, prediction_type):
     _run_gaussian(sampler, D.NoiseSchedule("linear", 1000), prediction_type, seed=0)
