@@ -92,6 +92,20 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     return snr.clamp(max=gamma) / (snr + 1)
 
 
+def check_loss_options(sched, prediction_type: str, min_snr_gamma: float | None = None,
+                       timestep_sampling: str = "uniform", loss_weighting: str = "none", **density_args) -> None:
+    """The process-dependent options of :func:`training_loss`, checked together (scripts call it before training)."""
+    check_path("sched", sched)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    sched.check_prediction_type(prediction_type)
+    check_number("min_snr_gamma", min_snr_gamma, above=0, optional=True, note=" (5 in Hang et al. 2023)")
+    check_density_args(timestep_sampling, **density_args)
+    check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+    if loss_weighting != "none" and isinstance(sched, NoiseSchedule):
+        fail("loss_weighting", loss_weighting, "'none' with a NoiseSchedule (sigma_sqrt and cosmap weight a "
+             "RectifiedFlow's sigma; use min_snr_gamma for a VP schedule)")
+
+
 def training_loss(
     model: Callable[..., Tensor],
     x0: Tensor,
@@ -129,20 +143,12 @@ def training_loss(
     check_tensor("x0", x0, floating=True)
     if x0.ndim < 2 or x0.shape[0] == 0:
         fail("x0", x0, "a non-empty batch (B, ...) with at least 2 dimensions")
-    check_path("sched", sched)
-    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    sched.check_prediction_type(prediction_type)
     if not callable(model):
         fail("model", type(model).__name__, "a callable (x_t, t, **cond) -> prediction")
-    check_number("min_snr_gamma", min_snr_gamma, above=0, optional=True, note=" (5 in Hang et al. 2023)")
+    density_args = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
+    check_loss_options(sched, prediction_type, min_snr_gamma, timestep_sampling, loss_weighting, **density_args)
     check_number("offset_noise", offset_noise, at_least=0, note=" (0.1 in Guttenberg 2023)")
     check_generator(generator)
-    density_args = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
-    check_density_args(timestep_sampling, **density_args)
-    check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
-    if loss_weighting != "none" and isinstance(sched, NoiseSchedule):
-        fail("loss_weighting", loss_weighting, "'none' with a NoiseSchedule (sigma_sqrt and cosmap weight a "
-             "RectifiedFlow's sigma; use min_snr_gamma for a VP schedule)")
     if offset_noise > 0 and x0.ndim < 3:
         fail("x0", x0, "a (B, C, ...) tensor when offset_noise > 0 (the offset is per channel)")
 

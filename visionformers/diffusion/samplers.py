@@ -52,6 +52,15 @@ def check_generators(generator, batch: int | None = None) -> None:
          "per image" + (f" ({batch})" if batch is not None else ""))
 
 
+def check_sampler(name: str, sched) -> None:
+    """ValueError unless the sampler called ``name`` serves the process ``sched`` (ddpm / ddim need a NoiseSchedule)."""
+    check_choice("sampler", name, SAMPLERS)
+    check_path("sched", sched)
+    if name in VP_ONLY and not isinstance(sched, NoiseSchedule):
+        fail("sampler", name, f"one of {[n for n in SAMPLERS if n not in VP_ONLY]} for {sched!r} "
+             f"({name} uses the VP posterior; on a flow, DDIM is the Euler step)")
+
+
 def _setup(name: str, model, x: Tensor, sched, steps: int, prediction_type: str, generator, callback, *,
            discrete: bool, rho: float = 7.0) -> tuple[Denoiser, Levels]:
     """Validate the common sampler arguments once, before the loop; returns the denoiser and the levels to visit."""
@@ -59,10 +68,7 @@ def _setup(name: str, model, x: Tensor, sched, steps: int, prediction_type: str,
         fail("model", type(model).__name__, "a callable (x_t, t) -> prediction")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
         fail("x", x, "a floating tensor (B, ...) of starting noise")
-    check_path("sched", sched)
-    if name in VP_ONLY and not isinstance(sched, NoiseSchedule):
-        fail("sampler", name, f"one of {[n for n in SAMPLERS if n not in VP_ONLY]} for {sched!r} "
-             f"({name} uses the VP posterior; on a flow, DDIM is the Euler step)")
+    check_sampler(name, sched)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         fail("steps", steps, "an int > 0")
     if discrete and isinstance(sched, NoiseSchedule) and steps > sched.num_train_steps:

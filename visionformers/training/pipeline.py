@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from visionformers._validate import check_choice, fail
-from visionformers.diffusion import NoiseSchedule
+from visionformers.diffusion import NoiseSchedule, RectifiedFlow
 from visionformers.hub import from_pretrained, load_into, load_state_dict, read_config
 
 DIFFUSION_FILE = "diffusion.json"
@@ -51,6 +51,7 @@ def diffusion_settings(args, num_classes: int | None, class_names, channels: int
     """The JSON record of how a denoiser was trained (read back by :func:`load_denoiser`)."""
     return {
         "noise_schedule": args.noise_schedule,
+        **({"flow_shift": args.flow_shift} if args.noise_schedule == "flow" else {}),
         "num_train_timesteps": args.num_train_timesteps,
         "prediction_type": args.prediction_type,
         "conditioning": args.conditioning,
@@ -94,7 +95,10 @@ def training_inputs(batch: dict, settings: dict, conditioner, drop_prob: float, 
     return {}
 
 
-def schedule_from(settings: dict) -> NoiseSchedule:
+def schedule_from(settings: dict) -> NoiseSchedule | RectifiedFlow:
+    """The noise process recorded in ``diffusion.json``: a VP schedule, or ``"flow"`` with its ``flow_shift``."""
+    if settings["noise_schedule"] == "flow":
+        return RectifiedFlow(settings.get("flow_shift", 1.0), settings["num_train_timesteps"])
     return NoiseSchedule(settings["noise_schedule"], settings["num_train_timesteps"])
 
 
