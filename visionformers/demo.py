@@ -63,8 +63,18 @@ def digit_classifier(seed: int = 0, steps: int = 600) -> tuple[nn.Module, float]
     return classify, acc
 
 
+def grade_images(images: torch.Tensor, labels: torch.Tensor, classifier=None) -> dict:
+    """Top-1 agreement of the digit classifier with ``labels``, on (N, 1, H, W) images in [-1, 1] quantised to 8 bits
+    as a PNG stores them. ``classifier``: a (classify, test accuracy) pair of :func:`digit_classifier` to reuse."""
+    classify, test_acc = classifier or digit_classifier()
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    with torch.no_grad():
+        acc = (classify(images).argmax(1) == labels).float().mean().item()
+    return {"sample_accuracy": acc, "classifier_test_accuracy": test_acc, "num_samples": len(labels)}
+
+
 def grade(samples_dir: Path) -> dict:
-    """Top-1 agreement of the classifier with the class each sample was drawn for."""
+    """Top-1 agreement of the classifier with the class each sample (a PNG of sample_unet.py) was drawn for."""
     import numpy as np
     from PIL import Image
 
@@ -74,10 +84,7 @@ def grade(samples_dir: Path) -> dict:
         for item in record["images"]
     ]).unsqueeze(1)  # (N, 1, H, W)
     labels = torch.tensor([item["class_label"] for item in record["images"]])
-    classify, test_acc = digit_classifier()
-    with torch.no_grad():
-        acc = (classify(images).argmax(1) == labels).float().mean().item()
-    return {"sample_accuracy": acc, "classifier_test_accuracy": test_acc, "num_samples": len(labels)}
+    return grade_images(images, labels)
 
 
 def main(argv=None) -> None:
