@@ -205,3 +205,17 @@ def test_bad_flow_inputs_name_the_value():
         D.sample(model, (2, 3), "flow")
     with pytest.raises(ValueError, match=r"seq_len=0"):
         D.resolution_shift(0)
+
+
+def test_euler_maruyama_bad_arguments():
+    flow, x = D.RectifiedFlow(1.0), torch.randn(2, 3)
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    kw = dict(prediction_type="flow")
+    with pytest.raises(ValueError, match=r"diffusion=-1"):
+        D.sample_euler_maruyama(model, x, flow, 2, diffusion=-1, **kw)
+    with pytest.raises(ValueError, match=r"generator=.*one per image \(2\)"):
+        D.sample_euler_maruyama(model, x, flow, 2, generator=[torch.Generator()], **kw)
+    with pytest.raises(ValueError, match=r"sampler='euler_maruyama'.*NoiseSchedule"):
+        D.sample(model, (2, 3), D.NoiseSchedule("linear", 100), sampler="euler_maruyama")
+    with pytest.raises(ValueError, match=r"noise=.*shape \(2, 3\)"):
+        D.sample(model, (2, 3), flow, sampler="euler", noise=torch.randn(3, 3), **kw)

@@ -12,6 +12,7 @@ from .objectives import PREDICTION_TYPES, check_loss_options, min_snr_weight, pr
 from .path import GaussianPath, Levels
 from .samplers import (
     SAMPLERS,
+    FLOW_ONLY,
     VP_ONLY,
     check_sampler,
     discrete_timesteps,
@@ -31,7 +32,7 @@ __all__ = [
     "GaussianPath", "Levels", "Denoiser",
     "training_loss", "check_loss_options", "check_sampler", "predict_x0_eps", "prediction_target", "min_snr_weight", "PREDICTION_TYPES",
     "TIMESTEP_DENSITIES", "LOSS_WEIGHTINGS", "sample_density", "loss_weight",
-    "sample", "SAMPLERS", "VP_ONLY", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_heun",
+    "sample", "SAMPLERS", "VP_ONLY", "FLOW_ONLY", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_heun",
     "sample_euler_maruyama", "discrete_timesteps", "karras_sigmas", "guided_model", "batch_cond_uncond",
     "rescale_guidance",
 ]

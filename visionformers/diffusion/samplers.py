@@ -15,9 +15,9 @@ that step and the timesteps the model saw.
 
 Which levels: on a NoiseSchedule, ddpm, ddim and dpmpp_2m visit the "trailing" subsequence
 t_i = round(T - i T/steps) - 1 (Lin et al. 2024, Sec. 3.3 / Table 2; diffusers' ``timestep_spacing="trailing"``),
-euler, heun and euler_maruyama the Karras sigmas at fractional t. On a flow every sampler visits the levels of
+euler and heun the Karras sigmas at fractional t. On a flow every sampler visits the levels of
 ``RectifiedFlow.sampling_levels`` (diffusers' FlowMatch spacing). ddpm and ddim use the VP posterior and serve only
-a NoiseSchedule (on a flow, DDIM is the Euler step).
+a NoiseSchedule (on a flow, DDIM is the Euler step); euler_maruyama serves only a flow.
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ Generators = torch.Generator | list[torch.Generator] | None
 
 # samplers that use the VP posterior (alphas_cumprod) and so serve only a NoiseSchedule
 VP_ONLY = ("ddpm", "ddim")
+# samplers that serve only a RectifiedFlow: Euler-Maruyama with w = s needs s bounded (a flow's s = sigma <= 1; the
+# VE coordinate of a VP schedule reaches ~100, where a few large steps inject far too much noise)
+FLOW_ONLY = ("euler_maruyama",)
 
 
 def check_generators(generator, batch: int | None = None) -> None:
@@ -53,12 +56,16 @@ def check_generators(generator, batch: int | None = None) -> None:
 
 
 def check_sampler(name: str, sched) -> None:
-    """ValueError unless the sampler called ``name`` serves the process ``sched`` (ddpm / ddim need a NoiseSchedule)."""
+    """ValueError unless the sampler called ``name`` serves the process ``sched`` (ddpm / ddim need a NoiseSchedule,
+    euler_maruyama a RectifiedFlow)."""
     check_choice("sampler", name, SAMPLERS)
     check_path("sched", sched)
-    if name in VP_ONLY and not isinstance(sched, NoiseSchedule):
-        fail("sampler", name, f"one of {[n for n in SAMPLERS if n not in VP_ONLY]} for {sched!r} "
-             f"({name} uses the VP posterior; on a flow, DDIM is the Euler step)")
+    vp = isinstance(sched, NoiseSchedule)
+    if name in (FLOW_ONLY if vp else VP_ONLY):
+        why = ("it needs a RectifiedFlow: its noise w = s suits a flow's s <= 1, not the VE sigmas of a VP schedule"
+               if vp else "it uses the VP posterior; on a flow, DDIM is the Euler step")
+        fail("sampler", name, f"one of {[n for n in SAMPLERS if n not in (FLOW_ONLY if vp else VP_ONLY)]} for "
+             f"{sched!r} ({why})")
 
 
 def _setup(name: str, model, x: Tensor, sched, steps: int, prediction_type: str, generator, callback, *,
@@ -260,7 +267,7 @@ def sample_euler_maruyama(model: Model, x: Tensor, sched, steps: int, *, predict
         y_next = y + ds (eps - k x0) - (w / 2) (eps / s_i) |ds| + sqrt(w |ds|) z,   w = diffusion * s_i,
     i.e. the diffusion coefficient w(s) = diffusion * s (SiT's w_t = sigma_t on a flow; diffusion = 0 is Euler).
     The last step, onto sigma = 0, is the deterministic Euler step (no noise is added to the final sample).
-    Noise comes from ``generator`` (per image with a list)."""
+    Noise comes from ``generator`` (per image with a list). RectifiedFlow only (see ``FLOW_ONLY``)."""
     den, levels = _setup("euler_maruyama", model, x, sched, steps, prediction_type, generator, callback,
                          discrete=False, rho=rho)
     check_number("diffusion", diffusion, at_least=0, note=" (0: the Euler ODE step; 1: SiT's w = sigma)")
