@@ -9,7 +9,8 @@ VP recipe and the same recipe with ``--noise_schedule flow``:
 
 For each model, sampler and budget (5, 10, 20, 50 calls) it draws ``--num_images`` images (class i % 10, image i
 from seed + i, guidance 2 as in the demo) through ``visionformers.diffusion.sample`` and grades them with the
-demo's digit classifier (``visionformers.demo.grade_images``). A call is one sampler step's forward (the
+demo's digit classifier (``visionformers.demo.grade_images``): accuracy (the share read as the class drawn for)
+and confidence (the classifier's mean probability of that class). A call is one sampler step's forward (the
 classifier-free-guidance pair runs as one doubled batch); heun takes 2 steps - 1 calls, so it gets the largest step
 count within the budget. Prints a Markdown table and writes it as JSON with ``--output``.
 """
@@ -72,15 +73,18 @@ def main(argv=None) -> None:
                     model, range(args.seed, args.seed + args.num_images), sched, shape, seed=0, cond=cond,
                     uncond=uncond, sampler=sampler, steps=steps, prediction_type=settings["prediction_type"],
                     guidance_scale=args.guidance_scale)
-                acc = grade_images(images, labels, classifier)["sample_accuracy"]
-                row["grades"][budget] = {"calls": calls_of(sampler, steps), "steps": steps, "accuracy": acc}
-                print(f"{name} {sampler} {calls_of(sampler, steps)} calls: {100 * acc:.1f}%", file=sys.stderr)
+                graded = grade_images(images, labels, classifier)
+                acc, conf = graded["sample_accuracy"], graded["sample_confidence"]
+                row["grades"][budget] = {"calls": calls_of(sampler, steps), "steps": steps, "accuracy": acc,
+                                         "confidence": conf}
+                print(f"{name} {sampler} {calls_of(sampler, steps)} calls: {100 * acc:.1f}% "
+                      f"(confidence {100 * conf:.1f}%)", file=sys.stderr, flush=True)
             rows.append(row)
     head = "| model | sampler | " + " | ".join(f"{b} calls" for b in args.budgets) + " |"
     print(head + "\n|" + "---|" * (2 + len(args.budgets)))
     for r in rows:
-        cells = [f"{100 * g['accuracy']:.1f}%" + ("" if g["calls"] == b else f" ({g['calls']})")
-                 for b, g in r["grades"].items()]
+        cells = [f"{100 * g['accuracy']:.1f}% / {100 * g['confidence']:.1f}%"
+                 + ("" if g["calls"] == b else f" ({g['calls']} calls)") for b, g in r["grades"].items()]
         print(f"| {r['model']} | {r['sampler']} | " + " | ".join(cells) + " |")
     if args.output:
         tmp = args.output + ".tmp"

@@ -69,8 +69,11 @@ def grade_images(images: torch.Tensor, labels: torch.Tensor, classifier=None) ->
     classify, test_acc = classifier or digit_classifier()
     images = ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
     with torch.no_grad():
-        acc = (classify(images).argmax(1) == labels).float().mean().item()
-    return {"sample_accuracy": acc, "classifier_test_accuracy": test_acc, "num_samples": len(labels)}
+        logits = classify(images)
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    confidence = logits.softmax(1).gather(1, labels[:, None]).mean().item()  # mean probability of the drawn class
+    return {"sample_accuracy": acc, "sample_confidence": confidence, "classifier_test_accuracy": test_acc,
+            "num_samples": len(labels)}
 
 
 def grade(samples_dir: Path) -> dict:
