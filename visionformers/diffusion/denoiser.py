@@ -14,7 +14,7 @@ from torch import Tensor
 from .._validate import check_choice, fail
 from .guidance import check_guidance_interval, guidance_active
 from .objectives import PREDICTION_TYPES, check_model_output, predict_x0_eps
-from .path import check_path
+from .path import check_process
 
 
 class Denoiser:
@@ -28,7 +28,7 @@ class Denoiser:
     def __init__(self, model: Callable[..., Tensor], sched, prediction_type: str, guidance_interval=None):
         if not callable(model):
             fail("model", type(model).__name__, "a callable (x_t, t) -> prediction")
-        check_path("sched", sched)
+        check_process("sched", sched)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         sched.check_prediction_type(prediction_type)
         self.model, self.sched, self.prediction_type = model, sched, prediction_type

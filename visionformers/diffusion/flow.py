@@ -74,12 +74,6 @@ class RectifiedFlow(GaussianPath):
     def __repr__(self) -> str:
         return f"RectifiedFlow(shift={self.shift}, num_train_steps={self.num_train_steps})"
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, RectifiedFlow) and (self.shift, self.num_train_steps) == (
-            other.shift, other.num_train_steps)
-
-    __hash__ = None
-
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(1 - sigma, sigma) with sigma = t / num_train_steps; t: a floating tensor in [0, num_train_steps]."""
         check_tensor("t", t, floating=True)

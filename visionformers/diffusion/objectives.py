@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_number, check_tensor, fail
 from .densities import LOSS_WEIGHTINGS, check_density_args, loss_weight
-from .path import check_path
+from .path import check_process
 from .schedules import NoiseSchedule, _expand
 
 PREDICTION_TYPES = ("eps", "x0", "v", "flow")
@@ -95,7 +95,7 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
 def check_loss_options(sched, prediction_type: str, min_snr_gamma: float | None = None,
                        timestep_sampling: str = "uniform", loss_weighting: str = "none", **density_args) -> None:
     """The process-dependent options of :func:`training_loss`, checked together (scripts call it before training)."""
-    check_path("sched", sched)
+    check_process("sched", sched)
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     sched.check_prediction_type(prediction_type)
     check_number("min_snr_gamma", min_snr_gamma, above=0, optional=True, note=" (5 in Hang et al. 2023)")
@@ -160,7 +160,7 @@ def training_loss(
         noise = noise + offset_noise * torch.randn(offset_shape, generator=generator, device=gen_device,
                                                    dtype=x0.dtype).to(x0.device)
 
-    alpha, sigma = sched._alpha_sigma(t)  # (B,) each (a NoiseSchedule's exact table values); t is in range by construction
+    alpha, sigma = sched._alpha_sigma(t)  # (B,) each (NoiseSchedule: exact table values); t in range by construction
     alpha_x, sigma_x = _expand(alpha, x0).to(x0.dtype), _expand(sigma, x0).to(x0.dtype)
     x_t = alpha_x * x0 + sigma_x * noise
     pred = model(x_t, t.float(), **cond)

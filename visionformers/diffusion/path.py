@@ -54,7 +54,7 @@ class GaussianPath:
             fail("prediction_type", prediction_type, f"one of {list(self.prediction_types)} for {self!r}")
 
 
-def check_path(name: str, value) -> None:
+def check_process(name: str, value) -> None:
     """``value`` must be a noise process (a NoiseSchedule or a RectifiedFlow)."""
     if not isinstance(value, GaussianPath):
         fail(name, type(value).__name__,

@@ -30,7 +30,7 @@ from torch import Tensor
 from .._validate import check_choice, check_device, check_number, fail
 from .denoiser import Denoiser
 from .objectives import PREDICTION_TYPES
-from .path import Levels, check_path
+from .path import Levels, check_process
 from .schedules import NoiseSchedule, discrete_timesteps, karras_sigmas  # noqa: F401  (re-exported names)
 
 Model = Callable[[Tensor, Tensor], Tensor]
@@ -59,7 +59,7 @@ def check_sampler(name: str, sched) -> None:
     """ValueError unless the sampler called ``name`` serves the process ``sched`` (ddpm / ddim need a NoiseSchedule,
     euler_maruyama a RectifiedFlow)."""
     check_choice("sampler", name, SAMPLERS)
-    check_path("sched", sched)
+    check_process("sched", sched)
     vp = isinstance(sched, NoiseSchedule)
     if name in (FLOW_ONLY if vp else VP_ONLY):
         why = ("it needs a RectifiedFlow: its noise w = s suits a flow's s <= 1, not the VE sigmas of a VP schedule"
@@ -359,7 +359,7 @@ def sample(
         fn = SAMPLERS[sampler]
     if not callable(model):
         fail("model", type(model).__name__, "a callable (x_t, t, **cond) -> prediction")
-    check_path("sched", sched)
+    check_process("sched", sched)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         fail("steps", steps, "an int > 0")
     if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2
