@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="a VP schedule, or flow: rectified flow (x_t = (1 - sigma) x0 + sigma eps)")
     a("--num_train_timesteps", type=int, default=1000)
     a("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (5.0 in the paper)")
-    a("--timestep_sampling", default="uniform", choices=diffusion.TIMESTEP_DENSITIES,
-      help="density of the training noise level (SD3 Sec. 3.1): uniform, logit_normal or mode")
+    a("--timestep_sampling", default=None, choices=diffusion.TIMESTEP_DENSITIES,
+      help="density of the training noise level (SD3 Sec. 3.1); default: uniform (VP), logit_normal (flow)")
     a("--logit_mean", type=float, default=0.0, help="mean of --timestep_sampling logit_normal")
     a("--logit_std", type=float, default=1.0, help="std of --timestep_sampling logit_normal")
     a("--mode_scale", type=float, default=1.29, help="scale of --timestep_sampling mode")
@@ -109,6 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     flow = args.noise_schedule == "flow"
     args.prediction_type = args.prediction_type or ("flow" if flow else "v")
     args.sampler = args.sampler or ("heun" if flow else "ddim")
+    args.timestep_sampling = args.timestep_sampling or ("logit_normal" if flow else "uniform")
     return args
 
 
