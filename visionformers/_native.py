@@ -138,14 +138,18 @@ class Kernel:
     def get(self) -> ctypes.CDLL | None:
         if self._lib is _UNSET:
             lib = load(self.name)
-            if lib is not None:
-                self._configure(lib)
-                if not self._self_check(lib):
-                    _log.warning("native kernel %s disagrees with PyTorch in its self-check; using PyTorch ops", self.name)
-                    lib = None
-                elif self._worth_it is not None and not self._worth_it(lib):
-                    _log.info("native kernel %s: no faster than PyTorch on this machine; not used", self.name)
-                    lib = None
+            # the checks may run inside a checkpointed forward: their own saved-tensor hooks keep what they save
+            # out of what activation checkpointing records (which must match its recomputation)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                if lib is not None:
+                    self._configure(lib)
+                    if not self._self_check(lib):
+                        _log.warning("native kernel %s disagrees with PyTorch in its self-check; using PyTorch ops",
+                                     self.name)
+                        lib = None
+                    elif self._worth_it is not None and not self._worth_it(lib):
+                        _log.info("native kernel %s: no faster than PyTorch on this machine; not used", self.name)
+                        lib = None
             self._lib = lib
         return self._lib
 

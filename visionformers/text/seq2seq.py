@@ -27,6 +27,7 @@ from visionformers.nn import (
     alibi_bias,
     make_norm,
 )
+from visionformers.nn.grad_checkpoint import set_block_checkpointing
 from visionformers.nn.linear import Linear, linear
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
@@ -202,6 +203,10 @@ class Seq2SeqTransformer(nn.Module):
         self.lm_head = None if c.tie_embeddings else Linear(c.dim, c.vocab_size, bias=False)
         init_weights(self, c.init, c.dim)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
+
     @property
     def num_decoder_layers(self) -> int:
         return len(self.decoder.blocks)
@@ -328,6 +333,10 @@ class EncoderClassifier(nn.Module):
         self.encoder = TransformerStack(depth=c.depth, **_stack_kwargs(c))
         self.head = nn.Linear(c.dim, c.num_classes)
         init_weights(self, c.init, c.dim)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) ids -> (B, N, dim) token states."""
