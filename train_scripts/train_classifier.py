@@ -20,7 +20,7 @@ from visionformers._validate import script_errors
 from visionformers.training import callbacks as cb
 from visionformers.training import classification as clf
 from visionformers.training import logging as track
-from visionformers.training import pipeline
+from visionformers.training import performance, pipeline
 
 # The from-scratch default on the digits (README "Fine-tune a classifier").
 DIGITS_MODEL = "vit_tiny_patch4_32"
@@ -110,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--output_dir", default="outputs/train_classifier")
     a("--report_to", default="none", choices=track.REPORT_TO)
     cb.add_early_stopping_arguments(p, METRICS, default="top1")
+    performance.add_performance_arguments(p)
     args = p.parse_args(argv)
     recipe = RECIPES["digits" if args.train_data_dir is None else "folder"]
     for name, value in recipe.items():
@@ -190,6 +191,8 @@ def main(argv=None) -> None:
         training.seed_everything(args.seed, accelerator.process_index)
         model, optimizer, lr_scheduler, sampler, train_loader, val_loader, preprocess = setup(args, accelerator)
         stopper = cb.early_stopping_from_args(args, METRICS)
+        performance.configure_training(model, accelerator.device, gradient_checkpointing=args.gradient_checkpointing,
+                                       compile=args.compile, compile_backend=args.compile_backend)
     except (ValueError, FileNotFoundError) as e:  # bad arguments: one line, no traceback
         raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     accelerator.print(clf.describe_groups(optimizer))

@@ -21,7 +21,7 @@ from visionformers._validate import check_args, script_errors
 from visionformers.training import callbacks as cb
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import logging as track
-from visionformers.training import pipeline, sampling
+from visionformers.training import performance, pipeline, sampling
 
 METRICS = {"eval_loss": "min"}  # what each evaluation (--eval_steps) reports: early stopping's choices
 
@@ -77,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--eval_steps", type=int, default=0, help="every N steps, the loss of a fixed evaluation batch (the digits' "
       "test split, or the first images of --train_data_dir) under fixed noise (0: never)")
     cb.add_early_stopping_arguments(p, METRICS, default="eval_loss")
+    performance.add_performance_arguments(p)
     a("--debug_inject_nan_at", type=int, nargs="*", default=[], help="(testing) make the loss NaN at these steps")
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
@@ -155,6 +156,8 @@ def main(argv=None) -> None:
         sched = pipeline.schedule_from(settings)
     except ValueError as e:  # the schedule names its own arguments; say which flags set them
         raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps}: {e}") from None
+    memory_format = performance.configure_training(model, device, gradient_checkpointing=args.gradient_checkpointing,
+                                                   compile=args.compile, compile_backend=args.compile_backend)
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
                                          (args.adam_beta1, args.adam_beta2))
     lr_scheduler = training.build_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
@@ -236,7 +239,7 @@ def main(argv=None) -> None:
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(stream)
                 with accelerator.accumulate(model):
-                    x0 = batch["pixel_values"].to(device, non_blocking=True)
+                    x0 = batch["pixel_values"].to(device, non_blocking=True, memory_format=memory_format)
                     cond = pipeline.training_inputs(batch, settings, conditioner, args.cond_drop_prob, noise_gen,
                                                     device)
                     loss = diffusion.training_loss(model, x0, sched, args.prediction_type, args.snr_gamma,

@@ -142,3 +142,11 @@ def test_early_stopping_on_top1(tmp_path, capsys):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert "early stopping at step 3: top1 has not improved" in capsys.readouterr().out
     assert json.loads((out / "best" / "metrics.json").read_text())["epoch"] == 0
+
+
+def test_compiled_and_checkpointed_run_saves_plain_weights(tmp_path):
+    out = tmp_path / "run"
+    load_script(SCRIPT).main([*TINY, "--epochs", "1", "--max_steps_per_epoch", "2", "--compile", "--compile_backend",
+                              "eager", "--gradient_checkpointing", "--output_dir", str(out)])
+    model = vf.from_pretrained(out / "best")  # strict load: no _orig_mod. names in the saved weights
+    assert not any("_orig_mod" in k for k in model.state_dict())

@@ -26,6 +26,7 @@ from visionformers.nn.positional import LearnedPositionEmbedding, LearnedPositio
 from visionformers.nn.relative import T5RelativeBias, WindowRelativeBias
 from visionformers.registry import get_preset, model_classes, replace_config
 from visionformers.training.callbacks import Callback
+from visionformers.training.optim import adamw
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +142,8 @@ def build_optimizer(
     model: nn.Module, learning_rate: float, weight_decay: float = 0.05, layer_decay: float = 1.0,
     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) over :func:`param_groups_layer_decay`."""
-    return torch.optim.AdamW(param_groups_layer_decay(model, learning_rate, weight_decay, layer_decay),
-                             lr=learning_rate, betas=tuple(betas), eps=eps)
+    """AdamW (Loshchilov & Hutter 2019) over :func:`param_groups_layer_decay`, fused on CUDA (``optim.adamw``)."""
+    return adamw(param_groups_layer_decay(model, learning_rate, weight_decay, layer_decay), learning_rate, betas, eps)
 
 
 # ---- building and loading the model -------------------------------------------------------------------
