@@ -75,9 +75,13 @@ def is_convolutional(model: nn.Module) -> bool:
 
 def channels_last_format(model: nn.Module, device: torch.device | str) -> torch.memory_format:
     """The memory format for a model's inputs on ``device``: channels_last for a convolutional model on CUDA
-    (cuDNN's NHWC kernels; the weights are converted here), else contiguous (the model is left as it is)."""
-    if torch.device(device).type == "cuda" and is_convolutional(model):
-        model.to(memory_format=torch.channels_last)
+    (cuDNN's NHWC kernels; the weights are converted here, unless the model fixes its own weight layout: then
+    the inputs follow it), else contiguous (the model is left as it is)."""
+    if torch.device(device).type != "cuda" or not is_convolutional(model):
+        return torch.contiguous_format
+    model.to(memory_format=torch.channels_last)
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if all(w.is_contiguous(memory_format=torch.channels_last) for w in weights):
         return torch.channels_last
     return torch.contiguous_format
 
