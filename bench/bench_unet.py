@@ -243,7 +243,7 @@ def main() -> None:
             step()
             sync(device)
             line += f"   peak above the resting state {(torch.cuda.max_memory_allocated() - base) / 2**20:8.1f} MiB"
-        elif not args.compile:
+        elif not args.compile and not args.tiny:  # (--tiny: the test of the GPU code path skips these subprocesses)
             peak = cpu_peak_rss(k, args)
             line += f"   peak RSS of a fresh step above the RSS before it {peak:8.1f} MiB" if peak is not None else ""
         print(line)
