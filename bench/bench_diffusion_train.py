@@ -141,7 +141,7 @@ def bench_sampling(name: str, args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_gpu_arguments(p)
-    p.add_argument("--models", nargs="+", default=["dit_xl_2", "dit_b_2"])
+    p.add_argument("--models", nargs="*", default=["dit_xl_2", "dit_b_2"], help="DiT presets to time training steps of")
     p.add_argument("--batch", type=int, default=32, help="training batch per step")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate (compilation happens here)")

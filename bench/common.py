@@ -143,9 +143,12 @@ def autocast(device: str, dtype: str):
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of ``fn`` (forward and, if it runs one, backward), counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` op by op (matmuls, convolutions, attention), not estimated."""
+    ``torch.utils.flop_counter.FlopCounterMode`` op by op (matmuls, convolutions, attention), not estimated.
+    ``fn`` runs once before the counted call, so that one-time work (lazy initialisation, a native kernel's
+    first-use check) stays out of the count."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    fn()
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
