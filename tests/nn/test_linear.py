@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import visionformers as vf
 import visionformers.nn.linear as linear_mod
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn import Linear
 from visionformers.nn.linear import (
     NATIVE_MAX_ROWS, ONEDNN_MIN_K, linear, native_kernel_off, native_linear_available, onednn_linear_chosen,

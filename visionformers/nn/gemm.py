@@ -30,7 +30,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from visionformers import _native
+from visionformers.native import build as _native
 
 __all__ = ["gemm", "mlp", "gather_norm_gemm", "packed", "native_gemm_available", "clear_packed", "PACK_BUDGET_BYTES",
            "ACT_CODES"]

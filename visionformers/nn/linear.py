@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn.gemm import gemm, native_gemm_available
 
 __all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "native_inference_ready", "native_ready",

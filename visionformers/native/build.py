@@ -34,7 +34,7 @@ import torch
 __all__ = ["enabled", "load", "cache_dir", "Kernel"]
 
 _log = logging.getLogger(__name__)
-_SOURCES = Path(__file__).parent / "nn" / "csrc"
+_SOURCES = Path(__file__).parent / "csrc"
 _FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler does not know -march=native
 _COMMON_FLAGS = ["-std=c99", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]  # fp-contract: fused multiply-adds
 _lock = threading.Lock()
@@ -99,7 +99,7 @@ def _build(name: str, source: Path, compiler: str) -> Path | None:
 
 
 def load(name: str) -> ctypes.CDLL | None:
-    """The library built from ``nn/csrc/<name>.c``, or None where native kernels are unavailable.
+    """The library built from ``csrc/<name>.c``, or None where native kernels are unavailable.
 
     Built once per machine and source; the answer is remembered for the process.
     """
