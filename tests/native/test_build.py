@@ -3,7 +3,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import shutil
 import stat
 import subprocess
 import sys
