@@ -27,7 +27,8 @@ def test_a_bad_flag_names_the_variable_the_value_and_the_choices(monkeypatch, va
 
 
 def test_unset_switches_take_their_defaults(monkeypatch):
-    for name in ("VISIONFORMERS_NATIVE", "VISIONFORMERS_CACHE", "VISIONFORMERS_PACK_BUDGET_MB", "VISIONFORMERS_TRACEBACK"):
+    names = ("VISIONFORMERS_NATIVE", "VISIONFORMERS_CACHE", "VISIONFORMERS_PACK_BUDGET_MB", "VISIONFORMERS_TRACEBACK")
+    for name in names:
         monkeypatch.delenv(name, raising=False)
     assert (_env.native(), _env.cache(), _env.pack_budget_mb(), _env.traceback()) == (True, None, 2048, False)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -154,12 +155,13 @@ def _remove_stale_temporaries(directory: Path) -> None:
     for path in directory.iterdir():
         name = path.name
         ours = _TEMP.fullmatch(name)
-        temporary = ours or (name.startswith("tmp") and name.endswith(".so")) or (name.startswith(".") and name.endswith(".tmp"))
+        older = name.startswith("tmp") and name.endswith(".so")  # an older release's temporary library
+        temporary = ours or older or (name.startswith(".") and name.endswith(".tmp"))  # (or a record's)
         if not temporary:
             continue
         try:
-            stale = (ours and ours[2] == host and _process_gone(int(ours[1]))) or now - path.lstat().st_mtime > STALE_SECONDS
-            if stale:
+            gone = ours and ours[2] == host and _process_gone(int(ours[1]))
+            if gone or now - path.lstat().st_mtime > STALE_SECONDS:
                 path.unlink()
         except OSError:  # removed by another process meanwhile, or not ours to remove
             continue
@@ -223,6 +225,17 @@ def _verified(library: Path) -> bool:
     return _digest(library) == recorded
 
 
+@contextlib.contextmanager
+def _exclusive(library: Path) -> Iterator[None]:
+    """Hold ``<library>.lock`` (an advisory ``flock``, released if the process dies) while checking and building."""
+    fd = os.open(library.with_name(library.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _compile(name: str, source: Path, command: list[str], flags: list[str], target: Path) -> bool:
     """Compile ``source`` into ``target`` through a temporary file; record its digest. False where it failed (a
     compiler error leaves the marker)."""
@@ -263,20 +276,18 @@ def _build(name: str, source: Path, command: list[str]) -> Path | None:
         key = hashlib.sha256(b"\0".join([text, _compiler_identity(command), " ".join(flags).encode(),
                                          _cpu_identity().encode()]))
         target = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
-        if _verified(target):
-            return target
-        if target.exists() or _record(target).exists():
-            _warn_once(f"{target} does not match the SHA-256 recorded when it was built; rebuilding it")
-        elif _marker(target).exists():
-            continue  # failed before with these flags: not retried by every process
-        if _compile(name, source, command, flags, target):
+        with _exclusive(target):  # processes started together build once and wait for it
             if _verified(target):
                 return target
-            _warn_once(f"{target} changed while it was being built")  # another process rebuilt it meanwhile
-            return None
-        if not _marker(target).exists():  # no compiler error (an OSError, a timeout): no other flags will help
-            _warn_once(f"building {name} did not finish")
-            return None
+            if target.exists() and _record(target).exists():  # else a build that never finished: rebuilt quietly
+                _warn_once(f"{target} does not match the SHA-256 recorded when it was built; rebuilding it")
+            elif _marker(target).exists():
+                continue  # failed before with these flags: not retried by every process
+            if _compile(name, source, command, flags, target):
+                return target if _verified(target) else None
+            if not _marker(target).exists():  # no compiler error (an OSError, a timeout): no other flags will help
+                _warn_once(f"building {name} did not finish")
+                return None
     _warn_once(f"{name} does not compile here (see {_marker(target)})")
     return None
 
@@ -296,7 +307,11 @@ def load(name: str, symbols: Sequence[str] = ()) -> ctypes.CDLL | None:
         if command is None:
             _log.debug("native kernel %s: no C compiler found (set $CC)", name)
         else:
-            path = _build(name, _SOURCES / f"{name}.c", command)
+            try:
+                path = _build(name, _SOURCES / f"{name}.c", command)
+            except OSError as err:  # a read-only cache, a full disk
+                path = None
+                _warn_once(f"cannot build {name} in {cache_dir()} ({err})")
             if path is not None:
                 try:
                     lib = ctypes.CDLL(str(path))
