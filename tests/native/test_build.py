@@ -247,3 +247,15 @@ def test_a_bad_switch_is_an_error_naming_it_when_read(cache, monkeypatch, name, 
 def test_no_timing_decides_anything():
     source = open(_native.__file__).read()
     assert "perf_counter" not in source and "monotonic" not in source and "worth_it" not in source
+
+
+@needs_compiler
+def test_a_link_through_a_directory_others_can_write_is_refused(cache, opened, monkeypatch):
+    (cache / "shared").mkdir()
+    (cache / "shared").chmod(0o777)  # not sticky: anyone may swap the link below for one of theirs
+    (cache / "shared" / "link").symlink_to(cache / "private", target_is_directory=True)
+    (cache / "private").mkdir(mode=0o700)
+    monkeypatch.setenv("VISIONFORMERS_CACHE", str(cache / "shared" / "link"))
+    with pytest.warns(RuntimeWarning, match="shared, above the cache, is writable by others"):
+        assert _native.load("tiny") is None
+    assert opened == []

@@ -100,8 +100,8 @@ def _unsafe_reason(directory: Path) -> str | None:
     to this user and be writable by no one else; each directory above it must belong to this user or root and be
     writable by no one else unless sticky (as ``/tmp``, where others cannot rename what is ours)."""
     me = os.geteuid()
-    resolved = directory.resolve()
-    for level, path in enumerate([resolved, *resolved.parents]):
+    resolved = directory.resolve()  # the directories above a symbolic link on the way count too
+    for level, path in enumerate([resolved, *resolved.parents, *Path(os.path.abspath(directory)).parents]):
         st = os.stat(path)
         others_write = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if level == 0 and (st.st_uid != me or others_write):
