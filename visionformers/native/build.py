@@ -10,8 +10,8 @@ The cache is trusted only as far as it can be:
 
 - A build is keyed by the source (with the shared headers), the compiler (its path, size and date), the flags
   and the CPU (``-march=native`` code must not run on another CPU of a shared home directory). It is written to
-  a temporary file and renamed into place, so processes that start together (``accelerate launch``) never load
-  a half-written library, and the SHA-256 of its bytes is recorded beside it (``<library>.sha256``, written
+  a temporary file and renamed into place, under a lock (``<library>.lock``), so processes that start together
+  (``accelerate launch``) build it once and never load a half-written library, and the SHA-256 of its bytes is recorded beside it (``<library>.sha256``, written
   atomically). A library is loaded only if its bytes still hash to that record (a truncated library would kill
   the process with SIGBUS), it is a regular file of this user that no one else may write, and its directory and
   every directory above it are writable by no one else (or sticky, as ``/tmp``). A mismatched library is rebuilt.
@@ -23,7 +23,7 @@ The cache is trusted only as far as it can be:
   ``STALE_SECONDS`` otherwise (a build on another machine sharing the cache).
 
 No compiler or a non-Linux system means plain PyTorch, silently; an unusable cache, a failed build or a
-mismatched library gives one warning per process at most. Nothing here measures time.
+mismatched library gives one warning per process at most. Nothing here times code to choose what runs.
 
 Environment (``visionformers._env``): ``VISIONFORMERS_NATIVE`` switches kernels on or off;
 ``VISIONFORMERS_CACHE`` sets the cache directory (default ``$XDG_CACHE_HOME/visionformers``, else
