@@ -114,15 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"{given[0]} applies to --train_data_dir, which is not given (the embedded digits are "
                              "used); pass --train_data_dir, or drop the option (text conditioning on the digits "
                              "uses their built-in captions)")
-<<<<<<< HEAD
+    if args.early_stopping_patience is not None and not args.eval_steps:
+        raise ValueError("--early_stopping_patience needs --eval_steps N (the evaluations it counts)")
     flow = args.noise_schedule == "flow"
     args.prediction_type = args.prediction_type or ("flow" if flow else "v")
     args.sampler = args.sampler or ("heun" if flow else "ddim")
     args.timestep_sampling = args.timestep_sampling or ("logit_normal" if flow else "uniform")
-=======
-    if args.early_stopping_patience is not None and not args.eval_steps:
-        raise ValueError("--early_stopping_patience needs --eval_steps N (the evaluations it counts)")
->>>>>>> main
     return args
 
 
@@ -173,7 +170,6 @@ def main(argv=None) -> None:
     try:
         sched = pipeline.schedule_from(settings)
     except ValueError as e:  # the schedule names its own arguments; say which flags set them
-<<<<<<< HEAD
         raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps} "
                          f"--flow_shift={args.flow_shift}: {e}") from None
     loss_options = dict(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, logit_std=args.logit_std,
@@ -183,11 +179,8 @@ def main(argv=None) -> None:
         diffusion.check_loss_options(sched, args.prediction_type, args.snr_gamma, **loss_options)
     except ValueError as e:
         raise ValueError(f"--noise_schedule={args.noise_schedule}: {e}") from None
-=======
-        raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps}: {e}") from None
     memory_format = performance.configure_training(model, device, gradient_checkpointing=args.gradient_checkpointing,
                                                    compile=args.compile, compile_backend=args.compile_backend)
->>>>>>> main
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
                                          (args.adam_beta1, args.adam_beta2))
     lr_scheduler = training.build_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
