@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         prompts = [args.prompts[i % len(args.prompts)] for i in range(n)]
     guidance = args.guidance_scale if kind != "none" else 1.0
     sched = pipeline.schedule_from(settings)
-    name = args.sampler or ("heun" if settings["noise_schedule"] == "flow" else "ddim")
+    name = args.sampler or sched.default_sampler
     diffusion.check_sampler(name, sched)  # e.g. ddim on a flow model: a ValueError naming both
     if args.eta and name != "ddim":
         raise ValueError(f"--eta={args.eta} applies to --sampler ddim only (got --sampler {name})")

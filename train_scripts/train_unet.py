@@ -118,7 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("--early_stopping_patience needs --eval_steps N (the evaluations it counts)")
     flow = args.noise_schedule == "flow"
     args.prediction_type = args.prediction_type or ("flow" if flow else "v")
-    args.sampler = args.sampler or ("heun" if flow else "ddim")
     args.timestep_sampling = args.timestep_sampling or ("logit_normal" if flow else "uniform")
     return args
 
@@ -174,6 +173,7 @@ def main(argv=None) -> None:
                          f"--flow_shift={args.flow_shift}: {e}") from None
     loss_options = dict(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, logit_std=args.logit_std,
                         mode_scale=args.mode_scale, loss_weighting=args.loss_weighting)
+    args.sampler = args.sampler or sched.default_sampler
     try:  # a flag combination the process does not take (e.g. --prediction_type eps with a flow) fails before training
         diffusion.check_sampler(args.sampler, sched)
         diffusion.check_loss_options(sched, args.prediction_type, args.snr_gamma, **loss_options)

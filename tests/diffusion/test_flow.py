@@ -219,3 +219,13 @@ def test_euler_maruyama_bad_arguments():
         D.sample(model, (2, 3), D.NoiseSchedule("linear", 100), sampler="euler_maruyama")
     with pytest.raises(ValueError, match=r"noise=.*shape \(2, 3\)"):
         D.sample(model, (2, 3), flow, sampler="euler", noise=torch.randn(3, 3), **kw)
+
+
+def test_default_sampler_follows_the_process():
+    calls = []
+    model = lambda x, t: calls.append(1) or torch.zeros_like(x)  # noqa: E731
+    D.sample(model, (2, 3), D.RectifiedFlow(), steps=4, prediction_type="flow")
+    assert len(calls) == 7  # heun: 2 steps - 1
+    calls.clear()
+    D.sample(model, (2, 3), D.NoiseSchedule("linear", 100), steps=4)
+    assert len(calls) == 4  # ddim

@@ -58,6 +58,7 @@ class RectifiedFlow(GaussianPath):
     """
 
     prediction_types = ("flow", "x0")
+    default_sampler = "heun"
     ode_k = 1
 
     def __init__(self, shift: float = 1.0, num_train_steps: int = 1000):

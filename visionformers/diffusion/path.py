@@ -29,7 +29,8 @@ class GaussianPath:
     """Base of the noise processes: x_t = alpha(t) x0 + sigma(t) eps, t the model's time input.
 
     Subclasses set ``num_train_steps`` (the model's t lies in [0, num_train_steps]), ``prediction_types``
-    (what a model on this path may predict), ``ode_k`` and implement :meth:`alpha_sigma`,
+    (what a model on this path may predict), ``default_sampler`` (the name :func:`~.samplers.sample` uses when
+    given none), ``ode_k`` and implement :meth:`alpha_sigma`,
     :meth:`sampling_levels` and :meth:`training_times`.
 
     ``ode_k`` picks the coordinates the ODE samplers integrate in: y = x / (alpha + k sigma) against
@@ -40,6 +41,7 @@ class GaussianPath:
 
     num_train_steps: int
     prediction_types: tuple[str, ...]
+    default_sampler: str
     ode_k: int
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:

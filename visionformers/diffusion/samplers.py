@@ -315,7 +315,7 @@ def sample(
     model: Callable[..., Tensor],
     shape: tuple[int, ...],
     sched,
-    sampler: str | Callable[..., Tensor] = "ddim",
+    sampler: str | Callable[..., Tensor] | None = None,
     steps: int = 50,
     prediction_type: str = "eps",
     guidance_scale: float = 1.0,
@@ -333,8 +333,9 @@ def sample(
 
     :param sched: the noise process: a ``NoiseSchedule`` (VP) or a ``RectifiedFlow`` (prediction_type "flow").
     :param sampler: a name in ``SAMPLERS`` ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "euler_maruyama";
-        ddpm / ddim need a NoiseSchedule) or a function with the common sampler signature, e.g.
-        ``functools.partial(sample_ddim, eta=0.5)``.
+        ddpm / ddim need a NoiseSchedule, euler_maruyama a RectifiedFlow) or a function with the common sampler
+        signature, e.g. ``functools.partial(sample_ddim, eta=0.5)``; None: the process's ``default_sampler``
+        ("ddim" on a NoiseSchedule, "heun" on a RectifiedFlow).
     :param steps: number of sampler steps (model calls, except heun: 2 steps - 1).
     :param guidance_scale: classifier-free guidance weight w; 1 = plain conditional model. w != 1 needs ``uncond``,
         the keyword inputs that replace ``cond`` in the unconditional pass (see ``guidance.py``).
@@ -352,14 +353,15 @@ def sample(
     """
     from .guidance import guided_model
 
+    check_process("sched", sched)
     if callable(sampler):
         fn = sampler
     else:
+        sampler = sched.default_sampler if sampler is None else sampler
         check_choice("sampler", sampler, SAMPLERS)
         fn = SAMPLERS[sampler]
     if not callable(model):
         fail("model", type(model).__name__, "a callable (x_t, t, **cond) -> prediction")
-    check_process("sched", sched)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         fail("steps", steps, "an int > 0")
     if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2

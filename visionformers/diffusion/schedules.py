@@ -77,6 +77,7 @@ class NoiseSchedule(GaussianPath):
     """A discrete VP noise schedule ("linear", "cosine", "sigmoid") with q_sample, snr and sigma <-> t maps."""
 
     prediction_types = ("eps", "x0", "v", "flow")
+    default_sampler = "ddim"
     ode_k = 0  # ODE samplers run in the variance-exploding view x / alpha against sigma / alpha (see path.py)
 
     def __init__(self, kind: str = "cosine", num_train_steps: int = 1000, *, zero_terminal_snr: bool = False):
