@@ -263,14 +263,16 @@ def sample_euler_maruyama(model: Model, x: Tensor, sched, steps: int, *, predict
                           rho: float = 7.0) -> Tensor:
     """Euler-Maruyama on the reverse SDE with the marginals of the probability-flow ODE (SiT, Ma et al. 2024,
     Sec. 2.3: any diffusion coefficient w keeps the marginals; Song et al. 2021, eq. 6), in the path's coordinates
-    (y, s) where the score is -eps / s. Going from s_i down to s_{i+1} (|ds| = s_i - s_{i+1}):
-        y_next = y + ds (eps - k x0) - (w / 2) (eps / s_i) |ds| + sqrt(w |ds|) z,   w = diffusion * s_i,
-    i.e. the diffusion coefficient w(s) = diffusion * s (SiT's w_t = sigma_t on a flow; diffusion = 0 is Euler).
-    The last step, onto sigma = 0, is the deterministic Euler step (no noise is added to the final sample).
-    Noise comes from ``generator`` (per image with a list). RectifiedFlow only (see ``FLOW_ONLY``)."""
+    (y, s) where the score is -eps / s. As in SiT's sampler (dx = [v - w score] dt + sqrt(2 w) dW, reversed), going
+    from s_i down to s_{i+1} (|ds| = s_i - s_{i+1}):
+        y_next = y + ds (eps - k x0) - w (eps / s_i) |ds| + sqrt(2 w |ds|) z,   w = diffusion * s_i,
+    so diffusion = 1 is SiT's default diffusion_form="sigma" (w_t = sigma_t) and diffusion = 0 the Euler ODE step.
+    The last step, onto sigma = 0, is the deterministic Euler step (no noise is added to the final sample; SiT
+    takes a mean step there too). Noise comes from ``generator`` (per image with a list). RectifiedFlow only
+    (see ``FLOW_ONLY``)."""
     den, levels = _setup("euler_maruyama", model, x, sched, steps, prediction_type, generator, callback,
                          discrete=False, rho=rho)
-    check_number("diffusion", diffusion, at_least=0, note=" (0: the Euler ODE step; 1: SiT's w = sigma)")
+    check_number("diffusion", diffusion, at_least=0, note=" (0: the Euler ODE step; 1: SiT's w_t = sigma_t)")
     k, tables, t_model = sched.ode_k, _ode_tables(levels, sched.ode_k), _model_t(levels.t, x)
     c, s = tables[2], tables[3]
     y = x / c[0]
@@ -281,7 +283,7 @@ def sample_euler_maruyama(model: Model, x: Tensor, sched, steps: int, *, predict
         y = y + ds * d
         if s[i + 1] > 0 and diffusion > 0:
             w = diffusion * s[i]
-            y = y - (0.5 * w * -ds / s[i]) * eps + math.sqrt(-w * ds) * randn_like(y, generator)
+            y = y - (w * -ds / s[i]) * eps + math.sqrt(-2 * w * ds) * randn_like(y, generator)
         if callback is not None:
             callback(dict(step=i, x=y * c[i + 1], denoised=x0, t=t_model[i]))
     return y
