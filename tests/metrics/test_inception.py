@@ -24,8 +24,10 @@ def _perturb_and_calibrate(net: nn.Module, seed: int) -> nn.Module:
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = None  # cumulative: one training-mode forward sets the running stats to its batch's
                 m.reset_running_stats()
+        aux, net.AuxLogits = net.AuxLogits, None  # torchvision's aux head needs 299x299 inputs in training mode
         net.train()
         net(torch.rand(2, 3, 107, 107, generator=g) * 2 - 1)  # small: the stats only set the scale
+        net.AuxLogits = aux
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.add_(0.01 * torch.randn(m.running_mean.shape, generator=g))
@@ -61,19 +63,19 @@ def test_pool3_logits_and_spatial_match_pytorch_fid(pytorch_fid_pair):
     wrapper, fid_net, path = pytorch_fid_pair
     ours = InceptionFeatures(path)
     assert ours.name == "inception-pytorch-fid" and ours.net.variant == "pytorch_fid"
-    x01 = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # pytorch-fid's input range
+    x01 = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # pytorch-fid's input range
     spatial_ref = {}
     hook = fid_net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: spatial_ref.setdefault("x", o))
     with torch.no_grad():
-        ref = wrapper(x01)[0].flatten(1)  # (2, 2048)
+        ref = wrapper(x01)[0].flatten(1)  # (1, 2048)
         out = ours.outputs(x01 * 2 - 1)
     hook.remove()
     assert ref.abs().mean() > 0.05  # calibrated: features of O(1), so the tolerance is meaningful
     torch.testing.assert_close(out["pool"], ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["logits"], ref @ fid_net.fc.weight.T, atol=1e-4, rtol=1e-4)
-    assert out["logits"].shape == (2, 1008)
+    assert out["logits"].shape == (1, 1008)
     torch.testing.assert_close(out["spatial"], spatial_ref["x"][:, :7].flatten(1), atol=1e-4, rtol=1e-4)
-    assert out["spatial"].shape == (2, 7 * 17 * 17)
+    assert out["spatial"].shape == (1, 7 * 17 * 17)
 
 
 def test_grey_images_are_repeated_to_rgb(pytorch_fid_pair):
