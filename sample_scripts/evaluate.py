@@ -128,9 +128,9 @@ def main(argv=None) -> int:
             fake_ds = image_source(args.fake, args, "--fake")
             load_chunk, n, what = chunk_loader(fake_ds), len(fake_ds), f"{len(fake_ds)} images of {args.fake}"
         real = reference_features(args, extractors, accelerator, device)
-        fake = split_outputs(protocol.extract_distributed(
-            n, load_chunk, extractors, args.batch_size, accelerator=accelerator, device=device,
-            keep_uint8=args.save_npz is not None, progress=True), extractors)
+        out = protocol.extract_distributed(n, load_chunk, extractors, args.batch_size, accelerator=accelerator,
+                                           device=device, keep_uint8=args.save_npz is not None, progress=True)
+        images, fake = out.pop("images", None), split_outputs(out, extractors)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         return 0
     if args.save_npz:
         labels = np.arange(n) % settings["num_classes"] if settings["conditioning"] == "class" else None
-        samples.save_npz(args.save_npz, fake[0].pop("images"), labels)
+        samples.save_npz(args.save_npz, images, labels)
         print(f"wrote {n} samples to {args.save_npz}")
     print(f"generated: {what}; resize: {args.resize}; processes: {accelerator.num_processes}")
     real_sets = {**real[0], **({"dinov2": real[1]["pool"]} if args.dinov2 else {})}
