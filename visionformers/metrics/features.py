@@ -171,12 +171,13 @@ class InceptionFeatures(nn.Module):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def dinov2_features(path: str | os.PathLike, image_size: int = 224) -> ClassifierFeatures:
+def dinov2_features(path: str | os.PathLike, image_size: int = 224, num_heads: int | None = None) -> ClassifierFeatures:
     """FD-DINOv2's extractor (Stein et al. 2023; EDM2, Karras et al. 2024): the final-norm CLS token of a DINOv2
     ViT on 224x224 images resized by torch's antialiased bicubic and normalised with ImageNet's mean / std.
 
     ``path``: a local timm DINOv2-style weights file (``vit_large_patch14_dinov2``: converted with
     ``vf.convert.from_timm``, its position table resampled to ``image_size``) or a visionformers ViT directory.
+    ``num_heads``: a timm file's head count when its width has no published one (DINOv2 S/B/L/g: 6/12/16/24).
     """
     from visionformers import convert
     from visionformers.hub import WEIGHTS_NAME, from_pretrained, load_weights_file
@@ -190,7 +191,7 @@ def dinov2_features(path: str | os.PathLike, image_size: int = 224) -> Classifie
         if "blocks.0.attn.qkv.weight" not in state or "cls_token" not in state:
             fail("dinov2", path, "a timm DINOv2-style ViT state dict (keys 'cls_token', 'patch_embed.proj.weight', "
                  "'blocks.N.attn.qkv.weight', 'norm.weight') or a visionformers ViT directory")
-        config, converted = convert.from_timm(state, img_size=image_size, return_config=True)
+        config, converted = convert.from_timm(state, img_size=image_size, num_heads=num_heads, return_config=True)
         model = convert.build_model(config, converted)
         fingerprint = file_sha256(path)
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
