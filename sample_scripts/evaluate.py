@@ -98,8 +98,8 @@ def reference_features(args, extractors, accelerator, device) -> list[dict]:
     if todo:
         out = protocol.extract_distributed(len(ds), chunk_loader(ds), [extractors[i] for i in todo], args.batch_size,
                                            accelerator=accelerator, device=device, progress=True)
-        for j, i in enumerate(todo):
-            feats[i] = split_outputs(out, todo)[j]
+        for i, computed in zip(todo, split_outputs(out, todo)):
+            feats[i] = computed
             if files[i] and accelerator.is_main_process:
                 reference.save_reference(files[i], keys[i], feats[i])
     for f, k, new in zip(files, keys, [i in todo for i in range(len(extractors))]):

@@ -157,3 +157,21 @@ def test_two_processes_give_the_same_figures(tmp_path):
     assert "processes: 2" in two and "processes: 1" in one
     lines = lambda text: [ln for ln in text.splitlines() if re.search(FIGURE, ln)]  # noqa: E731
     assert len(lines(one)) == 4 and lines(one) == lines(two)
+
+
+def test_fd_dinov2_from_a_timm_file(evaluate, tmp_path, capsys):
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, depth=1, num_classes=0)
+    torch.save(vit.state_dict(), tmp_path / "dinov2.pth")
+    real, fake = _folder(tmp_path / "real", 6, 0), _folder(tmp_path / "fake", 5, 1, shift=50)
+    argv = ["--real", str(real), "--fake", str(fake), "--feature_extractor", "random_conv", "--dinov2",
+            str(tmp_path / "dinov2.pth"), "--metrics", "fid", "fd_dinov2", "--resolution", "16", "--device", "cpu",
+            "--cache", str(tmp_path / "cache")]
+    assert evaluate.main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("FD-DINOv2:"))
+    assert "(real n=6, fake n=5, dinov2)" in line and _figures(out)["FD-DINOv2"][0] > 0
+    assert len(os.listdir(tmp_path / "cache")) == 2  # one cache entry per extractor
+    assert evaluate.main(argv) == 0 and _figures(capsys.readouterr().out) == _figures(out)

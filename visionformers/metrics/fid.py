@@ -10,6 +10,7 @@ cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets;
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -176,6 +177,8 @@ def kid(real: FeatureStats, fake: FeatureStats, num_subsets: int = 100, subset_s
 
 def save_statistics(path: str | os.PathLike, stats: FeatureStats) -> None:
     """Write statistics to a .npz (plain arrays only, so it loads with allow_pickle=False); atomic."""
+    from visionformers.hub import atomic_write_bytes  # lazy: hub imports the model zoo
+
     path = os.fspath(path)
     arrays = {
         "format": np.int64(STATS_FORMAT), "mu": stats.mu, "sigma": stats.sigma,
@@ -183,11 +186,10 @@ def save_statistics(path: str | os.PathLike, stats: FeatureStats) -> None:
     }
     if stats.features is not None:
         arrays["features"] = stats.features
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_statistics(path: str | os.PathLike) -> FeatureStats:
