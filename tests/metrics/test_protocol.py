@@ -85,6 +85,8 @@ def test_reference_cache_refuses_another_key(tmp_path):
     with pytest.raises(ValueError, match="resize: 'pytorch_fid' in the cache, 'clean' in this run") as e:
         load_reference(tmp_path / "r.npz", other)
     assert "extractor_weights_sha256" in str(e.value)
+    with pytest.raises(ValueError, match="fingerprint"):
+        reference_key(torch.nn.Identity(), "digits:test", resolution=32, channels=3, resize="pytorch_fid", num_images=1)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="save_reference"):
         load_reference(tmp_path / "bad.npz", key)

@@ -33,9 +33,13 @@ def folder_fingerprint(paths: list[str], root: str) -> str:
 
 def reference_key(extractor, source: str, *, resolution: int, channels: int, resize: str, num_images: int) -> dict:
     """The cache key of one extractor's features of one reference set (``source`` names the set and its split)."""
+    if not getattr(extractor, "fingerprint", ""):
+        fail("extractor", getattr(extractor, "name", type(extractor).__name__),
+             "an extractor with a 'fingerprint' (its weights' hash, set by build_feature_extractor / "
+             "dinov2_features): without one, two networks could share a cache entry")
     return {
         "format": CACHE_FORMAT, "extractor": getattr(extractor, "name", type(extractor).__name__),
-        "extractor_weights_sha256": getattr(extractor, "fingerprint", ""), "source": source,
+        "extractor_weights_sha256": extractor.fingerprint, "source": source,
         "resolution": int(resolution), "channels": int(channels), "resize": resize, "num_images": int(num_images),
     }
 
