@@ -116,6 +116,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device) if args.device else accelerator.device
     try:
         extractors = [build_feature_extractor(args.feature_extractor, resize=args.resize).to(device)]
+        inception_only = [m for m in args.metrics if m in ("is", "sfid")]
+        if inception_only and not hasattr(extractors[0], "outputs"):  # checked before any feature is computed
+            raise ValueError(f"--metrics {' '.join(inception_only)}: IS and sFID need an inception:PATH extractor "
+                             f"(logits, spatial features); {args.feature_extractor!r} gives pooled features only")
         if args.dinov2:
             extractors.append(dinov2_features(args.dinov2).to(device))
         if args.model_path:
