@@ -112,6 +112,8 @@ def test_wrong_weight_files_name_the_expected_keys(tmp_path):
     with pytest.raises(ValueError, match="Conv2d_1a_3x3.conv.weight"):
         InceptionFeatures(wrong)
     sd = InceptionV3("pytorch_fid").state_dict()
+    old_pytorch = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}  # saved before 0.4.1
+    assert inception_from_state_dict(old_pytorch).variant == "pytorch_fid"
     del sd["Mixed_6b.branch1x1.conv.weight"]
     with pytest.raises(ValueError, match="missing .*Mixed_6b.branch1x1.conv.weight"):
         inception_from_state_dict(sd)

@@ -222,10 +222,13 @@ def inception_from_state_dict(state: dict[str, torch.Tensor], source: str = "sta
         raise ValueError(f"{source} is not accepted; expected {expected_keys()}; found keys {found}"
                          + (f" and fc.weight of shape {tuple(fc.shape)}" if fc is not None else ""))
     net = InceptionV3(variant)
+    own = net.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}  # torchvision's training head
-    missing = sorted(set(net.state_dict()) - set(state))
-    unexpected = sorted(set(state) - set(net.state_dict()))
-    wrong = [k for k, v in net.state_dict().items() if k in state and state[k].shape != v.shape]
+    # BatchNorm's step counters: absent from files saved by older PyTorch, and unused in eval mode
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
         raise ValueError(f"{source} is not accepted; expected {expected_keys()}; missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
