@@ -2,13 +2,24 @@
 import json
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from visionformers import demo
 from visionformers.data import DigitsDataset
 
 
-def test_grade_reports_fid_and_kid_with_counts_extractor_and_protocol(tmp_path):
+@pytest.fixture
+def one_thread():
+    """The classifier trains with 1,200 tiny steps: a second intra-op thread only adds synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_grade_reports_fid_and_kid_with_counts_extractor_and_protocol(tmp_path, one_thread):
     test = DigitsDataset("test", image_size=8, channels=1)
     (tmp_path / "images").mkdir()
     items = []
