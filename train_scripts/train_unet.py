@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     vae = latents.load_vae(args.vae, device) if args.vae is not None else None
     dataset, num_classes, class_names, channels = build_dataset(args)
     # the denoiser's input: the VAE's latents (resolution / factor) or the pixels themselves
-    in_channels, size = (latents.denoiser_shape(vae, args.resolution, args.model_overrides) if vae is not None
+    in_channels, size = (latents.denoiser_shape(vae, args.resolution, args.model_overrides, channels) if vae is not None
                          else (channels, args.resolution))
     conditioner = (pipeline.build_text_conditioner(args.text_encoder, device, args.seed)
                    if args.conditioning == "text" else None)

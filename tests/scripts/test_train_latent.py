@@ -80,5 +80,9 @@ def test_bad_latent_inputs(tmp_path, vae_dir, train):
     with pytest.raises(ValueError, match="AutoencoderKL"):
         not_vae = vf.save_pretrained(vf.create_model("dit_tiny"), tmp_path / "dit")
         train([*COMMON, "--vae", str(not_vae), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="the data's 1 channel"):
+        rgb = vf.save_pretrained(vf.create_model("vae_tiny", block_out_channels=(8, 8), norm_num_groups=4,
+                                                 sample_size=8), tmp_path / "rgb")
+        train([*COMMON, "--vae", str(rgb), "--model", "dit_tiny", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="--latent_cache_dir"):
         train([*COMMON, "--latent_cache_dir", str(tmp_path / "c"), "--output_dir", str(tmp_path / "o")])

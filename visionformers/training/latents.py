@@ -36,10 +36,13 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.
     return vae.to(device).eval()
 
 
-def denoiser_shape(vae: nn.Module, resolution: int, overrides: dict) -> tuple[int, int]:
+def denoiser_shape(vae: nn.Module, resolution: int, overrides: dict, data_channels: int) -> tuple[int, int]:
     """(in_channels, sample_size) of a denoiser on ``vae``'s latents of ``resolution``-pixel images; an explicit
-    ``--model_overrides`` that disagrees, or a resolution the VAE cannot divide, is a ValueError."""
+    ``--model_overrides`` that disagrees, a resolution the VAE cannot divide or images of other channels than
+    the VAE's is a ValueError."""
     c = vae.config
+    if c.in_channels != data_channels:
+        fail("--vae", f"a VAE of {c.in_channels} input channels", f"a VAE for the data's {data_channels} channel(s)")
     if resolution % c.factor:
         fail("--resolution", resolution, f"a multiple of the VAE's downsampling factor {c.factor} (--vae)")
     channels, size = c.latent_channels, resolution // c.factor
