@@ -16,7 +16,7 @@ from torch import nn
 from visionformers._validate import fail
 
 __all__ = ["VAE_DIR", "load_vae", "denoiser_shape", "latent_settings", "sample_shape", "load_latent_decoder",
-           "decode_latents", "latent_cache_key"]
+           "decode_latents", "latent_eval_batch", "latent_cache_key"]
 
 VAE_DIR = "vae"
 
@@ -89,6 +89,17 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor, device, batch_size: in
     """Scaled latents (N, C, h, w) -> images (N, C, H, W) in [-1, 1] on the CPU, ``batch_size`` at a time."""
     out = [vae.decode_latents(z.to(device, vae.conv_dtype)).float().cpu() for z in latents.split(batch_size)]
     return torch.cat(out)
+
+
+@torch.no_grad()
+def latent_eval_batch(vae: nn.Module, batch: dict, device) -> dict:
+    """A fixed evaluation batch in latent space: the scaled posterior mean under "pixel_values" (the key the
+    evaluation loss reads), from cached latents or encoded here from pixels."""
+    if "latent_mean" in batch:
+        x = batch["latent_mean"]
+    else:
+        x = vae.scale_latents(vae.encode(batch["pixel_values"].to(device, vae.conv_dtype)).mean).float().cpu()
+    return {**batch, "pixel_values": x}
 
 
 def latent_cache_key(args, dataset) -> dict:
