@@ -38,12 +38,12 @@ class PerceptualLoss(nn.Module):
         self.tokens = isinstance(extractor, ClassifierFeatures) and extractor.use_head
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        from visionformers.metrics.features import _match_channels, _resize
-
         if not self.tokens:
             return self.extractor(x)
-        ex = self.extractor
-        x = _resize(_match_channels(x, ex.in_chans), ex.image_size)
+        from visionformers.metrics.features import _match_channels, resize_images
+
+        ex = self.extractor  # its own preprocessing (ClassifierFeatures.forward), then the tokens
+        x = resize_images(_match_channels(x, ex.in_chans), ex.image_size, ex.resize)
         if ex.mean is not None:
             x = ((x + 1) / 2 - ex.mean.to(x)) / ex.std.to(x)
         return ex.model.forward_features(x)  # (B, N, D) tokens
