@@ -16,10 +16,11 @@ from .samplers import (
     sample_euler,
     sample_heun,
 )
+from .discretization import Discretization
 from .schedules import SCHEDULES, NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = [
-    "NoiseSchedule", "SCHEDULES", "rescale_zero_terminal_snr",
+    "NoiseSchedule", "SCHEDULES", "Discretization", "rescale_zero_terminal_snr",
     "training_loss", "predict_x0_eps", "prediction_target", "min_snr_weight", "PREDICTION_TYPES",
     "sample", "SAMPLERS", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_heun",
     "discrete_timesteps", "karras_sigmas", "guided_model", "batch_cond_uncond",

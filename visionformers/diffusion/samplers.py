@@ -41,6 +41,9 @@ def _check_args(model, x: Tensor, sched: NoiseSchedule, steps: int, prediction_t
         fail("sched", type(sched).__name__, "a visionformers.diffusion.NoiseSchedule")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         fail("steps", steps, "an int > 0")
+    if not discrete and sched.sampling.limits_x0:
+        fail("sched", sched, "a schedule without clip_sample / thresholding for euler and heun (those limits apply to "
+             "the x0 estimate of ddpm, ddim and dpmpp_2m)")
     if discrete and steps > sched.num_train_steps:
         fail("steps", steps, f"at most num_train_steps={sched.num_train_steps} for a discrete-time sampler "
              "(euler and heun accept any number)")
@@ -108,9 +111,7 @@ def sample_ddpm(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
     c0 = sqrt(abar_prev) beta_t / (1 - abar_t), ct = sqrt(1 - beta_t) (1 - abar_prev) / (1 - abar_t),
     beta_tilde = beta_t (1 - abar_prev) / (1 - abar_t) ("fixed_small" variance)."""
     model = _check_args(model, x, sched, steps, prediction_type, generator, callback, discrete=True)
-    ts = discrete_timesteps(sched.num_train_steps, steps)
-    ab = sched.alphas_cumprod[ts]
-    ab_prev = torch.cat([ab[1:], ab.new_ones(1)])  # the chain ends at abar = 1, i.e. x0 itself
+    ts, ab, ab_prev = sched.sampling.steps(sched.alphas_cumprod, steps, "ddpm")  # ab_prev = 1 ends the chain at x0
     beta = 1 - ab / ab_prev
     c0 = (ab_prev.sqrt() * beta / (1 - ab)).tolist()
     ct = ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)).tolist()
@@ -120,6 +121,7 @@ def sample_ddpm(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
 
     for i in range(steps):
         x0, _ = predict_x0_eps(model(x, t_model[i]), x, alpha[i], sigma[i], prediction_type)
+        x0 = sched.sampling.limit_x0(x0)
         x = c0[i] * x0 + ct[i] * x
         if std[i] > 0:
             x = x + std[i] * _randn_like(x, generator)
@@ -136,9 +138,7 @@ def sample_ddim(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
     DDIM; eta = 1: the DDPM posterior. ``eta`` is reachable through ``sample(sampler=partial(sample_ddim, eta=..))``."""
     model = _check_args(model, x, sched, steps, prediction_type, generator, callback, discrete=True)
     check_number("eta", eta, at_least=0, note=" (0: deterministic DDIM, 1: DDPM variance)")
-    ts = discrete_timesteps(sched.num_train_steps, steps)
-    ab = sched.alphas_cumprod[ts]
-    ab_prev = torch.cat([ab[1:], ab.new_ones(1)])
+    ts, ab, ab_prev = sched.sampling.steps(sched.alphas_cumprod, steps, "ddim")
     std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     c_x0, c_eps = ab_prev.sqrt().tolist(), (1 - ab_prev - std**2).clamp(min=0).sqrt().tolist()
     std = std.tolist()
@@ -147,6 +147,7 @@ def sample_ddim(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
 
     for i in range(steps):
         x0, eps = predict_x0_eps(model(x, t_model[i]), x, alpha[i], sigma[i], prediction_type)
+        x0 = sched.sampling.limit_x0(x0)  # eps stays the model's (diffusers' use_clipped_model_output=False)
         x = c_x0[i] * x0 + c_eps[i] * eps
         if std[i] > 0:
             x = x + std[i] * _randn_like(x, generator)
@@ -165,8 +166,7 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *
     (D = x0_i), as in k-diffusion's ``sample_dpmpp_2m`` and diffusers' ``final_sigmas_type="zero"``.
     ``generator`` is unused (the solver is deterministic) and kept for the common signature."""
     model = _check_args(model, x, sched, steps, prediction_type, generator, callback, discrete=True)
-    ts = discrete_timesteps(sched.num_train_steps, steps)
-    ab = sched.alphas_cumprod[ts]
+    ts, ab, _ = sched.sampling.steps(sched.alphas_cumprod, steps, "dpmpp_2m")
     alphas = torch.cat([ab.sqrt(), ab.new_ones(1)])  # (steps+1,): the chain ends at alpha = 1, sigma = 0
     sigmas = torch.cat([(1 - ab).sqrt(), ab.new_zeros(1)])
     lambdas = alphas.log() - sigmas.log()  # last entry +inf
@@ -184,6 +184,7 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *
     x0_prev = None
     for i in range(steps):
         x0, _ = predict_x0_eps(model(x, t_model[i]), x, alpha[i], sigma[i], prediction_type)
+        x0 = sched.sampling.limit_x0(x0)
         d = x0 if k[i] == 0 else x0 + k[i] * (x0 - x0_prev)
         x = c_x[i] * x + c_d[i] * d
         x0_prev = x0

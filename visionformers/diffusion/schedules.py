@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_tensor, fail
+from .discretization import NATIVE, Discretization
 
 # Ho et al.'s linear betas end at 0.02 for T = 1000 and are scaled by 1000 / T, so they reach 1 (alphas_cumprod
 # <= 0, every coefficient NaN) at T = 20: the smallest usable T for "linear".
@@ -95,16 +96,39 @@ class NoiseSchedule:
                  f"[{betas.min().item():.4g}, {betas.max().item():.4g}])")
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
+        self._set_betas(betas, torch.cumprod(1 - betas, 0))
+
+    @classmethod
+    def from_betas(cls, betas: Tensor, *, name: str = "custom", sampling: Discretization = NATIVE) -> "NoiseSchedule":
+        """A schedule of explicit betas (T,) in (0, 1] (1 only last: zero terminal SNR), e.g. a diffusers scheduler's.
+
+        alphas_cumprod is the cumulative product in the betas' own dtype (float32 betas reproduce diffusers' float32
+        table exactly), then kept in float64. ``sampling`` sets how discrete-time samplers walk it.
+        """
+        check_tensor("betas", betas, ndim=1, floating=True)
+        if betas.shape[0] < 2 or not bool(((betas > 0) & (betas <= 1)).all()) or bool((betas[:-1] >= 1).any()):
+            fail("betas", betas, "a (T,) tensor with T >= 2 and every beta in (0, 1), the last in (0, 1]")
+        if not isinstance(sampling, Discretization):
+            fail("sampling", sampling, "a visionformers.diffusion.Discretization")
+        self = cls.__new__(cls)
+        self.kind, self.num_train_steps = name, betas.shape[0]
+        self.zero_terminal_snr = bool(betas[-1] == 1)
+        self._set_betas(betas.double(), torch.cumprod(1 - betas, 0).double(), sampling)
+        return self
+
+    def _set_betas(self, betas: Tensor, alphas_cumprod: Tensor, sampling: Discretization = NATIVE) -> None:
+        self.sampling = sampling  # the timesteps discrete-time samplers visit and how they limit x0
         self.betas = betas  # (T,) float64
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (T,) float64, alpha_t^2
+        self.alphas_cumprod = alphas_cumprod  # (T,) float64, alpha_t^2
         # log of the Karras sigma, increasing in t; interpolated for fractional t (k-diffusion's DiscreteSchedule).
         ab = torch.where(self.alphas_cumprod > 0, self.alphas_cumprod, _MIN_ALPHA_CUMPROD)
         self.log_sigmas = (0.5 * ((1 - ab) / ab).log())  # (T,) float64
         self._device_tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
+        extra = f", sampling={self.sampling}" if self.sampling != NATIVE else ""
         return (f"NoiseSchedule({self.kind!r}, num_train_steps={self.num_train_steps}, "
-                f"zero_terminal_snr={self.zero_terminal_snr})")
+                f"zero_terminal_snr={self.zero_terminal_snr}{extra})")
 
     def _tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """float32 (alpha, sigma, log_sigma) tables on ``device``, copied once per device."""
