@@ -97,7 +97,10 @@ def schedule_from_diffusers(config: dict) -> tuple[NoiseSchedule, str, str]:
             clip_sample=float(c["clip_sample_range"]) if clip and not c["thresholding"] else None,
             thresholding=(float(c["dynamic_thresholding_ratio"]), float(c["sample_max_value"])) if c["thresholding"] else None,
         )
-        sched = NoiseSchedule.from_betas(betas, name=f"diffusers {c['beta_schedule']}", sampling=sampling)
+        # DPM-Solver keeps the zero-SNR step at alphas_cumprod = 2^-24 (a finite first sigma), the others at 0
+        terminal = 2.0**-24 if cls == "DPMSolverMultistepScheduler" and c["rescale_betas_zero_snr"] else None
+        sched = NoiseSchedule.from_betas(betas, name=f"diffusers {c['beta_schedule']}", sampling=sampling,
+                                         terminal_alphas_cumprod=terminal)
     except ValueError as e:
         raise ValueError(f"diffusers {cls} config is not supported: {e}") from None
     return sched, PREDICTION_TYPES[c["prediction_type"]], SCHEDULER_SAMPLERS[cls]

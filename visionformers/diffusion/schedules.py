@@ -99,11 +99,14 @@ class NoiseSchedule:
         self._set_betas(betas, torch.cumprod(1 - betas, 0))
 
     @classmethod
-    def from_betas(cls, betas: Tensor, *, name: str = "custom", sampling: Discretization = NATIVE) -> "NoiseSchedule":
+    def from_betas(cls, betas: Tensor, *, name: str = "custom", sampling: Discretization = NATIVE,
+                   terminal_alphas_cumprod: float | None = None) -> "NoiseSchedule":
         """A schedule of explicit betas (T,) in (0, 1] (1 only last: zero terminal SNR), e.g. a diffusers scheduler's.
 
         alphas_cumprod is the cumulative product in the betas' own dtype (float32 betas reproduce diffusers' float32
         table exactly), then kept in float64. ``sampling`` sets how discrete-time samplers walk it.
+        ``terminal_alphas_cumprod`` replaces the last entry (diffusers' DPM-Solver puts 2^-24 in place of the 0 of
+        zero terminal SNR, so that its first sigma is finite).
         """
         check_tensor("betas", betas, ndim=1, floating=True)
         if betas.shape[0] < 2 or not bool(((betas > 0) & (betas <= 1)).all()) or bool((betas[:-1] >= 1).any()):
@@ -113,7 +116,10 @@ class NoiseSchedule:
         self = cls.__new__(cls)
         self.kind, self.num_train_steps = name, betas.shape[0]
         self.zero_terminal_snr = bool(betas[-1] == 1)
-        self._set_betas(betas.double(), torch.cumprod(1 - betas, 0).double(), sampling)
+        alphas_cumprod = torch.cumprod(1 - betas, 0)
+        if terminal_alphas_cumprod is not None:
+            alphas_cumprod[-1] = terminal_alphas_cumprod
+        self._set_betas(betas.double(), alphas_cumprod.double(), sampling)
         return self
 
     def _set_betas(self, betas: Tensor, alphas_cumprod: Tensor, sampling: Discretization = NATIVE) -> None:
