@@ -29,7 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--model", default="unet_tiny", help="any UNet or DiT preset (vf.list_models('unet*'), 'dit*')")
     a("--model_overrides", type=pipeline.json_config_fields, default={}, help='JSON of config fields, e.g. \'{"dropout": 0.1}\'')
     a("--conditioning", default="class", choices=pipeline.CONDITIONINGS)
-    a("--text_encoder", default="t5_tiny_encoder", help="text preset for --conditioning text (frozen)")
+    a("--text_encoder", default="t5_tiny_encoder",
+      help="for --conditioning text: a text preset (randomly initialised) or a transformers model dir (T5 / T5 "
+           "encoder, BERT, GPT-2 written by save_pretrained, with its tokenizer.json); frozen")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
     a("--prediction_type", default="v", choices=diffusion.PREDICTION_TYPES,
       help="v keeps the x0 estimate bounded at high noise (eps with cosine gives speckled samples)")
@@ -114,6 +116,14 @@ def build_dataset(args):
     return ds, len(ds.classes) or None, ds.classes or None, ds.channels
 
 
+def sample_prompts(dataset, n: int) -> list[str]:
+    """Prompts of the periodic sample grids: the training set's own captions (the digits' for the embedded data),
+    taken at n evenly spread indices so that the grid shows the variety of the captions."""
+    if isinstance(dataset, data.DigitsDataset):
+        return [data.digit_caption(i % 10) for i in range(n)]
+    return [dataset.caption(i * len(dataset) // n) for i in range(n)]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=pipeline.force_cpu(),
@@ -166,14 +176,15 @@ def main(argv=None) -> None:
     def save(at_step: int) -> None:
         train_state = {"step": at_step, "accumulation_step": accelerator.step, "data": stream.state_dict(),
                        "bad_steps": guard.state_dict()}
-        extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model)}
+        extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model),
+                 **pipeline.text_encoder_files(conditioner)}
         ckpt.save_checkpoint(args.output_dir, at_step, train_state=train_state, config=vars(args),
                              total_limit=args.checkpoints_total_limit, keep=(resumed_from,), extra_files=extra,
                              extra_models=text_encoder, **state_objs)
 
     def write_samples(name: str, at_step: int) -> None:
         labels = torch.arange(args.num_samples) % num_classes if num_classes else None
-        prompts = [data.digit_caption(i % 10) for i in range(args.num_samples)] if conditioner else None
+        prompts = sample_prompts(dataset, args.num_samples) if conditioner else None
 
         def inputs(idx):
             return pipeline.model_inputs(settings, conditioner, device,
@@ -256,7 +267,8 @@ def main(argv=None) -> None:
     progress.close()
     if step >= args.max_train_steps:
         ckpt.export_pretrained(model, os.path.join(args.output_dir, "model"), ema=ema, accelerator=accelerator,
-                               extra_files={pipeline.DIFFUSION_FILE: settings}, extra_models=text_encoder)
+                               extra_files={pipeline.DIFFUSION_FILE: settings, **pipeline.text_encoder_files(conditioner)},
+                               extra_models=text_encoder)
         write_samples("samples.png", step)
         accelerator.print(f"done: {step} steps in {time.time() - t0:.0f} s; model in {args.output_dir}/model")
     accelerator.end_training()
