@@ -19,6 +19,7 @@ __all__ = ["schedule_from_diffusers", "SCHEDULER_SAMPLERS"]
 # the scheduler class -> the sampler of ours that takes the same steps
 SCHEDULER_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp_2m"}
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+_NO_OP_KEYS = ("tensor_format", "timestep_values")
 
 _COMMON = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
                prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
@@ -72,6 +73,12 @@ def schedule_from_diffusers(config: dict) -> tuple[NoiseSchedule, str, str]:
     if cls not in _DEFAULTS:
         raise ValueError(f"diffusers scheduler _class_name={cls!r} is not supported; accepted: {list(_DEFAULTS)}")
     defaults = _DEFAULTS[cls]
+    config = dict(config)
+    for key in _NO_OP_KEYS:  # written by early diffusers releases, read by none today
+        config.pop(key, None)
+    if "predict_epsilon" in config:  # the early spelling of prediction_type
+        legacy = config.pop("predict_epsilon")
+        config.setdefault("prediction_type", "epsilon" if legacy else "sample")
     unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults)
     if unknown:
         raise ValueError(f"diffusers {cls} config field(s) {unknown} are not supported; accepted: {sorted(defaults)}")
