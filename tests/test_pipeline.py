@@ -118,3 +118,28 @@ def test_our_model_dir_knows_its_prediction_type(tmp_path):
     pipe = vf.load_pipeline(tmp_path)
     assert isinstance(pipe, Pipeline) and pipe.prediction_type == "v" and pipe.schedule.num_train_steps == 100
     assert pipe.sample(2, steps=3, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+
+
+def test_dit_pipeline_with_vae_and_label_names(tmp_path):
+    """DiTPipeline: transformer + VAE + scheduler + id2label; without guidance the same images as diffusers."""
+    import json
+
+    pytest.importorskip("visionformers.convert.diffusers_vae")
+    from _diffusers_models import dit_xl_2, perturb
+
+    vae = perturb(diffusers.AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4,
+                                          down_block_types=("DownEncoderBlock2D",) * 2,
+                                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16))
+    pipe = diffusers.DiTPipeline(dit_xl_2(), vae, diffusers.DDIMScheduler(clip_sample=False))
+    pipe.save_pretrained(tmp_path / "dit")
+    index = json.loads((tmp_path / "dit" / "model_index.json").read_text())
+    index["id2label"] = {str(i): f"class {i}" for i in range(1000)} | {"207": "golden retriever"}
+    (tmp_path / "dit" / "model_index.json").write_text(json.dumps(index))
+    pipe.set_progress_bar_config(disable=True)
+    ours = vf.load_pipeline(tmp_path / "dit")
+    assert ours.vae is not None and ours.label_names[207] == "golden retriever" and ours.sample_shape == (4, 8, 8)
+    images = ours.sample(1, steps=4, class_labels=["golden retriever"], generator=torch.Generator().manual_seed(0))
+    theirs = pipe(class_labels=[207], guidance_scale=1.0, num_inference_steps=4, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images[0]
+    assert images.shape == (1, 3, 16, 16)
+    assert np.abs(((images[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1) - theirs).max() < 2e-3
