@@ -36,11 +36,20 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="for --conditioning text: a text preset (randomly initialised) or a transformers model dir (T5 / T5 "
            "encoder, BERT, GPT-2 written by save_pretrained, with its tokenizer.json); frozen")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
-    a("--prediction_type", default="v", choices=diffusion.PREDICTION_TYPES,
-      help="v keeps the x0 estimate bounded at high noise (eps with cosine gives speckled samples)")
-    a("--noise_schedule", default="cosine", choices=diffusion.SCHEDULES)
+    a("--prediction_type", default=None, choices=diffusion.PREDICTION_TYPES,
+      help="default: v for a VP schedule (keeps the x0 estimate bounded at high noise), flow for --noise_schedule flow")
+    a("--noise_schedule", default="cosine", choices=[*diffusion.SCHEDULES, "flow"],
+      help="a VP schedule, or flow: rectified flow (x_t = (1 - sigma) x0 + sigma eps)")
     a("--num_train_timesteps", type=int, default=1000)
     a("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (5.0 in the paper)")
+    a("--timestep_sampling", default=None, choices=diffusion.TIMESTEP_DENSITIES,
+      help="density of the training noise level (SD3 Sec. 3.1); default: uniform (VP), logit_normal (flow)")
+    a("--logit_mean", type=float, default=0.0, help="mean of --timestep_sampling logit_normal")
+    a("--logit_std", type=float, default=1.0, help="std of --timestep_sampling logit_normal")
+    a("--mode_scale", type=float, default=1.29, help="scale of --timestep_sampling mode")
+    a("--loss_weighting", default="none", choices=diffusion.LOSS_WEIGHTINGS,
+      help="flow only: SD3's sigma_sqrt or cosmap loss weights")
+    a("--flow_shift", type=float, default=1.0, help="flow only: SD3's time shift (3.0 in SD3); saved for sampling")
     a("--train_data_dir", default=None, help="an image folder; default: the embedded digits")
     a("--captions_file", default=None, help="JSON-lines captions for --train_data_dir")
     a("--resolution", type=int, default=8, help="8: the digits' native size")
@@ -69,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
     a("--sample_every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
     a("--num_samples", type=int, default=40, help="images in each sample grid")
-    a("--sampler", default="ddim", choices=list(diffusion.SAMPLERS))
+    a("--sampler", default=None, choices=list(diffusion.SAMPLERS), help="default: ddim (VP), heun (flow)")
     a("--num_inference_steps", type=int, default=40)
     a("--guidance_scale", type=float, default=2.0)
     a("--report_to", default="none", choices=track.REPORT_TO)
@@ -87,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "num_samples", "logging_steps")] + [
         ("checkpointing_steps", lambda v: v >= 0, "an int >= 0 (0: no checkpoints)"),
         ("num_train_timesteps", lambda v: v >= 2, "an int >= 2"),
+        ("flow_shift", lambda v: v > 0, "a number > 0 (1: no shift)"),
+        ("logit_std", lambda v: v > 0, "a number > 0"),
         ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
         ("cond_drop_prob", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
         ("learning_rate", lambda v: v > 0, "a number > 0"),
@@ -107,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "uses their built-in captions)")
     if args.early_stopping_patience is not None and not args.eval_steps:
         raise ValueError("--early_stopping_patience needs --eval_steps N (the evaluations it counts)")
+    flow = args.noise_schedule == "flow"
+    args.prediction_type = args.prediction_type or ("flow" if flow else "v")
+    args.timestep_sampling = args.timestep_sampling or ("logit_normal" if flow else "uniform")
     return args
 
 
@@ -165,7 +179,16 @@ def main(argv=None) -> None:
     try:
         sched = pipeline.schedule_from(settings)
     except ValueError as e:  # the schedule names its own arguments; say which flags set them
-        raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps}: {e}") from None
+        raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps} "
+                         f"--flow_shift={args.flow_shift}: {e}") from None
+    loss_options = dict(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                        mode_scale=args.mode_scale, loss_weighting=args.loss_weighting)
+    args.sampler = args.sampler or sched.default_sampler
+    try:  # a flag combination the process does not take (e.g. --prediction_type eps with a flow) fails before training
+        diffusion.check_sampler(args.sampler, sched)
+        diffusion.check_loss_options(sched, args.prediction_type, args.snr_gamma, **loss_options)
+    except ValueError as e:
+        raise ValueError(f"--noise_schedule={args.noise_schedule}: {e}") from None
     memory_format = performance.configure_training(model, device, gradient_checkpointing=args.gradient_checkpointing,
                                                    compile=args.compile, compile_backend=args.compile_backend)
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
@@ -254,7 +277,7 @@ def main(argv=None) -> None:
                     cond = pipeline.training_inputs(batch, settings, conditioner, args.cond_drop_prob, noise_gen,
                                                     device)
                     loss = diffusion.training_loss(model, x0, sched, args.prediction_type, args.snr_gamma,
-                                                   generator=noise_gen, **cond)
+                                                   generator=noise_gen, **loss_options, **cond)
                     if step + 1 in args.debug_inject_nan_at:
                         loss = loss * float("nan")
                     bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
@@ -287,7 +310,7 @@ def main(argv=None) -> None:
                 loss_sum, loss_count = torch.zeros((), device=device), 0
             if args.eval_steps and step % args.eval_steps == 0:
                 value = pipeline.evaluation_loss(model, eval_batch, settings, conditioner, sched, args.prediction_type,
-                                                 args.seed, device)
+                                                 args.seed, device, **loss_options)
                 track.log_scalars(accelerator, {"eval/loss": value}, step)
                 callbacks.on_evaluate(state, {"eval_loss": value})
             if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at

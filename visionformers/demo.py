@@ -64,9 +64,23 @@ def digit_classifier(seed: int = 0, steps: int = 600) -> tuple[nn.Module, float]
     return classify, acc
 
 
+def grade_images(images: torch.Tensor, labels: torch.Tensor, classifier=None) -> dict:
+    """Top-1 agreement of the digit classifier with ``labels``, on (N, 1, H, W) images in [-1, 1] quantised to 8 bits
+    as a PNG stores them. ``classifier``: a (classify, test accuracy) pair of :func:`digit_classifier` to reuse."""
+    classify, test_acc = classifier or digit_classifier()
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    with torch.no_grad():
+        logits = classify(images)
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    confidence = logits.softmax(1).gather(1, labels[:, None]).mean().item()  # mean probability of the drawn class
+    return {"sample_accuracy": acc, "sample_confidence": confidence, "classifier_test_accuracy": test_acc,
+            "num_samples": len(labels)}
+
+
 def grade(samples_dir: Path) -> dict:
-    """Top-1 agreement of the classifier with the class each sample was drawn for, and FID / KID of the samples
-    against the train digits on the classifier's 128-d hidden features (not Inception's: a sanity figure)."""
+    """Top-1 agreement of the classifier with the class each sample (a PNG of sample_unet.py) was drawn for, and
+    FID / KID of the samples against the train digits on the classifier's 128-d hidden features (not Inception's:
+    a sanity figure)."""
     from visionformers.data import DigitsDataset
     from visionformers.metrics import feature_statistics, fid, kid, protocol_note
 
@@ -79,17 +93,16 @@ def grade(samples_dir: Path) -> dict:
         for item in record["images"]
     ]).unsqueeze(1)  # (N, 1, H, W)
     labels = torch.tensor([item["class_label"] for item in record["images"]])
-    classify, test_acc = digit_classifier()
-    with torch.no_grad():
-        acc = (classify(images).argmax(1) == labels).float().mean().item()
+    classifier = digit_classifier()
+    graded = grade_images(images, labels, classifier)
+    classify = classifier[0]
     features = lambda x: classify(x, pre_logits=True)  # noqa: E731
     features.name = "digits-classifier"
     real = feature_statistics(DigitsDataset("train", image_size=images.shape[-1], channels=1).images, features)
     fake = feature_statistics(images, features)
     f, k = fid(real, fake), kid(real, fake)
     note = protocol_note("fid", real.num_samples, fake.num_samples)
-    return {"sample_accuracy": acc, "classifier_test_accuracy": test_acc, "num_samples": len(labels),
-            "fid": f.value, "kid": k.value, "kid_std": k.std, "fid_kid_line": f"{f}; {k} [{note}]"}
+    return {**graded, "fid": f.value, "kid": k.value, "kid_std": k.std, "fid_kid_line": f"{f}; {k} [{note}]"}
 
 
 def main(argv=None) -> None:

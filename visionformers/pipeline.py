@@ -142,8 +142,9 @@ def _ours(path: Path, device, use_ema: bool) -> Pipeline:
     from visionformers.training.pipeline import load_denoiser, schedule_from
 
     model, settings, conditioner = load_denoiser(path, device, use_ema=use_ema)
-    channels = settings["channels"]
-    return Pipeline(model=model, schedule=schedule_from(settings), prediction_type=settings["prediction_type"],
+    channels, schedule = settings["channels"], schedule_from(settings)
+    return Pipeline(model=model, schedule=schedule, prediction_type=settings["prediction_type"],
+                    default_sampler=schedule.default_sampler,
                     sample_shape=(channels, settings["resolution"], settings["resolution"]),
                     conditioning=settings["conditioning"], num_classes=settings.get("num_classes"),
                     label_names=settings.get("class_names"), text_encoder=conditioner, settings=settings)
