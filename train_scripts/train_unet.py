@@ -34,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--model", default="unet_tiny", help="any UNet or DiT preset (vf.list_models('unet*'), 'dit*')")
     a("--model_overrides", type=pipeline.json_config_fields, default={}, help='JSON of config fields, e.g. \'{"dropout": 0.1}\'')
     a("--conditioning", default="class", choices=pipeline.CONDITIONINGS)
-    a("--text_encoder", default="t5_tiny_encoder", help="text preset for --conditioning text (frozen)")
+    a("--text_encoder", default="t5_tiny_encoder",
+      help="for --conditioning text: a text preset (randomly initialised) or a transformers model dir (T5 / T5 "
+           "encoder, BERT, GPT-2 written by save_pretrained, with its tokenizer.json); frozen")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
     a("--prediction_type", default=None, choices=diffusion.PREDICTION_TYPES,
       help="default: v for a VP schedule (keeps the x0 estimate bounded at high noise), flow for --noise_schedule flow")
@@ -155,6 +157,14 @@ def build_dataset(args):
     return ds, len(ds.classes) or None, ds.classes or None, ds.channels
 
 
+def sample_prompts(dataset, n: int) -> list[str]:
+    """Prompts of the periodic sample grids: the training set's own captions (the digits' for the embedded data),
+    taken at n evenly spread indices so that the grid shows the variety of the captions."""
+    if isinstance(dataset, data.DigitsDataset):
+        return [data.digit_caption(i % 10) for i in range(n)]
+    return [dataset.caption(i * len(dataset) // n) for i in range(n)]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=pipeline.force_cpu(),
@@ -235,7 +245,8 @@ def main(argv=None) -> None:
     def save(at_step: int) -> None:
         train_state = {"step": at_step, "accumulation_step": accelerator.step, "data": stream.state_dict(),
                        "bad_steps": guard.state_dict(), "callbacks": callbacks.state_dict()}
-        extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model)}
+        extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model),
+                 **pipeline.text_encoder_files(conditioner)}
         ckpt.save_checkpoint(args.output_dir, at_step, train_state=train_state, config=vars(args),
                              total_limit=args.checkpoints_total_limit, keep=(resumed_from,), extra_files=extra,
                              extra_models=extra_models, **state_objs)
@@ -243,7 +254,7 @@ def main(argv=None) -> None:
 
     def write_samples(name: str, at_step: int) -> None:
         labels = torch.arange(args.num_samples) % num_classes if num_classes else None
-        prompts = [data.digit_caption(i % 10) for i in range(args.num_samples)] if conditioner else None
+        prompts = sample_prompts(dataset, args.num_samples) if conditioner else None
 
         def inputs(idx):
             return pipeline.model_inputs(settings, conditioner, device,
@@ -343,7 +354,8 @@ def main(argv=None) -> None:
         accelerator.print(state.stop_reason)
     if step >= args.max_train_steps or state.should_stop:
         ckpt.export_pretrained(model, os.path.join(args.output_dir, "model"), ema=ema, accelerator=accelerator,
-                               extra_files={pipeline.DIFFUSION_FILE: settings}, extra_models=extra_models)
+                               extra_files={pipeline.DIFFUSION_FILE: settings, **pipeline.text_encoder_files(conditioner)},
+                               extra_models=extra_models)
         write_samples("samples.png", step)
         accelerator.print(f"done: {step} steps in {time.time() - t0:.0f} s; model in {args.output_dir}/model")
     accelerator.end_training()

@@ -19,10 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from visionformers._validate import check_path
+from visionformers._validate import check_choice, check_path
 from visionformers.registry import model_classes
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+SAVE_FORMATS = ("visionformers", "diffusers")
 FORMAT_VERSION = 1
 
 
@@ -146,10 +147,19 @@ def config_from_dict(config_cls: type, data: dict, source: str = "config"):
     return config_cls(**kwargs)
 
 
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` for a registered model (wrappers are stripped)."""
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, format: str = "visionformers") -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for a registered model (wrappers are stripped).
+
+    ``format="diffusers"`` writes a UNet, DiT or AutoencoderKL as a diffusers model directory instead
+    (``config.json`` with ``_class_name`` + ``diffusion_pytorch_model.safetensors``).
+    """
     check_path("save_directory", save_directory)
+    check_choice("format", format, SAVE_FORMATS)
     model = unwrap_model(model)
+    if format == "diffusers":
+        from visionformers.convert.from_diffusers import save_diffusers_model
+
+        return save_diffusers_model(model, save_directory)
     config = getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         raise ValueError(f"model={type(model).__name__} has no dataclass `config`; only visionformers models can be saved")
@@ -194,9 +204,18 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     """Rebuild a model saved by ``save_pretrained``; ``overrides`` change config fields (e.g. ``img_size``).
 
     A model may define ``adapt_state_dict(state_dict, source_config)`` to adapt weights to changed
-    fields (ViT resamples its position table when ``img_size`` differs).
+    fields (ViT resamples its position table when ``img_size`` differs). A diffusers model directory (its
+    config.json names a ``_class_name``: UNet2DModel, DiTTransformer2DModel, AutoencoderKL) is converted on load.
     """
+    from visionformers.convert.from_diffusers import is_diffusers_model_dir, load_diffusers_model
     from visionformers.registry import replace_config
+
+    check_path("directory", directory)
+    if is_diffusers_model_dir(directory):
+        if overrides:
+            raise ValueError(f"overrides {sorted(overrides)} are not accepted for a diffusers model directory "
+                             f"({str(directory)!r}): its config.json fixes every field")
+        return load_diffusers_model(directory, device)
 
     cls, config = read_config(directory)
     saved_config = config

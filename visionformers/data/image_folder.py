@@ -123,6 +123,13 @@ class ImageFolderDataset(Dataset):
         if not self.paths:
             raise ValueError(f"root={root!r}: all {len(bad)} images failed the {check!r} check")
         self.captions = load_captions(captions_file) if captions_file is not None else {}
+        if captions_file is not None:
+            rels = {os.path.relpath(p, root).replace(os.sep, "/") for p in self.paths}
+            if not rels & set(self.captions):
+                shown = sorted(self.captions)[:3]
+                raise ValueError(f"captions_file={os.fspath(captions_file)!r}: none of its {len(self.captions)} paths "
+                                 f"(e.g. {shown}) names an image under root={root!r}; expected file_name values "
+                                 f"relative to root, such as {sorted(rels)[:2]}")
         self.transform = transform or diffusion_train_transform(resolution, center_crop, random_flip, interpolation)
 
     def __len__(self) -> int:

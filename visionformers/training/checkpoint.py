@@ -220,6 +220,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # a name may sit in a sub-directory (text_encoder/tokenizer.json)
     atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 

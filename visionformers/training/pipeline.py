@@ -122,22 +122,36 @@ def schedule_from(settings: dict) -> NoiseSchedule | RectifiedFlow:
     return NoiseSchedule(settings["noise_schedule"], settings["num_train_timesteps"])
 
 
-def build_text_conditioner(preset: str, device: torch.device | str = "cpu", seed: int = 0, encoder: nn.Module | None = None):
-    """A frozen text encoder (``visionformers.text.conditioning.TextConditioner``) in eval mode.
+def build_text_conditioner(preset: str, device: torch.device | str = "cpu", seed: int = 0, encoder: nn.Module | None = None,
+                           tokenizer=None, train: bool = False):
+    """A text encoder (``visionformers.text.conditioning.TextConditioner``), frozen in eval mode unless ``train``.
 
-    A new encoder is initialised from ``seed`` alone (not the per-process RNG), so every process of a run, and a
-    resumed run, gets the same weights; pass ``encoder`` to wrap saved weights instead.
+    ``preset`` is a text preset name (a new encoder initialised from ``seed`` alone, not the per-process RNG, so
+    every process of a run, and a resumed run, gets the same weights) or a transformers model directory (T5 / T5
+    encoder, BERT, GPT-2 with its ``tokenizer.json``: pretrained weights and their tokenizer). Pass ``encoder`` (and
+    its ``tokenizer``) to wrap saved weights instead.
     """
     from visionformers.text.conditioning import TextConditioner
+    from visionformers.text.pretrained import is_transformers_dir, load_text_encoder
     from visionformers.training.loop import mix_seed
 
+    if encoder is None and is_transformers_dir(preset):
+        encoder, tokenizer = load_text_encoder(preset)
     if encoder is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(seed, 0x7E47))
-            cond = TextConditioner(preset)
+            cond = TextConditioner(preset, freeze=not train)
     else:
-        cond = TextConditioner(encoder)
-    return cond.to(device).eval()
+        cond = TextConditioner(encoder, tokenizer, freeze=not train)
+    cond = cond.to(device)
+    return cond if train else cond.eval()
+
+
+def text_encoder_files(conditioner) -> dict:
+    """{relative file name: JSON} that a model directory carries for its text encoder's tokenizer."""
+    if conditioner is None:
+        return {}
+    return {f"{TEXT_ENCODER_DIR}/tokenizer.json": conditioner.tokenizer.to_dict()}
 
 
 def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", use_ema: bool = True):
@@ -169,7 +183,13 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
         enc_dir = path / TEXT_ENCODER_DIR
         if not enc_dir.is_dir():
             raise FileNotFoundError(f"{str(enc_dir)!r} is missing: a text-conditional model needs its text encoder")
-        conditioner = build_text_conditioner(settings["text_encoder"], device, encoder=from_pretrained(enc_dir))
+        tokenizer = None
+        if (enc_dir / "tokenizer.json").is_file():
+            from visionformers.text.pretrained import load_saved_tokenizer
+
+            tokenizer = load_saved_tokenizer(enc_dir)
+        conditioner = build_text_conditioner(settings["text_encoder"], device, encoder=from_pretrained(enc_dir),
+                                             tokenizer=tokenizer)
     return model.eval(), settings, conditioner
 
 
