@@ -160,6 +160,7 @@ def build_dataset(args):
 def sample_prompts(dataset, n: int) -> list[str]:
     """Prompts of the periodic sample grids: the training set's own captions (the digits' for the embedded data),
     taken at n evenly spread indices so that the grid shows the variety of the captions."""
+    dataset = getattr(dataset, "base", dataset)  # a latent cache reads its captions from the image dataset
     if isinstance(dataset, data.DigitsDataset):
         return [data.digit_caption(i % 10) for i in range(n)]
     return [dataset.caption(i * len(dataset) // n) for i in range(n)]
