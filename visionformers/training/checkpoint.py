@@ -8,11 +8,14 @@ A checkpoint is a directory ``<output_dir>/checkpoint-<step>`` holding
     scheduler.json          lr scheduler state (ints and floats)
     scaler.json             fp16 grad-scaler state, when there is one
     rng-<rank>.pt           every RNG state of process <rank>: tensors and ints, torch.load(weights_only=True)
-    state.json              step, data position, counters, run config, and the size of every file above
+    state.json              step, data position, counters, run config, and the size and SHA-256 of every file above
 
-It is written under ``.tmp-checkpoint-<step>``; ``state.json`` goes last and the directory is renamed into place
-only when every file is on disk, so a ``checkpoint-<step>`` directory is always complete. :func:`is_complete`
-re-checks the sizes recorded in ``state.json`` anyway (a copy made with another tool may be partial).
+It is written under ``.tmp-checkpoint-<step>``; every file is fsynced, ``state.json`` goes last and the directory
+is renamed into place only when every file is on disk, so a ``checkpoint-<step>`` directory is always complete.
+:func:`is_complete` re-checks the recorded sizes anyway (a copy made with another tool may be partial), and resuming
+verifies the checksums (a file altered in place keeps its size). Links inside a checkpoint are refused.
+Re-saving an existing step (or re-exporting ``model/``) first renames the old copy to ``.prev-<name>``; a run killed
+between the two renames gets it back from :func:`recover_interrupted`, so the last complete copy is never lost.
 Pruning renames a directory to ``.trash-...`` before deleting it, so a half-deleted checkpoint is never
 mistaken for a usable one.
 
@@ -22,6 +25,8 @@ directory must be on a filesystem every process sees (as for ``accelerate``'s ow
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -33,13 +38,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visionformers._validate import fail
+from visionformers._validate import fail, is_int
 from visionformers.hub import FORMAT_VERSION as HUB_FORMAT_VERSION
 from visionformers.hub import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     atomic_write_bytes,
     config_to_dict,
+    read_json,
     load_state_dict,
     save_pretrained,
     save_state_dict,
@@ -61,10 +67,13 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+PREV_PREFIX = ".prev-"  # the last complete copy of a directory while its replacement is renamed into place
 STATE_NAME = "state.json"
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors"
 SCHEDULER_FILE, SCALER_FILE = "scheduler.json", "scaler.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each file's size and SHA-256; 1 (still read): sizes only
+MAX_STEP = 2**53  # a step count JSON, Python and every tracker hold exactly
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Test hook: seconds to sleep after each file, so a kill can land in the middle of a checkpoint write.
 WRITE_DELAY_ENV = "VF_CHECKPOINT_WRITE_DELAY"
 _NAME_RE = re.compile(rf"^{re.escape(PREFIX)}(\d+)$")
@@ -83,41 +92,103 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def read_state(path: str | os.PathLike) -> dict:
-    """Parse ``state.json`` of a checkpoint; errors name the file."""
-    file = Path(path) / STATE_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{str(file)!r} is missing: {str(path)!r} is not a complete checkpoint")
-    try:
-        state = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(file)!r} is not valid JSON ({e})") from None
-    if not isinstance(state, dict) or "step" not in state or "files" not in state:
-        raise ValueError(f"{str(file)!r} lacks 'step' and 'files'; was it written by save_checkpoint?")
+def validate_state(state, source: str) -> dict:
+    """Check the values of a parsed ``state.json`` (types, ranges, required keys); errors name ``source``."""
+    def bad(what: str):
+        raise ValueError(f"{source}: {what}; was it written by save_checkpoint?")
+
+    if not isinstance(state, dict):
+        bad(f"expected a JSON object, got {type(state).__name__}")
+    missing = [k for k in ("step", "files") if k not in state]
+    if missing:
+        bad(f"required key(s) {missing} are missing")
+    version = state.get("format_version", 1)
+    if not is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        bad(f"format_version={version!r} is not readable here (accepted: 1..{FORMAT_VERSION})")
+    if not is_int(state["step"]) or not 0 <= state["step"] <= MAX_STEP:
+        bad(f"step={state['step']!r} is not an int in [0, {MAX_STEP}]")
+    if not is_int(state.get("world_size", 1)) or state.get("world_size", 1) < 1:
+        bad(f"world_size={state.get('world_size')!r} is not an int >= 1")
+    for key in ("train_state", "config"):
+        if not isinstance(state.get(key, {}), dict):
+            bad(f"{key!r} is a {type(state[key]).__name__}, not a JSON object")
+    inner = state.get("train_state", {}).get("step", state["step"])
+    if inner != state["step"]:
+        bad(f"train_state step={inner!r} differs from step={state['step']!r}")
+    files = state["files"]
+    if not isinstance(files, dict) or not files:
+        bad(f"'files' is a {type(files).__name__}, not a non-empty object of file name -> size and checksum")
+    for name, entry in files.items():
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or name.startswith(TMP_PREFIX):
+            bad(f"file name {name!r} leaves the checkpoint directory")
+        size, digest = (entry, None) if version == 1 else (
+            (entry.get("size"), entry.get("sha256")) if isinstance(entry, dict) else (None, None))
+        if not is_int(size) or size < 0 or (version > 1 and not (isinstance(digest, str) and _HEX64.match(digest))):
+            bad(f"entry {name!r}: {entry!r} is not " + ("a size" if version == 1 else "{'size': int, 'sha256': hex}"))
     return state
 
 
-def is_complete(path: str | os.PathLike) -> bool:
-    """True when ``state.json`` parses and every file it lists exists with the recorded size."""
+def read_state(path: str | os.PathLike) -> dict:
+    """Parse and validate ``state.json`` of a checkpoint; errors name the file."""
+    file = Path(path) / STATE_NAME
+    if not file.is_file() or file.is_symlink():
+        raise FileNotFoundError(f"{str(file)!r} is missing: {str(path)!r} is not a complete checkpoint")
+    return validate_state(read_json(file, "checkpoint state"), repr(str(file)))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_entries(state: dict) -> dict[str, tuple[int, str | None]]:
+    """{name: (size, sha256 or None)} of a validated state (format 1 recorded sizes only)."""
+    if state.get("format_version", 1) == 1:
+        return {name: (size, None) for name, size in state["files"].items()}
+    return {name: (e["size"], e["sha256"]) for name, e in state["files"].items()}
+
+
+def checkpoint_problem(path: str | os.PathLike, verify: bool = False) -> str | None:
+    """What makes ``path`` unusable as a checkpoint, or None: ``state.json`` missing or invalid, its step not the
+    directory's, a link inside it, a listed file missing or of the wrong size, and with ``verify`` a file whose
+    SHA-256 differs from the one recorded."""
     path = Path(path)
     try:
         state = read_state(path)
-    except (FileNotFoundError, ValueError, OSError):
-        return False
-    for name, size in state["files"].items():
+    except (FileNotFoundError, ValueError, OSError) as e:
+        return str(e).splitlines()[0]
+    named = checkpoint_step(path)
+    if named is not None and named != state["step"]:
+        return f"its state.json says step {state['step']}, its name step {named}"
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                rel = os.path.relpath(os.path.join(dirpath, name), path)
+                return f"{rel!r} is a symbolic link; checkpoints hold plain files only"
+    for name, (size, digest) in _file_entries(state).items():
         f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            return False
-    return True
+        if not f.is_file():
+            return f"{name!r} is missing"
+        if f.stat().st_size != size:
+            return f"{name!r} has {f.stat().st_size} bytes, {size} recorded"
+        if verify and digest is not None and sha256_file(f) != digest:
+            return f"{name!r} does not match its recorded SHA-256 (the file was altered or damaged)"
+    return None
+
+
+def is_complete(path: str | os.PathLike, verify: bool = False) -> bool:
+    """True when ``state.json`` is valid and every file it lists exists with the recorded size (and, with
+    ``verify``, the recorded SHA-256)."""
+    return checkpoint_problem(path, verify) is None
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete ``checkpoint-<step>`` directories of ``output_dir``, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(checkpoint_step(p), p) for p in output_dir.iterdir() if p.is_dir()]
-    return [p for step, p in sorted((s, p) for s, p in found if s is not None) if is_complete(p)]
+    return [p for p in reversed(_candidates(Path(output_dir))) if is_complete(p)]
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -126,28 +197,50 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def _candidates(output_dir: Path) -> list[Path]:
+    """Every ``checkpoint-<step>`` directory of ``output_dir``, newest first, complete or not."""
+    if not output_dir.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in output_dir.iterdir() if p.is_dir()]
+    return [p for step, p in sorted(((s, p) for s, p in found if s is not None), reverse=True)]
+
+
 def resolve_checkpoint(output_dir: str | os.PathLike, spec: str | None) -> Path | None:
     """``--resume_from_checkpoint`` -> a checkpoint directory, or None to start fresh.
 
-    ``"latest"``: the newest complete checkpoint in ``output_dir`` (None, with a log line, when there is none).
-    Otherwise a path, or a name inside ``output_dir``, that must be a complete checkpoint.
+    ``"latest"``: the newest checkpoint of ``output_dir`` whose files match their recorded sizes and checksums;
+    damaged or incomplete ones are skipped with a warning naming them. None (a new run) only when there is no
+    checkpoint at all: when every one is damaged this refuses, naming them, rather than overwrite them.
+    Otherwise a path, or a name inside ``output_dir``, that must be a verified checkpoint.
     """
     if spec is None or spec == "":
         return None
     if spec == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            logger.info("no complete checkpoint in %s; starting a new run", output_dir)
-        return found
+        skipped = []
+        for path in _candidates(Path(output_dir)):
+            problem = checkpoint_problem(path, verify=True)
+            if problem is None:
+                if skipped:
+                    logger.warning("skipped damaged or incomplete checkpoint(s): %s; resuming from %s",
+                                   "; ".join(skipped), path.name)
+                return path
+            skipped.append(f"{path.name} ({problem})")
+        if skipped:
+            raise ValueError(f"--resume_from_checkpoint latest: {str(output_dir)!r} holds no usable checkpoint, only "
+                             f"damaged or incomplete ones: {'; '.join(skipped)}; repair or move them away (starting "
+                             "over would overwrite them)")
+        logger.info("no checkpoint in %s; starting a new run", output_dir)
+        return None
     path = Path(spec)
     if not path.exists() and (Path(output_dir) / spec).exists():
         path = Path(output_dir) / spec
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint={spec!r} is not a directory (nor a name in "
                                 f"{str(output_dir)!r}); pass 'latest' or a checkpoint-<step> directory")
-    if not is_complete(path):
-        raise ValueError(f"resume_from_checkpoint={spec!r} is not a complete checkpoint (state.json missing or a "
-                         "file truncated); pass 'latest' to pick the newest complete one")
+    problem = checkpoint_problem(path, verify=True)
+    if problem is not None:
+        raise ValueError(f"resume_from_checkpoint={spec!r} is not a usable checkpoint: {problem}; pass 'latest' to "
+                         "pick the newest usable one")
     return path
 
 
@@ -174,9 +267,31 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None,
     return removed
 
 
+def recover_interrupted(output_dir: str | os.PathLike) -> list[Path]:
+    """Put back a ``.prev-<name>`` copy whose replacement never reached its place (a kill between the two renames
+    of :func:`_publish`); drop it when the replacement is there. Returns the restored paths."""
+    output_dir, restored = Path(output_dir), []
+    if not output_dir.is_dir():
+        return restored
+    for prev in sorted(output_dir.iterdir()):
+        if not prev.name.startswith(PREV_PREFIX) or not prev.is_dir():
+            continue
+        final = output_dir / prev.name[len(PREV_PREFIX):]
+        if final.exists():  # the replacement was renamed into place: the old copy is redundant
+            shutil.rmtree(prev, ignore_errors=True)
+        else:
+            os.replace(prev, final)
+            restored.append(final)
+            logger.warning("restored %s, whose replacement was interrupted", final)
+    _fsync_dir(output_dir)
+    return restored
+
+
 def remove_stale(output_dir: str | os.PathLike) -> None:
-    """Remove ``.tmp-*`` / ``.trash-*`` leftovers of a killed run (call on the main process, before saving)."""
+    """Restore interrupted replacements (:func:`recover_interrupted`), then remove ``.tmp-*`` / ``.trash-*``
+    leftovers of a killed run (call on the main process, holding the output directory's lock, before saving)."""
     output_dir = Path(output_dir)
+    recover_interrupted(output_dir)
     if output_dir.is_dir():
         for p in output_dir.iterdir():
             if p.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
@@ -223,6 +338,25 @@ def _write_json(path: Path, data) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``final``. An existing ``final`` is renamed to ``.prev-<name>``
+    first and deleted only once the new one is in place (:func:`recover_interrupted` undoes a kill in between)."""
+    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+    if final.exists():
+        prev = final.with_name(f"{PREV_PREFIX}{final.name}")
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
+        _fsync_dir(final.parent)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        shutil.rmtree(prev, ignore_errors=True)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -263,7 +397,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    torch.save(capture_rng_state(generators), tmp / rng_file(dist.rank))
+    buffer = io.BytesIO()
+    torch.save(capture_rng_state(generators), buffer)
+    atomic_write_bytes(tmp / rng_file(dist.rank), buffer.getvalue())
     _pause()
     if dist.is_main:
         save_state_dict(model_sd, tmp / MODEL_FILE, metadata={"format": "pt"})
@@ -286,22 +422,14 @@ def save_checkpoint(
             save_pretrained(module, tmp / name)
     dist.barrier()  # every rank's RNG file is on disk
     if dist.is_main:
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         state = {"format_version": FORMAT_VERSION, "step": int(step), "world_size": dist.world,
                  "train_state": train_state or {}, "config": config or {}, "files": files,
                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _pause()
         _write_json(tmp / STATE_NAME, state)
-        _fsync_dir(tmp)
-        if final.exists():  # e.g. a run resumed from an earlier step reaches this step again
-            old = output_dir / f"{TRASH_PREFIX}{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(output_dir)
+        _publish(tmp, final)  # an existing step (a resumed run reaching it again) is replaced keeping a copy
         prune_checkpoints(output_dir, total_limit, keep=(*keep, final))
     dist.barrier()
     return final
@@ -317,18 +445,26 @@ def load_checkpoint(
     scaler=None,
     generators: dict[str, torch.Generator] | None = None,
     accelerator=None,
+    train_state_keys: tuple[str, ...] = (),
 ) -> dict:
     """Restore everything :func:`save_checkpoint` wrote, into already prepared objects; returns state.json.
 
     Call it after ``accelerator.prepare`` and after everything that draws random numbers at start-up, since it
     restores the RNG states last. A run on another number of processes loads weights and optimizer exactly;
     processes without an RNG file keep their fresh seeds (the run is then valid but not bit-identical).
+    Every file is checked against its recorded SHA-256 first; ``train_state_keys`` are the keys the caller's
+    ``train_state`` must hold.
     """
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"checkpoint {str(path)!r} is incomplete or damaged (see its state.json 'files')")
+    problem = checkpoint_problem(path, verify=True)
+    if problem is not None:
+        raise ValueError(f"checkpoint {str(path)!r} is not usable: {problem}")
     dist = _Dist(accelerator)
     state = read_state(path)
+    missing = [k for k in train_state_keys if k not in state["train_state"]]
+    if missing:
+        raise ValueError(f"checkpoint {str(path / STATE_NAME)!r}: train_state lacks {missing}; it was written by "
+                         "another script or version")
     if ema is not None:
         if not (path / EMA_FILE).is_file():
             raise FileNotFoundError(f"{str(path / EMA_FILE)!r} is missing: the checkpoint was saved without EMA")
@@ -351,13 +487,13 @@ def load_checkpoint(
     if lr_scheduler is not None:
         # The schedule's shape (warm-up, total steps) comes from the current run's arguments, so a run can be
         # extended; its position (last_epoch) and base lrs come from the checkpoint.
-        sched_state = json.loads((path / SCHEDULER_FILE).read_text())
+        sched_state = read_json(path / SCHEDULER_FILE, "scheduler state")
         if "lr_lambdas" in sched_state:
             sched_state["lr_lambdas"] = [None] * len(sched_state["lr_lambdas"])
         lr_scheduler.load_state_dict(sched_state)
     if scaler is not None:
         if (path / SCALER_FILE).is_file():
-            scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
+            scaler.load_state_dict(read_json(path / SCALER_FILE, "grad-scaler state"))
         else:
             logger.warning("%s has no grad-scaler state (saved without fp16); the scaler starts fresh", path)
     rng = path / rng_file(dist.rank)
@@ -411,23 +547,14 @@ def export_pretrained(model: nn.Module, save_directory: str | os.PathLike, ema=N
             _write_json(tmp / name, data)
         for name, module in (extra_models or {}).items():
             save_pretrained(module, tmp / name)
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.with_name(f"{TRASH_PREFIX}{out.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        _publish(tmp, out)
     dist.barrier()
     return out
 
 
 __all__ = [
-    "PREFIX", "STATE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "checkpoint_step", "read_state", "is_complete",
+    "PREFIX", "STATE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "checkpoint_step", "read_state", "validate_state", "is_complete",
+    "checkpoint_problem", "sha256_file", "recover_interrupted",
     "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "prune_checkpoints", "remove_stale",
     "full_model_state_dict", "load_model_state", "ema_state_dict", "optimizer_to_safetensors",
     "optimizer_from_safetensors", "model_config_json", "save_checkpoint", "load_checkpoint", "export_pretrained",

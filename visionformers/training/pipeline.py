@@ -70,13 +70,25 @@ def build_denoiser(name: str, in_channels: int, sample_size: int, num_classes: i
     JSON lists in ``overrides`` become the tuples configs expect."""
     from visionformers import registry
 
-    fields = {f.name for f in dataclasses.fields(registry.get_preset(name)[1])}
+    cls, preset = registry.get_preset(name)
+    if not hasattr(preset, "sample_size"):
+        denoisers = [n for n in registry.list_models() if hasattr(registry.get_preset(n)[1], "sample_size")]
+        raise ValueError(f"model {name!r} is a {cls.__name__}, not a denoiser (it does not map a noisy image and a "
+                         f"timestep to an image); choose a UNet or DiT preset: {denoisers}")
+    fields = {f.name for f in dataclasses.fields(preset)}
     config = {k: v for k, v in {"learn_sigma": False, "class_dropout_prob": 0.0}.items() if k in fields}
     config.update({k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()})
     config.update(in_channels=in_channels, sample_size=sample_size, num_classes=num_classes)
     if context_dim is not None:
         config["context_dim"] = context_dim
-    return registry.create_model(name, **config)
+    try:
+        return registry.create_model(name, **config)
+    except ValueError as e:
+        if str(e).startswith("attention_resolutions="):  # the preset's sizes were chosen for its own sample_size
+            raise ValueError(f"{e}: attention_resolutions must be among the feature-map sizes that sample_size="
+                             f"{sample_size} halves down to; use the sample size the preset was made for "
+                             f"({preset.sample_size}) or set attention_resolutions to sizes of that list") from None
+        raise
 
 
 def training_inputs(batch: dict, settings: dict, conditioner, drop_prob: float, generator: torch.Generator,
