@@ -31,19 +31,20 @@ from visionformers.metrics import (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="FID/KID of generated images against a reference set.")
+    p = argparse.ArgumentParser(description="FID/KID of generated images against a reference set.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--real", required=True, help='folder of reference images, or "digits"')
     p.add_argument("--fake", required=True, help="folder of generated images")
     p.add_argument("--feature_extractor", required=True, help="inception:PATH | visionformers:DIR | random_conv")
-    p.add_argument("--metrics", nargs="+", default=["fid", "kid"], choices=["fid", "kid"])
+    p.add_argument("--metrics", nargs="+", default=["fid", "kid"], choices=["fid", "kid"], help="metrics to compute")
     p.add_argument("--cache", default=None, help=".npz of the reference statistics (read if present, else written)")
     p.add_argument("--resolution", type=int, default=32, help="images are loaded at this size (center crop)")
-    p.add_argument("--channels", type=int, default=3, choices=[1, 3])
-    p.add_argument("--digits_split", default="train", choices=["train", "test", "all"])
-    p.add_argument("--kid_subsets", type=int, default=100)
-    p.add_argument("--kid_subset_size", type=int, default=1000)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels the images are loaded with")
+    p.add_argument("--digits_split", default="train", choices=["train", "test", "all"], help="split of --real digits")
+    p.add_argument("--kid_subsets", type=int, default=100, help="random subsets KID averages over")
+    p.add_argument("--kid_subset_size", type=int, default=1000, help="images per KID subset (capped by the set sizes)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per feature-extractor forward")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to run on")
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in ("resolution", "kid_subsets", "batch_size")]
                + [("kid_subset_size", lambda v: v >= 2, "an int >= 2")])

@@ -19,30 +19,32 @@ from visionformers._validate import check_args, script_errors
 from visionformers.text import BPETokenizer, ByteTokenizer
 from visionformers.training import build_lr_scheduler, build_optimizer, make_generator, seed_everything
 from visionformers.training.pipeline import default_mixed_precision, force_cpu, json_config_fields
+from visionformers.training.run_dir import open_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("text_file", help="a UTF-8 text file to learn from")
-    a("--output_dir", default="outputs/lm")
+    a("--output_dir", default="outputs/lm", help="model, config and tokenizer (locked while the run uses it)")
+    a("--overwrite_output_dir", action="store_true", help="start a new run in an --output_dir holding another run")
     a("--model", default="gpt_tiny", help="a GPT preset (vf.list_models('gpt*'))")
     a("--model_overrides", type=json_config_fields, default={}, help='JSON of config fields, e.g. \'{"depth": 4}\'')
-    a("--tokenizer", default="byte", choices=["byte", "bpe"])
+    a("--tokenizer", default="byte", choices=["byte", "bpe"], help="byte-level, or a BPE learned from text_file")
     a("--vocab_size", type=int, default=2048, help="BPE vocabulary size (--tokenizer bpe)")
     a("--block_size", type=int, default=128, help="tokens per training window")
     a("--train_batch_size", type=int, default=32, help="per process")
-    a("--max_train_steps", type=int, default=2000)
-    a("--learning_rate", type=float, default=1e-3)
-    a("--lr_warmup_steps", type=int, default=100)
-    a("--weight_decay", type=float, default=0.1)
-    a("--max_grad_norm", type=float, default=1.0)
+    a("--max_train_steps", type=int, default=2000, help="optimizer steps (sets the lr schedule)")
+    a("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    a("--lr_warmup_steps", type=int, default=100, help="linear warm-up steps")
+    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
+    a("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
     a("--val_fraction", type=float, default=0.05, help="the end of the file, held out for validation loss")
-    a("--eval_steps", type=int, default=200)
+    a("--eval_steps", type=int, default=200, help="validation loss every N steps")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 if supported")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed of weights and training windows")
     a("--sample_prompt", default="\n", help="prompt of the sample printed at the end")
-    a("--sample_tokens", type=int, default=200)
+    a("--sample_tokens", type=int, default=200, help="length of the sample printed at the end")
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
         "block_size", "train_batch_size", "max_train_steps", "eval_steps")] + [
@@ -76,6 +78,7 @@ def validation_loss(model, data: torch.Tensor, block_size: int, device, max_wind
 def main(argv=None) -> Path:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=force_cpu(), mixed_precision=args.mixed_precision or default_mixed_precision())
+    run = open_run(args.output_dir, vars(args), overwrite=args.overwrite_output_dir, accelerator=accelerator)
     seed_everything(args.seed)  # the same initial weights on every process
     path = Path(args.text_file)
     if not path.is_file():
@@ -128,6 +131,7 @@ def main(argv=None) -> Path:
                                     generator=torch.Generator(accelerator.device).manual_seed(args.seed))
         print(f"saved to {out}\n--- sample ---\n{tok.decode(sample[0])}")
     accelerator.end_training()
+    run.close()
     return out
 
 

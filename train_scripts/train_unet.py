@@ -125,6 +125,7 @@ def main(argv=None) -> None:
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
     track.setup_logging(accelerator.is_main_process)
+    pipeline.check_distributed(accelerator)
     run = run_dir.open_run(args.output_dir, vars(args), resume=args.resume_from_checkpoint,
                            overwrite=args.overwrite_output_dir, accelerator=accelerator)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device

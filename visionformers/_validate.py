@@ -5,6 +5,7 @@ so a caller never sees a traceback from deep inside torch.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import numbers
@@ -177,6 +178,10 @@ def check_image(
 
 
 # ---- scripts ------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` that shows every option's default and keeps the description's line breaks."""
 
 
 def check_args(args, rules: Iterable[tuple[str, Callable[[object], bool], str]]) -> None:

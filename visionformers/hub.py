@@ -326,11 +326,11 @@ def check_weights_fit(cls: type[nn.Module], config, weights: str | os.PathLike, 
             shell = cls(config)
     except (ValueError, TypeError, RuntimeError, OverflowError) as e:
         raise ValueError(f"{str(source)!r}: the config does not build a {cls.__name__} ({str(e).splitlines()[0]})") from None
-    own = shell.state_dict()
+    own = shell.state_dict(keep_vars=True)  # tied parameters are the same object (meta tensors have no address)
     ints = _config_ints(config)
     for key, tensor in own.items():
         if key not in header:
-            if any(t.data_ptr() == tensor.data_ptr() and k in header for k, t in own.items() if k != key):
+            if any(t is tensor and k in header for k, t in own.items() if k != key):
                 continue  # tied to a tensor the file holds
             raise ValueError(f"{str(weights)!r} has no tensor {key!r} that the config of {str(source)!r} asks for")
         dtype, shape = header[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from visionformers._validate import check_choice, fail
 from visionformers.diffusion import NoiseSchedule
-from visionformers.hub import from_pretrained, load_into, load_state_dict, read_config
+from visionformers.hub import from_pretrained, load_into, load_state_dict, read_config, read_json
 
 DIFFUSION_FILE = "diffusion.json"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -39,6 +40,18 @@ def default_mixed_precision() -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def check_distributed(accelerator) -> None:
+    """Say what runs when the accelerate config asks for FSDP on a machine without CUDA: accelerate then runs
+    plain data parallelism over gloo (every process holds the whole model), without a word."""
+    from accelerate import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if asked and accelerator.distributed_type != DistributedType.FSDP and accelerator.is_main_process:
+        print(f"note: the accelerate config asks for FSDP, which needs CUDA; running "
+              f"{accelerator.distributed_type.value} on {accelerator.device} instead (each process holds the whole "
+              "model)", file=sys.stderr)
 
 
 def force_cpu() -> bool:
@@ -137,10 +150,15 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
         raise FileNotFoundError(f"model path {str(path)!r} is not a directory; pass <output_dir>/model or a "
                                 "checkpoint-<step> directory")
     settings_file = path / DIFFUSION_FILE
+    if not settings_file.is_file() and (path / "model" / DIFFUSION_FILE).is_file():
+        raise FileNotFoundError(f"model path {str(path)!r} is a training output directory; pass its exported model, "
+                                f"{str(path / 'model')!r}, or one of its checkpoint-<step> directories")
     if not settings_file.is_file():
         raise FileNotFoundError(f"{str(settings_file)!r} is missing: {str(path)!r} was not written by "
                                 "train_unet.py (it needs the schedule and conditioning the model was trained with)")
-    settings = json.loads(settings_file.read_text())
+    settings = read_json(settings_file, "diffusion settings")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{str(settings_file)!r} is not a JSON object of diffusion settings")
     check_choice("conditioning", settings.get("conditioning"), CONDITIONINGS)
     from visionformers.training.checkpoint import EMA_FILE, MODEL_FILE
 
