@@ -48,10 +48,12 @@ def check_distributed(accelerator) -> None:
     from accelerate import DistributedType
 
     asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    if asked and accelerator.distributed_type != DistributedType.FSDP and accelerator.is_main_process:
-        print(f"note: the accelerate config asks for FSDP, which needs CUDA; running "
-              f"{accelerator.distributed_type.value} on {accelerator.device} instead (each process holds the whole "
-              "model)", file=sys.stderr)
+    kind = accelerator.distributed_type
+    if asked and kind != DistributedType.FSDP and accelerator.is_main_process:
+        what = ("one process" if kind == DistributedType.NO else
+                f"{kind.value} data parallelism (each process holds the whole model)")
+        print(f"note: the accelerate config asks for FSDP, which needs CUDA; running {what} on {accelerator.device} "
+              "instead", file=sys.stderr)
 
 
 def force_cpu() -> bool:
