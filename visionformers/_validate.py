@@ -10,6 +10,7 @@ import functools
 import math
 import numbers
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -196,7 +197,8 @@ def check_args(args, rules: Iterable[tuple[str, Callable[[object], bool], str]])
 def script_errors(main: Callable) -> Callable:
     """Wrap a script's ``main`` for the command line (``script_errors(main)()`` under ``__main__``; called from
     Python, ``main`` keeps raising): a bad argument (ValueError / FileNotFoundError, which name it) exits with the
-    one line ``error: ...`` on stderr instead of a traceback. ``VISIONFORMERS_TRACEBACK=1`` re-raises, for debugging."""
+    one line ``error: ...`` on stderr instead of a traceback, and Ctrl-C with ``interrupted`` (status 130).
+    ``VISIONFORMERS_TRACEBACK=1`` re-raises, for debugging."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
@@ -206,5 +208,10 @@ def script_errors(main: Callable) -> Callable:
             if os.environ.get("VISIONFORMERS_TRACEBACK"):
                 raise
             raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops at a step boundary itself)
+            if os.environ.get("VISIONFORMERS_TRACEBACK"):
+                raise
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return run

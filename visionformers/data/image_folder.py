@@ -6,6 +6,10 @@ Layouts
 - flat: images directly in ``root`` (not recursive) and no subfolder holding images; unconditional, every
   label is -1 (an int rather than None, so torch's default_collate still batches it).
 
+Images: links to folders are followed, each folder once (a link loop does not repeat images); 16-bit images
+(PIL "I;16") are scaled to 8 bits; transparent pixels are composited onto white. One warning at construction
+counts images with transparency and images smaller than ``resolution`` (upscaled), beside skipped broken files.
+
 Captions, first match wins: the JSON-lines ``captions_file`` (see ``visionformers.data.captions``), then a
 ``<image stem>.txt`` file beside the image, then the class name with "_" read as a space (class folders)
 or "" (flat).

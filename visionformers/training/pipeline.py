@@ -162,9 +162,12 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
     if not isinstance(settings, dict):
         raise ValueError(f"{str(settings_file)!r} is not a JSON object of diffusion settings")
     check_choice("conditioning", settings.get("conditioning"), CONDITIONINGS)
-    from visionformers.training.checkpoint import EMA_FILE, MODEL_FILE
+    from visionformers.training.checkpoint import EMA_FILE, MODEL_FILE, checkpoint_problem
 
     if (path / MODEL_FILE).is_file() and (path / "state.json").is_file():  # a training checkpoint
+        problem = checkpoint_problem(path, verify=True)
+        if problem is not None:
+            raise ValueError(f"model path {str(path)!r} is a damaged checkpoint: {problem}")
         cls, config = read_config(path)
         model = cls(config)
         weights = path / (EMA_FILE if use_ema and (path / EMA_FILE).is_file() else MODEL_FILE)
