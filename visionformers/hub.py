@@ -262,6 +262,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tup
     too large, malformed or points past the end of the file is a ValueError naming the file."""
     path = Path(path)
     size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"weights file {str(path)!r} is empty; expected a safetensors file")
 
     def bad(why: str):
         raise ValueError(f"weights file {str(path)!r} is not a readable safetensors file ({why})")
