@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionformers.nn.conv as conv_mod
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn.conv import WINOGRAD_MIN_CHANNELS, Conv2d, conv2d
 
 CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))

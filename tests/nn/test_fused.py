@@ -13,7 +13,7 @@ import visionformers.nn.fused as fused_mod
 import visionformers.nn.gemm as gemm_mod
 import visionformers.nn.linear as linear_mod
 import visionformers.nn.mlp as mlp_mod
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn import Mlp, RMSNorm, TransformerBlock
 from visionformers.nn.fused import linear_add_norm, native_bias_act_, native_epilogue_available
 from visionformers.nn.linear import NATIVE_MAX_ROWS

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionformers.nn.group_norm as gn_mod
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn.group_norm import group_norm_act, native_group_norm_available
 
 CAN_BUILD = sys.platform.startswith("linux") and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import visionformers as vf
 import visionformers.nn.linear as linear_mod
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn import Linear
 from visionformers.nn.linear import (
     NATIVE_MAX_ROWS, ONEDNN_MIN_K, linear, native_kernel_off, native_linear_available, onednn_linear_chosen,
@@ -165,53 +165,6 @@ def test_native_kernel_off_is_scoped(native_calls):
     assert len(native_calls) == (1 if native_linear_available() else 0)
 
 
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("VISIONFORMERS_NATIVE", "0")
-    assert not _native.enabled() and _native.load("linear_rows") is None
-
-
-@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux with a C compiler")
-def test_build_is_cached_per_source_and_atomic(tmp_path, monkeypatch):
-    monkeypatch.setenv("VISIONFORMERS_CACHE", str(tmp_path))
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    source = _native._SOURCES / "linear_rows.c"
-    first = _native._build("linear_rows", source, compiler)
-    assert first is not None and first.parent == tmp_path / "native"
-    stamp = first.stat().st_mtime_ns
-    assert _native._build("linear_rows", source, compiler) == first and first.stat().st_mtime_ns == stamp
-    changed = tmp_path / "linear_rows.c"
-    changed.write_text(source.read_text() + "\n/* another version */\n")
-    assert _native._build("linear_rows", changed, compiler) not in (None, first)  # a new source, a new library
-    assert sorted(p.suffix for p in (tmp_path / "native").iterdir()) == [".so", ".so"]  # no temporary left
-
-
-def test_failed_build_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("VISIONFORMERS_CACHE", str(tmp_path))
-    broken = tmp_path / "broken.c"
-    broken.write_text("this is not C\n")
-    assert _native._build("broken", broken, sys.executable) is None  # "compiler" that cannot compile it
-    assert list((tmp_path / "native").iterdir()) == []
-
-
-@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux with a C compiler")
-def test_unusable_cache_means_no_kernel_not_an_error(tmp_path, monkeypatch):
-    blocker = tmp_path / "cache"
-    blocker.write_text("a file where the cache directory would go")
-    monkeypatch.setenv("VISIONFORMERS_CACHE", str(blocker))
-    monkeypatch.setattr(_native, "_loaded", {})  # forget the library this process already loaded
-    assert _native.load("linear_rows") is None
-
-
-@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux with a C compiler")
-def test_corrupt_cached_library_means_no_kernel_not_an_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("VISIONFORMERS_CACHE", str(tmp_path))
-    monkeypatch.setattr(_native, "_loaded", {})
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    built = _native._build("linear_rows", _native._SOURCES / "linear_rows.c", compiler)
-    built.write_bytes(b"not a shared library")
-    assert _native.load("linear_rows") is None
-
-
 @pytest.mark.skipif(not native_linear_available(), reason="needs the native kernel (Linux with a C compiler)")
 @pytest.mark.parametrize("choice", ["0", "1", "auto"])
 def test_kernel_is_used_where_it_pays(choice, monkeypatch):
@@ -225,19 +178,6 @@ def test_kernel_is_used_where_it_pays(choice, monkeypatch):
     assert decision is {"0": False, "1": True}.get(choice, decision)
     if choice == "auto":
         assert isinstance(decision, bool) and len(calls) == 6 * 8  # six rounds over eight matrices were timed
-
-
-@pytest.mark.skipif(not CAN_BUILD or not _native.enabled(), reason="needs Linux with a C compiler")
-def test_kernel_wrapper_keeps_a_library_only_when_checked_and_worth_it():
-    configured = []
-    ok = _native.Kernel("linear_rows", configured.append, lambda lib: True)
-    assert ok.get() is not None and len(configured) == 1
-    assert ok.get() is ok.get() and len(configured) == 1  # decided once
-    with ok.disabled():
-        assert ok.get() is None
-    assert ok.get() is not None
-    assert _native.Kernel("linear_rows", lambda lib: None, lambda lib: False).get() is None  # failed self-check
-    assert _native.Kernel("linear_rows", lambda lib: None, lambda lib: True, worth_it=lambda lib: False).get() is None
 
 
 @pytest.fixture

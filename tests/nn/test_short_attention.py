@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import visionformers.nn.attention as attention_mod
 import visionformers.nn.short_attention as sa_mod
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn import Attention, TransformerBlock
 from visionformers.nn.attention import attend
 from visionformers.nn.linear import gemm_taken

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn.linear import _speedup, native_ready
 
 __all__ = ["Conv2d", "conv2d", "winograd_chosen", "WINOGRAD_MIN_CHANNELS"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers._validate import check_probability
 from visionformers.nn.linear import native_ready
 

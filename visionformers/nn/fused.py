@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn.gemm import ACT_CODES, gather_norm_gemm, gemm
 from visionformers.nn.gemm import mlp as mlp_product
 from visionformers.nn.linear import (

@@ -23,20 +23,20 @@ beyond it go to the library path.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from visionformers import _native
+from visionformers import _env
+from visionformers.native import build as _native
 
 __all__ = ["gemm", "mlp", "gather_norm_gemm", "packed", "native_gemm_available", "clear_packed", "PACK_BUDGET_BYTES",
            "ACT_CODES"]
 
 ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}  # vmath.h's ACT_* codes
-PACK_BUDGET_BYTES = int(os.environ.get("VISIONFORMERS_PACK_BUDGET_MB", "2048")) * 2**20
+PACK_BUDGET_BYTES: int | None = None  # None: VISIONFORMERS_PACK_BUDGET_MB, read where a weight is packed
 _P, _L = ctypes.c_void_p, ctypes.c_long
 
 
@@ -169,7 +169,7 @@ def packed(weight: torch.Tensor) -> torch.Tensor | None:
     if current is not None:
         return current
     size = lib.vf_gemm_packed_floats(*weight.shape) * 4
-    if _packed_bytes + size > PACK_BUDGET_BYTES:
+    if _packed_bytes + size > (PACK_BUDGET_BYTES if PACK_BUDGET_BYTES is not None else _env.pack_budget_mb() * 2**20):
         return None
     with torch.inference_mode(False), torch.no_grad():  # plain memory, usable later in any mode
         panels = _pack(lib, weight.detach())

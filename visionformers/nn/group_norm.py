@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn.linear import native_ready
 
 __all__ = ["group_norm_act", "native_group_norm_available"]

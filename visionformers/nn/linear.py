@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn.gemm import gemm, native_gemm_available
 
 __all__ = ["Linear", "linear", "native_linear_available", "native_kernel_off", "native_inference_ready", "native_ready",
@@ -122,7 +122,7 @@ def _time_against_blas(lib) -> bool:
     return ratio >= 1.05
 
 
-_KERNEL = _native.Kernel("linear_rows", _configure, _self_check, worth_it=_faster_than_blas)
+_KERNEL = _native.Kernel("linear_rows", _configure, lambda lib: _self_check(lib) and _faster_than_blas(lib))
 
 
 def native_linear_available() -> bool:

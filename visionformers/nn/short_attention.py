@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.nn.fused import is_layer_norm
 from visionformers.nn.gemm import ACT_CODES, packed
 from visionformers.nn.linear import GEMM_MAX_K, gemm_taken, native_ready
