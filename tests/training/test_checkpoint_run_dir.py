@@ -64,3 +64,22 @@ def test_item7_an_unwritable_output_dir_is_found_before_training(tmp_path):
                 lock.check_writable(ro)
         finally:
             ro.chmod(0o700)
+
+
+def test_item6_a_forwarded_signal_is_one_request_and_a_later_one_stops_at_once(monkeypatch):
+    import signal
+
+    from visionformers.training import stop as stop_module
+
+    stop = stop_module.StopOnSignal()
+    try:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher's forwarded copy of the same Ctrl-C
+        assert stop.requested() and stop.reason == "SIGINT" and stop.exit_code() == 130
+        monkeypatch.setattr(stop_module, "REPEAT_GRACE_S", 0.0)
+        with pytest.raises(SystemExit, match="SIGTERM again: stopped at once"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

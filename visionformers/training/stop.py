@@ -1,15 +1,20 @@
 """Stopping a run on request: SIGTERM (a scheduler's pre-emption) or SIGINT (Ctrl-C) ends it at the next step
-boundary, after a checkpoint, with one line instead of a traceback. A second signal stops at once (the last
-checkpoint is then the one to resume from)."""
+boundary, after a checkpoint, with one line instead of a traceback; under ``accelerate launch`` every process
+stops at the same step. A second signal (after ``REPEAT_GRACE_S``) stops at once (the last checkpoint is then the
+one to resume from)."""
 from __future__ import annotations
 
 import signal
 import sys
 import threading
+import time
 
 import torch
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A second signal within this many seconds of the first is the same request (`accelerate launch` forwards the
+# Ctrl-C that the terminal already sent to every worker), not a request to stop at once.
+REPEAT_GRACE_S = 2.0
 
 
 class StopOnSignal:
@@ -21,6 +26,7 @@ class StopOnSignal:
     def __init__(self, accelerator=None):
         self.accelerator = accelerator
         self.signum: int | None = None
+        self._first = 0.0
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
@@ -32,10 +38,12 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.signum is not None:  # asked twice: stop now, without the checkpoint
-            self.close()
+        if self.signum is not None:
+            if time.monotonic() - self._first < REPEAT_GRACE_S:
+                return  # the same request twice: Ctrl-C reaches a worker directly and forwarded by its launcher
+            self.close()  # asked again: stop now, without the checkpoint
             raise SystemExit(f"error: {name} again: stopped at once; resume from the last checkpoint")
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         if self._announce:
             print(f"\n{name}: stopping after this step, with a checkpoint ({name} again stops at once)",
                   file=sys.stderr, flush=True)
