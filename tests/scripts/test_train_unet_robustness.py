@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from _unet_script_helpers import REPO, SAMPLE, TINY, TRAIN, load_script
+from test_train_unet_kill import _own_tqdm_lock
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -40,6 +41,7 @@ def _child(argv, log):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1), os.dup2(fd, 2)
     sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+    _own_tqdm_lock()
     torch.set_num_threads(1)
     try:
         load_script(TRAIN).main(argv)

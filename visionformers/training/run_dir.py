@@ -60,7 +60,7 @@ def stored_run_config(output_dir: str | os.PathLike) -> tuple[dict | None, str]:
         data = read_json(output_dir / RUN_FILE, "run record")
         if isinstance(data, dict) and isinstance(data.get("args"), dict):
             return data["args"], str(output_dir / RUN_FILE)
-    for path in ckpt._candidates(output_dir):
+    for path in ckpt.candidates(output_dir):
         try:
             return ckpt.read_state(path).get("config", {}), str(path / ckpt.STATE_NAME)
         except (FileNotFoundError, ValueError, OSError):
@@ -82,7 +82,7 @@ def check_same_run(output_dir: str | os.PathLike, config: dict, overwrite: bool 
         raise ValueError(f"--output_dir={str(output_dir)!r} holds another run ({source}) with other arguments: "
                          f"{'; '.join(diffs[:6])}; resume it with --resume_from_checkpoint latest, choose another "
                          "--output_dir, or pass --overwrite_output_dir to replace it")
-    old = ckpt._candidates(Path(output_dir))
+    old = ckpt.candidates(Path(output_dir))
     for path in old:
         trash = path.with_name(f"{ckpt.TRASH_PREFIX}{path.name}")
         os.replace(path, trash)
