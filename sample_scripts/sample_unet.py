@@ -6,6 +6,7 @@ is identical for any process count). Writes grid.png, images/<i>.png and setting
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -25,10 +26,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--model_path", "--pretrained_model_name_or_path", dest="model_path", required=True,
       help="an exported model dir (<output_dir>/model) or a checkpoint-<step> dir")
     a("--no_ema", action="store_true", help="with a checkpoint: use the raw weights, not the EMA")
-    a("--sampler", default="ddim", choices=list(diffusion.SAMPLERS), help="the sampler")
+    a("--sampler", default=None, choices=list(diffusion.SAMPLERS),
+      help="default: ddim for a VP model, heun for a flow model (ddpm and ddim need a VP model)")
     a("--num_inference_steps", type=int, default=50, help="sampler steps")
     a("--eta", type=float, default=0.0, help="ddim noise (0: deterministic, 1: ddpm-like)")
     a("--guidance_scale", type=float, default=2.0, help="classifier-free guidance weight (1: none)")
+    a("--guidance_rescale", type=float, default=0.0, help="CFG rescale phi in [0, 1] (Lin et al. 2024; 0: off)")
+    a("--guidance_interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+      help="guide only at noise levels sigma/alpha in (LO, HI] (Kynkaenniemi et al. 2024; 'inf' allowed)")
     a("--class_labels", type=int, nargs="*", default=None, help="cycled over the images; default i %% num_classes")
     a("--prompts", nargs="*", default=None, help="cycled over the images (text-conditional models)")
     a("--negative_prompt", default="", help="the unconditional prompt of guidance")
@@ -41,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in ("num_inference_steps", "num_images", "batch_size")]
                + [("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
                   ("eta", lambda v: v >= 0, "a number >= 0 (0: deterministic ddim)"),
+                  ("guidance_rescale", lambda v: 0 <= v <= 1, "a number in [0, 1] (0: off)"),
+                  ("guidance_interval", lambda v: v is None or 0 <= v[0] <= v[1], "LO HI with 0 <= LO <= HI"),
                   ("grid_nrow", lambda v: v is None or v >= 1, "an int >= 1"),
                   ("output_dir", lambda v: v is None or not os.path.isfile(v), "a directory (this path is an existing file)")])
     return args
@@ -65,6 +72,12 @@ def main(argv=None) -> None:
             raise SystemExit("--prompts is required for a text-conditional model")
         prompts = [args.prompts[i % len(args.prompts)] for i in range(n)]
     guidance = args.guidance_scale if kind != "none" else 1.0
+    sched = pipeline.schedule_from(settings)
+    name = args.sampler or sched.default_sampler
+    diffusion.check_sampler(name, sched)  # e.g. ddim on a flow model: a ValueError naming both
+    if args.eta and name != "ddim":
+        raise ValueError(f"--eta={args.eta} applies to --sampler ddim only (got --sampler {name})")
+    sampler = functools.partial(diffusion.sample_ddim, eta=args.eta) if args.eta else name
 
     def inputs(idx):
         return pipeline.model_inputs(settings, conditioner, device,
@@ -77,16 +90,16 @@ def main(argv=None) -> None:
     shape = (settings["channels"], settings["resolution"], settings["resolution"])
     images = sampling.sample_distributed(
         model, n, args.batch_size, inputs, accelerator=accelerator, progress=True,
-        sched=pipeline.schedule_from(settings), shape=shape, seed=args.seed, sampler=args.sampler,
-        steps=args.num_inference_steps, eta=args.eta, prediction_type=settings["prediction_type"],
-        guidance_scale=guidance, device=device)
+        sched=sched, shape=shape, seed=args.seed, sampler=sampler, steps=args.num_inference_steps,
+        prediction_type=settings["prediction_type"], guidance_scale=guidance, guidance_rescale=args.guidance_rescale,
+        guidance_interval=args.guidance_interval, device=device)
     if accelerator.is_main_process:
         nrow = args.grid_nrow or (settings["num_classes"] if kind == "class" and not args.class_labels else None)
         upscale = max(1, 64 // settings["resolution"])
         sampling.save_png(sampling.make_grid(images, nrow=nrow, upscale=upscale), os.path.join(out_dir, "grid.png"))
         for i, img in enumerate(images):
             sampling.save_png(sampling.make_grid(img[None], padding=0), os.path.join(out_dir, "images", f"{i:06d}.png"))
-        record = {**vars(args), "output_dir": out_dir, "diffusion": settings, "num_processes": accelerator.num_processes,
+        record = {**vars(args), "sampler": name, "output_dir": out_dir, "diffusion": settings, "num_processes": accelerator.num_processes,
                   "seconds": round(time.time() - t0, 3),
                   "images": [{"file": f"images/{i:06d}.png", "seed": args.seed + i,
                               **({"class_label": int(labels[i])} if labels is not None else {}),

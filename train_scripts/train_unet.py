@@ -18,9 +18,12 @@ from tqdm.auto import tqdm
 
 from visionformers import data, diffusion, training
 from visionformers._validate import check_args, script_errors
+from visionformers.training import callbacks as cb
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import logging as track
-from visionformers.training import pipeline, run_dir, sampling
+from visionformers.training import performance, pipeline, run_dir, sampling
+
+METRICS = {"eval_loss": "min"}  # what each evaluation (--eval_steps) reports: early stopping's choices
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,11 +35,20 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="class: the labels of class subfolders (or the digits); text: captions; none: unconditional")
     a("--text_encoder", default="t5_tiny_encoder", help="text preset for --conditioning text (frozen)")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
-    a("--prediction_type", default="v", choices=diffusion.PREDICTION_TYPES,
-      help="v keeps the x0 estimate bounded at high noise (eps with cosine gives speckled samples)")
-    a("--noise_schedule", default="cosine", choices=diffusion.SCHEDULES, help="beta schedule of the noise process")
+    a("--prediction_type", default=None, choices=diffusion.PREDICTION_TYPES,
+      help="default: v for a VP schedule (keeps the x0 estimate bounded at high noise), flow for --noise_schedule flow")
+    a("--noise_schedule", default="cosine", choices=[*diffusion.SCHEDULES, "flow"],
+      help="a VP schedule, or flow: rectified flow (x_t = (1 - sigma) x0 + sigma eps)")
     a("--num_train_timesteps", type=int, default=1000, help="steps of the training noise process")
     a("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (5.0 in the paper)")
+    a("--timestep_sampling", default=None, choices=diffusion.TIMESTEP_DENSITIES,
+      help="density of the training noise level (SD3 Sec. 3.1); default: uniform (VP), logit_normal (flow)")
+    a("--logit_mean", type=float, default=0.0, help="mean of --timestep_sampling logit_normal")
+    a("--logit_std", type=float, default=1.0, help="std of --timestep_sampling logit_normal")
+    a("--mode_scale", type=float, default=1.29, help="scale of --timestep_sampling mode")
+    a("--loss_weighting", default="none", choices=diffusion.LOSS_WEIGHTINGS,
+      help="flow only: SD3's sigma_sqrt or cosmap loss weights")
+    a("--flow_shift", type=float, default=1.0, help="flow only: SD3's time shift (3.0 in SD3); saved for sampling")
     a("--train_data_dir", default=None, help="an image folder; default: the embedded digits")
     a("--captions_file", default=None, help="JSON-lines captions for --train_data_dir")
     a("--resolution", type=int, default=8, help="8: the digits' native size")
@@ -67,13 +79,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
     a("--sample_every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
     a("--num_samples", type=int, default=40, help="images in each sample grid")
-    a("--sampler", default="ddim", choices=list(diffusion.SAMPLERS), help="sampler of the sample grids")
+    a("--sampler", default=None, choices=list(diffusion.SAMPLERS), help="default: ddim (VP), heun (flow)")
     a("--num_inference_steps", type=int, default=40, help="sampler steps of the sample grids")
     a("--guidance_scale", type=float, default=2.0, help="classifier-free guidance weight of the sample grids (1: none)")
     a("--report_to", default="none", choices=track.REPORT_TO, help="experiment tracker")
     a("--tracker_project_name", default="visionformers", help="project name of the tracker")
     a("--logging_steps", type=int, default=10, help="log the loss every N steps")
     a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
+    a("--eval_steps", type=int, default=0, help="every N steps, the loss of a fixed evaluation batch (the digits' "
+      "test split, or the first images of --train_data_dir) under fixed noise (0: never)")
+    cb.add_early_stopping_arguments(p, METRICS, default="eval_loss")
+    performance.add_performance_arguments(p)
     a("--debug_inject_nan_at", type=int, nargs="*", default=[], help="(testing) make the loss NaN at these steps")
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
@@ -81,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "num_samples", "logging_steps")] + [
         ("checkpointing_steps", lambda v: v >= 0, "an int >= 0 (0: no checkpoints)"),
         ("num_train_timesteps", lambda v: v >= 2, "an int >= 2"),
+        ("flow_shift", lambda v: v > 0, "a number > 0 (1: no shift)"),
+        ("logit_std", lambda v: v > 0, "a number > 0"),
         ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
         ("cond_drop_prob", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
         ("learning_rate", lambda v: v > 0, "a number > 0"),
@@ -90,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("adam_beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         ("adam_weight_decay", lambda v: v >= 0, "a number >= 0"),
         ("lr_warmup_steps", lambda v: v >= 0, "an int >= 0"),
+        ("eval_steps", lambda v: v >= 0, "an int >= 0 (0: never)"),
         ("output_dir", lambda v: not os.path.isfile(v), "a directory (this path is an existing file)")])
     if args.train_data_dir is None:  # the embedded digits: these options only apply to an image folder
         given = [flag for flag, on in (("--captions_file", args.captions_file is not None),
@@ -98,7 +117,19 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"{given[0]} applies to --train_data_dir, which is not given (the embedded digits are "
                              "used); pass --train_data_dir, or drop the option (text conditioning on the digits "
                              "uses their built-in captions)")
+    if args.early_stopping_patience is not None and not args.eval_steps:
+        raise ValueError("--early_stopping_patience needs --eval_steps N (the evaluations it counts)")
+    flow = args.noise_schedule == "flow"
+    args.prediction_type = args.prediction_type or ("flow" if flow else "v")
+    args.timestep_sampling = args.timestep_sampling or ("logit_normal" if flow else "uniform")
     return args
+
+
+def evaluation_batch(args, dataset) -> dict:
+    """The fixed batch of --eval_steps: the digits' test split, or the first images of the folder."""
+    if args.train_data_dir is None:
+        dataset = data.DigitsDataset("test", image_size=args.resolution, captions=args.conditioning == "text")
+    return torch.utils.data.default_collate([dataset[i] for i in range(min(len(dataset), args.train_batch_size))])
 
 
 def build_dataset(args):
@@ -146,7 +177,18 @@ def main(argv=None) -> None:
     try:
         sched = pipeline.schedule_from(settings)
     except ValueError as e:  # the schedule names its own arguments; say which flags set them
-        raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps}: {e}") from None
+        raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps} "
+                         f"--flow_shift={args.flow_shift}: {e}") from None
+    loss_options = dict(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                        mode_scale=args.mode_scale, loss_weighting=args.loss_weighting)
+    args.sampler = args.sampler or sched.default_sampler
+    try:  # a flag combination the process does not take (e.g. --prediction_type eps with a flow) fails before training
+        diffusion.check_sampler(args.sampler, sched)
+        diffusion.check_loss_options(sched, args.prediction_type, args.snr_gamma, **loss_options)
+    except ValueError as e:
+        raise ValueError(f"--noise_schedule={args.noise_schedule}: {e}") from None
+    memory_format = performance.configure_training(model, device, gradient_checkpointing=args.gradient_checkpointing,
+                                                   compile=args.compile, compile_backend=args.compile_backend)
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
                                          (args.adam_beta1, args.adam_beta2))
     lr_scheduler = training.build_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
@@ -158,6 +200,9 @@ def main(argv=None) -> None:
                                  batch_flag="--train_batch_size")
     guard = training.BadStepGuard(args.max_bad_steps, accelerator.mixed_precision, args.learning_rate)
     text_encoder = {pipeline.TEXT_ENCODER_DIR: conditioner.encoder} if conditioner is not None else None
+    stopper = cb.early_stopping_from_args(args, METRICS)
+    callbacks, state = cb.CallbackList([stopper]), cb.LoopState(model=model, accelerator=accelerator)
+    eval_batch = evaluation_batch(args, dataset) if args.eval_steps else None
     state_objs = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
                       generators={"noise": noise_gen}, accelerator=accelerator)
 
@@ -168,16 +213,18 @@ def main(argv=None) -> None:
         step, accelerator.step = saved["step"], saved["accumulation_step"]
         stream.load_state_dict(saved["data"])
         guard.load_state_dict(saved["bad_steps"])
+        callbacks.load_state_dict(saved.get("callbacks", {}))
         accelerator.print(f"resumed from {resumed_from} at step {step}")
     track.init_trackers(accelerator, args.tracker_project_name, vars(args), args.output_dir)
 
     def save(at_step: int) -> None:
         train_state = {"step": at_step, "accumulation_step": accelerator.step, "data": stream.state_dict(),
-                       "bad_steps": guard.state_dict()}
+                       "bad_steps": guard.state_dict(), "callbacks": callbacks.state_dict()}
         extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model)}
         ckpt.save_checkpoint(args.output_dir, at_step, train_state=train_state, config=vars(args),
                              total_limit=args.checkpoints_total_limit, keep=(resumed_from,), extra_files=extra,
                              extra_models=text_encoder, **state_objs)
+        callbacks.on_checkpoint_saved(state, os.path.join(args.output_dir, f"checkpoint-{at_step}"))
 
     def write_samples(name: str, at_step: int) -> None:
         labels = torch.arange(args.num_samples) % num_classes if num_classes else None
@@ -216,17 +263,19 @@ def main(argv=None) -> None:
     loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
     model.train()
     stop = training.StopOnSignal(accelerator)  # SIGTERM / Ctrl-C: checkpoint at the next step boundary, then exit
+    state.step = step
+    callbacks.on_train_begin(state)
     try:
-        while step < stop_at:
+        while step < stop_at and not state.should_stop:
             bad = torch.zeros((), device=device)
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(stream)
                 with accelerator.accumulate(model):
-                    x0 = batch["pixel_values"].to(device, non_blocking=True)
+                    x0 = batch["pixel_values"].to(device, non_blocking=True, memory_format=memory_format)
                     cond = pipeline.training_inputs(batch, settings, conditioner, args.cond_drop_prob, noise_gen,
                                                     device)
                     loss = diffusion.training_loss(model, x0, sched, args.prediction_type, args.snr_gamma,
-                                                   generator=noise_gen, **cond)
+                                                   generator=noise_gen, **loss_options, **cond)
                     if step + 1 in args.debug_inject_nan_at:
                         loss = loss * float("nan")
                     bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
@@ -246,6 +295,8 @@ def main(argv=None) -> None:
             step += 1
             progress.update(1)
             guard.update(is_bad, step)
+            state.step = step
+            callbacks.on_step_end(state, {"loss": loss.detach(), "lr": lr_scheduler.get_last_lr()[0]})
             if step % args.logging_steps == 0 or step == stop_at:
                 mean_loss = (accelerator.reduce(loss_sum, "mean") / max(1, loss_count)).item()
                 lr = lr_scheduler.get_last_lr()[0]
@@ -255,8 +306,14 @@ def main(argv=None) -> None:
                                                 "train/grad_norm": float(grad_norm), "train/skipped": guard.total},
                                   step)
                 loss_sum, loss_count = torch.zeros((), device=device), 0
+            if args.eval_steps and step % args.eval_steps == 0:
+                value = pipeline.evaluation_loss(model, eval_batch, settings, conditioner, sched, args.prediction_type,
+                                                 args.seed, device, **loss_options)
+                track.log_scalars(accelerator, {"eval/loss": value}, step)
+                callbacks.on_evaluate(state, {"eval_loss": value})
             stopping = stop.requested()
-            if stopping or args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at):
+            if stopping or args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at
+                                                         or state.should_stop):
                 save(step)
             if stopping:
                 break
@@ -268,12 +325,15 @@ def main(argv=None) -> None:
     finally:
         stop.close()
     progress.close()
+    callbacks.on_train_end(state)
     if stop.signum is not None and step < args.max_train_steps:
         accelerator.print(training.stopped_message(step, args.max_train_steps, args.output_dir, stop.reason))
         accelerator.end_training()
         run.close()
         raise SystemExit(stop.exit_code())
-    if step >= args.max_train_steps:
+    if state.should_stop:
+        accelerator.print(state.stop_reason)
+    if step >= args.max_train_steps or state.should_stop:
         ckpt.export_pretrained(model, os.path.join(args.output_dir, "model"), ema=ema, accelerator=accelerator,
                                extra_files={pipeline.DIFFUSION_FILE: settings}, extra_models=text_encoder)
         write_samples("samples.png", step)

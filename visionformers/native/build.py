@@ -343,7 +343,10 @@ class Kernel:
             if lib is not None:
                 try:
                     self._configure(lib)
-                    checked = self._self_check(lib)
+                    # the check may run inside a checkpointed forward: its own saved-tensor hooks keep what it
+                    # saves out of what activation checkpointing records (which must match the recomputation)
+                    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                        checked = self._self_check(lib)
                 except AttributeError as err:  # a function missing from the library
                     _warn_once(f"{self.name} is incomplete ({err})")
                     checked = False

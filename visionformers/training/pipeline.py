@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from visionformers._validate import check_choice, fail
-from visionformers.diffusion import NoiseSchedule
+from visionformers.diffusion import NoiseSchedule, RectifiedFlow
 from visionformers.hub import from_pretrained, load_into, load_state_dict, read_config, read_json
 
 DIFFUSION_FILE = "diffusion.json"
@@ -66,6 +66,7 @@ def diffusion_settings(args, num_classes: int | None, class_names, channels: int
     """The JSON record of how a denoiser was trained (read back by :func:`load_denoiser`)."""
     return {
         "noise_schedule": args.noise_schedule,
+        **({"flow_shift": args.flow_shift} if args.noise_schedule == "flow" else {}),
         "num_train_timesteps": args.num_train_timesteps,
         "prediction_type": args.prediction_type,
         "conditioning": args.conditioning,
@@ -121,7 +122,30 @@ def training_inputs(batch: dict, settings: dict, conditioner, drop_prob: float, 
     return {}
 
 
-def schedule_from(settings: dict) -> NoiseSchedule:
+@torch.no_grad()
+def evaluation_loss(model: nn.Module, batch: dict, settings: dict, conditioner, sched, prediction_type: str,
+                    seed: int, device, **loss_options) -> float:
+    """The diffusion loss of one fixed batch under timesteps and noise drawn from ``seed`` alone, without
+    condition dropout, in eval mode: a deterministic function of the weights, so evaluations at different steps
+    (and of a resumed run) compare like for like. Every process computes the same value. ``loss_options`` go to
+    ``training_loss`` (timestep_sampling, loss_weighting, ...)."""
+    from visionformers.diffusion import training_loss
+    from visionformers.training.loop import make_generator
+
+    generator = make_generator(seed, 0xE7A1, device=device)
+    cond = training_inputs(batch, settings, conditioner, 0.0, generator, device)
+    was_training = model.training
+    model.eval()
+    loss = training_loss(model, batch["pixel_values"].to(device), sched, prediction_type, generator=generator,
+                         **loss_options, **cond)
+    model.train(was_training)
+    return float(loss)
+
+
+def schedule_from(settings: dict) -> NoiseSchedule | RectifiedFlow:
+    """The noise process recorded in ``diffusion.json``: a VP schedule, or ``"flow"`` with its ``flow_shift``."""
+    if settings["noise_schedule"] == "flow":
+        return RectifiedFlow(settings.get("flow_shift", 1.0), settings["num_train_timesteps"])
     return NoiseSchedule(settings["noise_schedule"], settings["num_train_timesteps"])
 
 

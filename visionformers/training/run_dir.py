@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Arguments whose change makes saved weights meaningless for the current run: resuming with another value is refused.
 MUST_MATCH = ("model", "model_overrides", "resolution", "image_size", "channels", "conditioning", "text_encoder",
-              "vae", "noise_schedule", "prediction_type", "num_train_timesteps", "tokenizer", "vocab_size",
-              "block_size")
+              "vae", "noise_schedule", "prediction_type", "num_train_timesteps", "flow_shift", "tokenizer",
+              "vocab_size", "block_size")
 # Arguments that do not change what a run computes (logging, sampling, bookkeeping): ignored when deciding whether
 # a directory holds another run.
 IGNORED = frozenset({
@@ -39,7 +39,8 @@ IGNORED = frozenset({
     "tracker_project_name", "logging_steps", "dataloader_num_workers", "checkpointing_steps",
     "checkpoints_total_limit", "sample_every", "num_samples", "num_inference_steps", "sampler", "guidance_scale",
     "max_bad_steps", "debug_inject_nan_at", "mixed_precision", "eval_steps", "eval_batch_size", "sample_prompt",
-    "sample_tokens"})
+    "sample_tokens", "gradient_checkpointing", "compile", "compile_backend", "early_stopping_patience",
+    "early_stopping_metric", "early_stopping_min_delta"})
 
 
 def _jsonable(config: dict) -> dict:

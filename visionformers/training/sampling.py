@@ -7,7 +7,6 @@ bit-identical on 1 or N processes.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionformers._validate import fail
-from visionformers.diffusion import SAMPLERS, NoiseSchedule, guided_model, sample_ddim
-
-# Samplers whose result depends only on the starting noise; the others also draw noise at every step.
-DETERMINISTIC = ("ddim", "dpmpp_2m", "euler", "heun")
+from visionformers import diffusion
 
 
 def chunks(num_images: int, batch_size: int) -> list[range]:
@@ -30,40 +25,24 @@ def chunks(num_images: int, batch_size: int) -> list[range]:
 def sample_chunk(
     model: Callable,
     indices: range | list[int],
-    sched: NoiseSchedule,
+    sched,
     shape: tuple[int, ...],
     *,
     seed: int,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    prediction_type: str = "eps",
-    guidance_scale: float = 1.0,
     cond: dict | None = None,
     uncond: dict | None = None,
     device: torch.device | str = "cpu",
+    **kwargs,
 ) -> torch.Tensor:
-    """Images ``indices`` (len(indices), *shape) in [-1, 1]; image i starts from ``randn(generator=seed + i)``.
+    """Images ``indices`` (len(indices), *shape) in [-1, 1] from ``visionformers.diffusion.sample``; image i uses its
+    own CPU generator seeded with ``seed + i`` (its starting noise and a stochastic sampler's per-step noise).
 
-    ``cond`` / ``uncond`` hold the model inputs of these images (batch dim = len(indices)); see
-    ``visionformers.diffusion.sample`` for guidance.
+    ``cond`` / ``uncond`` hold the model inputs of these images (batch dim = len(indices)); ``kwargs`` go to
+    ``diffusion.sample`` (sampler, steps, prediction_type, guidance_scale, guidance_rescale, guidance_interval).
     """
-    if sampler not in SAMPLERS:
-        fail("sampler", sampler, f"one of {list(SAMPLERS)}")
-    cond, uncond = cond or {}, uncond or None
     gens = [torch.Generator().manual_seed(seed + i) for i in indices]
-    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, *shape), CPU-drawn
-    fn = functools.partial(sample_ddim, eta=eta) if sampler == "ddim" else SAMPLERS[sampler]
-    kw = dict(prediction_type=prediction_type)
-    if sampler in DETERMINISTIC and not (sampler == "ddim" and eta > 0):
-        return fn(guided_model(model, cond, uncond, guidance_scale), noise, sched, steps, **kw).float()
-    # Stochastic: each image keeps drawing from its own generator, so it runs as its own batch of one.
-    out = []
-    for b, g in enumerate(gens):
-        c = {k: v[b:b + 1] if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
-        u = {k: v[b:b + 1] if isinstance(v, torch.Tensor) else v for k, v in uncond.items()} if uncond else None
-        out.append(fn(guided_model(model, c, u, guidance_scale), noise[b:b + 1], sched, steps, generator=g, **kw))
-    return torch.cat(out).float()
+    return diffusion.sample(model, (len(gens), *shape), sched, generator=gens, device=device,
+                            uncond=uncond or None, **kwargs, **(cond or {})).float()
 
 
 def sample_distributed(
