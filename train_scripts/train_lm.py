@@ -82,11 +82,11 @@ def validation_loss(model, data: torch.Tensor, block_size: int, device, max_wind
 def main(argv=None) -> Path:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=force_cpu(), mixed_precision=args.mixed_precision or default_mixed_precision())
-    run = open_run(args.output_dir, vars(args), overwrite=args.overwrite_output_dir, accelerator=accelerator)
     seed_everything(args.seed)  # the same initial weights on every process
     path = Path(args.text_file)
     if not path.is_file():
         raise FileNotFoundError(f"text_file={str(path)!r} does not exist")
+    run = open_run(args.output_dir, vars(args), overwrite=args.overwrite_output_dir, accelerator=accelerator)
     text = path.read_text(encoding="utf-8")
     tok = BPETokenizer.train(path, vocab_size=args.vocab_size) if args.tokenizer == "bpe" else ByteTokenizer()
     data = torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.long)
