@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from visionformers import diffusion
 from visionformers._validate import check_args, script_errors
-from visionformers.training import pipeline, sampling
+from visionformers.training import latents, pipeline, sampling
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +58,7 @@ def main(argv=None) -> None:
     accelerator = Accelerator(cpu=pipeline.force_cpu())
     device = accelerator.device
     model, settings, conditioner = pipeline.load_denoiser(args.model_path, device, use_ema=not args.no_ema)
+    vae = latents.load_latent_decoder(args.model_path, settings, device)  # None for a pixel-space model
     kind, n = settings["conditioning"], args.num_images
     labels = prompts = None
     if args.prompts and kind != "text":
@@ -87,13 +88,15 @@ def main(argv=None) -> None:
 
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "samples")
     t0 = time.time()
-    shape = (settings["channels"], settings["resolution"], settings["resolution"])
+    shape = latents.sample_shape(settings)
     images = sampling.sample_distributed(
         model, n, args.batch_size, inputs, accelerator=accelerator, progress=True,
         sched=sched, shape=shape, seed=args.seed, sampler=sampler, steps=args.num_inference_steps,
         prediction_type=settings["prediction_type"], guidance_scale=guidance, guidance_rescale=args.guidance_rescale,
         guidance_interval=args.guidance_interval, device=device)
     if accelerator.is_main_process:
+        if vae is not None:
+            images = latents.decode_latents(vae, images, device)
         nrow = args.grid_nrow or (settings["num_classes"] if kind == "class" and not args.class_labels else None)
         upscale = max(1, 64 // settings["resolution"])
         sampling.save_png(sampling.make_grid(images, nrow=nrow, upscale=upscale), os.path.join(out_dir, "grid.png"))

@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 
 from visionformers import data, diffusion, training
 from visionformers._validate import check_args, script_errors
+from visionformers.data import latent_cache
 from visionformers.training import callbacks as cb
 from visionformers.training import checkpoint as ckpt
+from visionformers.training import latents
 from visionformers.training import logging as track
 from visionformers.training import performance, pipeline, run_dir, sampling
 
@@ -51,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--flow_shift", type=float, default=1.0, help="flow only: SD3's time shift (3.0 in SD3); saved for sampling")
     a("--train_data_dir", default=None, help="an image folder; default: the embedded digits")
     a("--captions_file", default=None, help="JSON-lines captions for --train_data_dir")
+    a("--vae", default=None, help="a VAE directory (vf.save_pretrained, e.g. train_vae.py's output): train on its "
+      "scaled latents; the denoiser's in_channels and sample_size follow the VAE")
+    a("--latent_cache_dir", default=None, help="with --vae: where the latents are cached (default "
+      "<output_dir>/latent_cache; share it between runs)")
     a("--resolution", type=int, default=8, help="8: the digits' native size")
     a("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="center crop (else a random crop)")
     a("--random_flip", action="store_true", help="horizontal flips with probability 1/2")
@@ -117,6 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"{given[0]} applies to --train_data_dir, which is not given (the embedded digits are "
                              "used); pass --train_data_dir, or drop the option (text conditioning on the digits "
                              "uses their built-in captions)")
+    if args.vae is not None and not args.center_crop:
+        raise ValueError("--no-center_crop is not accepted with --vae: cached latents need a deterministic crop")
+    if args.latent_cache_dir is not None and args.vae is None:
+        raise ValueError("--latent_cache_dir applies to --vae, which is not given")
     if args.early_stopping_patience is not None and not args.eval_steps:
         raise ValueError("--early_stopping_patience needs --eval_steps N (the evaluations it counts)")
     flow = args.noise_schedule == "flow"
@@ -142,7 +152,7 @@ def build_dataset(args):
     if args.captions_file is not None and not os.path.isfile(args.captions_file):
         raise FileNotFoundError(f"--captions_file={args.captions_file!r} does not exist; expected a JSON-lines file")
     ds = data.ImageFolderDataset(args.train_data_dir, args.resolution, center_crop=args.center_crop,
-                                 random_flip=args.random_flip, captions_file=args.captions_file)
+                                 random_flip=args.random_flip and args.vae is None, captions_file=args.captions_file)
     if args.conditioning == "class" and not ds.classes:
         raise ValueError(f"--conditioning class needs class subfolders in --train_data_dir={args.train_data_dir!r}, "
                          "which is a flat folder; pass --conditioning none to train unconditionally")
@@ -162,18 +172,28 @@ def main(argv=None) -> None:
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     training.seed_everything(args.seed)  # the same initial weights on every process, whatever the launcher
 
+    vae = latents.load_vae(args.vae, device) if args.vae is not None else None
     dataset, num_classes, class_names, channels = build_dataset(args)
+    # the denoiser's input: the VAE's latents (resolution / factor) or the pixels themselves
+    in_channels, size = (latents.denoiser_shape(vae, args.resolution, args.model_overrides, channels) if vae is not None
+                         else (channels, args.resolution))
     conditioner = (pipeline.build_text_conditioner(args.text_encoder, device, args.seed)
                    if args.conditioning == "text" else None)
     num_classes = num_classes if args.conditioning == "class" else None
     context_dim = conditioner.context_dim if conditioner is not None else None
     try:
-        model = pipeline.build_denoiser(args.model, channels, args.resolution, num_classes, context_dim,
+        model = pipeline.build_denoiser(args.model, in_channels, size, num_classes, context_dim,
                                         args.model_overrides)
     except ValueError as e:  # the config names its field (sample_size, ...); say which flags set it
         given = " with --model_overrides" if args.model_overrides else ""
         raise ValueError(f"--model={args.model} at --resolution={args.resolution}{given}: {e}") from None
     settings = pipeline.diffusion_settings(args, num_classes, class_names, channels, context_dim)
+    if vae is not None:  # encoded once, reused by later runs and resumes; flips cached as latents of their own
+        settings["latent"] = latents.latent_settings(vae, args.resolution)
+        dataset = latent_cache.build_latent_cache(
+            args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache"), vae, dataset,
+            latents.latent_cache_key(args, dataset), flips=args.random_flip, rank=rank, world=world,
+            barrier=accelerator.wait_for_everyone, device=device)
     try:
         sched = pipeline.schedule_from(settings)
     except ValueError as e:  # the schedule names its own arguments; say which flags set them
@@ -200,9 +220,12 @@ def main(argv=None) -> None:
                                  batch_flag="--train_batch_size")
     guard = training.BadStepGuard(args.max_bad_steps, accelerator.mixed_precision, args.learning_rate)
     text_encoder = {pipeline.TEXT_ENCODER_DIR: conditioner.encoder} if conditioner is not None else None
+    extra_models = {**(text_encoder or {}), **({latents.VAE_DIR: vae} if vae is not None else {})} or None
     stopper = cb.early_stopping_from_args(args, METRICS)
     callbacks, state = cb.CallbackList([stopper]), cb.LoopState(model=model, accelerator=accelerator)
     eval_batch = evaluation_batch(args, dataset) if args.eval_steps else None
+    if eval_batch is not None and vae is not None:
+        eval_batch = latents.latent_eval_batch(vae, eval_batch, device)
     state_objs = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
                       generators={"noise": noise_gen}, accelerator=accelerator)
 
@@ -223,7 +246,7 @@ def main(argv=None) -> None:
         extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model)}
         ckpt.save_checkpoint(args.output_dir, at_step, train_state=train_state, config=vars(args),
                              total_limit=args.checkpoints_total_limit, keep=(resumed_from,), extra_files=extra,
-                             extra_models=text_encoder, **state_objs)
+                             extra_models=extra_models, **state_objs)
         callbacks.on_checkpoint_saved(state, os.path.join(args.output_dir, f"checkpoint-{at_step}"))
 
     def write_samples(name: str, at_step: int) -> None:
@@ -244,13 +267,15 @@ def main(argv=None) -> None:
         net.eval()
         images = sampling.sample_distributed(
             net, args.num_samples, 64, inputs, accelerator=accelerator, collective_model=fsdp, sched=sched,
-            shape=(channels, args.resolution, args.resolution), seed=args.seed, sampler=args.sampler,
+            shape=latents.sample_shape(settings), seed=args.seed, sampler=args.sampler,
             steps=args.num_inference_steps, prediction_type=args.prediction_type, device=device,
             guidance_scale=args.guidance_scale if args.conditioning != "none" else 1.0)
         net.train()
         if ema is not None:
             ema.restore(net)
         if accelerator.is_main_process:
+            if vae is not None:
+                images = latents.decode_latents(vae, images, device)
             grid = sampling.make_grid(images, nrow=num_classes, upscale=max(1, 64 // args.resolution))
             path = sampling.save_png(grid, os.path.join(args.output_dir, name))
             track.log_image(accelerator, "samples", grid, at_step)
@@ -271,7 +296,9 @@ def main(argv=None) -> None:
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(stream)
                 with accelerator.accumulate(model):
-                    x0 = batch["pixel_values"].to(device, non_blocking=True, memory_format=memory_format)
+                    x0 = (latent_cache.posterior_sample(batch, noise_gen, device).contiguous(memory_format=memory_format)
+                          if vae is not None else
+                          batch["pixel_values"].to(device, non_blocking=True, memory_format=memory_format))
                     cond = pipeline.training_inputs(batch, settings, conditioner, args.cond_drop_prob, noise_gen,
                                                     device)
                     loss = diffusion.training_loss(model, x0, sched, args.prediction_type, args.snr_gamma,
@@ -335,7 +362,7 @@ def main(argv=None) -> None:
         accelerator.print(state.stop_reason)
     if step >= args.max_train_steps or state.should_stop:
         ckpt.export_pretrained(model, os.path.join(args.output_dir, "model"), ema=ema, accelerator=accelerator,
-                               extra_files={pipeline.DIFFUSION_FILE: settings}, extra_models=text_encoder)
+                               extra_files={pipeline.DIFFUSION_FILE: settings}, extra_models=extra_models)
         write_samples("samples.png", step)
         accelerator.print(f"done: {step} steps in {time.time() - t0:.0f} s; model in {args.output_dir}/model")
     else:
