@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sampler", default=None, choices=list(diffusion.SAMPLERS),
       help="default: the saved scheduler's (ddpm for a DDPMPipeline); else ddim for a VP model, heun for a flow "
            "model (ddpm and ddim need a VP model)")
-    a("--num_inference_steps", type=int, default=50)
+    a("--num_inference_steps", type=int, default=50, help="sampler steps")
     a("--eta", type=float, default=0.0, help="ddim noise (0: deterministic, 1: ddpm-like)")
     a("--guidance_scale", type=float, default=2.0, help="classifier-free guidance weight (1: none)")
     a("--guidance_rescale", type=float, default=0.0, help="CFG rescale phi in [0, 1] (Lin et al. 2024; 0: off)")
@@ -43,11 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="class ids or label names (e.g. 'golden retriever'), cycled over the images; default i %% num_classes")
     a("--prompts", nargs="*", default=None, help="cycled over the images (text-conditional models)")
     a("--negative_prompt", default="", help="the unconditional prompt of guidance")
-    a("--num_images", type=int, default=40)
-    a("--batch_size", type=int, default=40)
+    a("--num_images", type=int, default=40, help="images to generate")
+    a("--batch_size", type=int, default=40, help="images per forward pass (per process)")
     a("--seed", type=int, default=0, help="image i uses seed + i")
     a("--output_dir", default=None, help="default: <model_path>/../samples")
-    a("--grid_nrow", type=int, default=None)
+    a("--grid_nrow", type=int, default=None, help="images per row of grid.png (default: one class per row, else ~square)")
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in ("num_inference_steps", "num_images", "batch_size")]
                + [("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),

@@ -23,7 +23,7 @@ from visionformers.training import callbacks as cb
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import latents
 from visionformers.training import logging as track
-from visionformers.training import performance, pipeline, sampling
+from visionformers.training import performance, pipeline, run_dir, sampling
 
 METRICS = {"eval_loss": "min"}  # what each evaluation (--eval_steps) reports: early stopping's choices
 
@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--model", default="unet_tiny", help="any UNet or DiT preset (vf.list_models('unet*'), 'dit*')")
     a("--model_overrides", type=pipeline.json_config_fields, default={}, help='JSON of config fields, e.g. \'{"dropout": 0.1}\'')
-    a("--conditioning", default="class", choices=pipeline.CONDITIONINGS)
+    a("--conditioning", default="class", choices=pipeline.CONDITIONINGS,
+      help="class: the labels of class subfolders (or the digits); text: captions; none: unconditional")
     a("--text_encoder", default="t5_tiny_encoder",
       help="for --conditioning text: a text preset (randomly initialised) or a transformers model dir (T5 / T5 "
            "encoder, BERT, GPT-2 written by save_pretrained, with its tokenizer.json); frozen")
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="default: v for a VP schedule (keeps the x0 estimate bounded at high noise), flow for --noise_schedule flow")
     a("--noise_schedule", default="cosine", choices=[*diffusion.SCHEDULES, "flow"],
       help="a VP schedule, or flow: rectified flow (x_t = (1 - sigma) x0 + sigma eps)")
-    a("--num_train_timesteps", type=int, default=1000)
+    a("--num_train_timesteps", type=int, default=1000, help="steps of the training noise process")
     a("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (5.0 in the paper)")
     a("--timestep_sampling", default=None, choices=diffusion.TIMESTEP_DENSITIES,
       help="density of the training noise level (SD3 Sec. 3.1); default: uniform (VP), logit_normal (flow)")
@@ -59,37 +60,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--latent_cache_dir", default=None, help="with --vae: where the latents are cached (default "
       "<output_dir>/latent_cache; share it between runs)")
     a("--resolution", type=int, default=8, help="8: the digits' native size")
-    a("--center_crop", action=argparse.BooleanOptionalAction, default=True)
-    a("--random_flip", action="store_true")
+    a("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="center crop (else a random crop)")
+    a("--random_flip", action="store_true", help="horizontal flips with probability 1/2")
     a("--train_batch_size", type=int, default=64, help="per process")
-    a("--dataloader_num_workers", type=int, default=0)
-    a("--max_train_steps", type=int, default=600)
+    a("--dataloader_num_workers", type=int, default=0, help="data loading processes (0: in the main process)")
+    a("--max_train_steps", type=int, default=600, help="optimizer steps of the whole run (sets the lr schedule)")
     a("--stop_after_steps", type=int, default=None, help="stop this process after N steps (checkpoint kept)")
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--learning_rate", type=float, default=1e-3)
-    a("--lr_scheduler", default="cosine", choices=training.LR_SCHEDULES)
-    a("--lr_warmup_steps", type=int, default=50)
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=0.0)
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    a("--lr_scheduler", default="cosine", choices=training.LR_SCHEDULES, help="shape of the lr schedule after warm-up")
+    a("--lr_warmup_steps", type=int, default=50, help="linear warm-up steps")
+    a("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    a("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
     a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping (the norm is still checked)")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 if supported")
-    a("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    a("--ema_max_decay", type=float, default=0.999)
-    a("--ema_power", type=float, default=3 / 4)
-    a("--seed", type=int, default=0)
-    a("--output_dir", default="outputs/train_unet")
-    a("--checkpointing_steps", type=int, default=200)
-    a("--checkpoints_total_limit", type=int, default=None)
+    a("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights (exported)")
+    a("--ema_max_decay", type=float, default=0.999, help="upper bound of the EMA decay")
+    a("--ema_power", type=float, default=3 / 4, help="EMA warm-up: decay = 1 - (1 + step)^-power")
+    a("--seed", type=int, default=0, help="seed of weights, data order and noise")
+    a("--output_dir", default="outputs/train_unet", help="checkpoints, samples and the exported model/ (locked while the run uses it)")
+    a("--overwrite_output_dir", action="store_true",
+      help="start a new run in an --output_dir holding another run (its checkpoints are removed)")
+    a("--checkpointing_steps", type=int, default=200, help="save a checkpoint every N steps (0: none)")
+    a("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints (default: all)")
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
     a("--sample_every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
     a("--num_samples", type=int, default=40, help="images in each sample grid")
     a("--sampler", default=None, choices=list(diffusion.SAMPLERS), help="default: ddim (VP), heun (flow)")
-    a("--num_inference_steps", type=int, default=40)
-    a("--guidance_scale", type=float, default=2.0)
-    a("--report_to", default="none", choices=track.REPORT_TO)
-    a("--tracker_project_name", default="visionformers")
-    a("--logging_steps", type=int, default=10)
+    a("--num_inference_steps", type=int, default=40, help="sampler steps of the sample grids")
+    a("--guidance_scale", type=float, default=2.0, help="classifier-free guidance weight of the sample grids (1: none)")
+    a("--report_to", default="none", choices=track.REPORT_TO, help="experiment tracker")
+    a("--tracker_project_name", default="visionformers", help="project name of the tracker")
+    a("--logging_steps", type=int, default=10, help="log the loss every N steps")
     a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
     a("--eval_steps", type=int, default=0, help="every N steps, the loss of a fixed evaluation batch (the digits' "
       "test split, or the first images of --train_data_dir) under fixed noise (0: never)")
@@ -153,7 +156,8 @@ def build_dataset(args):
     ds = data.ImageFolderDataset(args.train_data_dir, args.resolution, center_crop=args.center_crop,
                                  random_flip=args.random_flip and args.vae is None, captions_file=args.captions_file)
     if args.conditioning == "class" and not ds.classes:
-        raise SystemExit(f"--conditioning class needs class subfolders in --train_data_dir={args.train_data_dir!r}")
+        raise ValueError(f"--conditioning class needs class subfolders in --train_data_dir={args.train_data_dir!r}, "
+                         "which is a flat folder; pass --conditioning none to train unconditionally")
     return ds, len(ds.classes) or None, ds.classes or None, ds.channels
 
 
@@ -173,6 +177,9 @@ def main(argv=None) -> None:
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
     track.setup_logging(accelerator.is_main_process)
+    pipeline.check_distributed(accelerator)
+    run = run_dir.open_run(args.output_dir, vars(args), resume=args.resume_from_checkpoint,
+                           overwrite=args.overwrite_output_dir, accelerator=accelerator)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     training.seed_everything(args.seed)  # the same initial weights on every process, whatever the launcher
 
@@ -189,7 +196,8 @@ def main(argv=None) -> None:
         model = pipeline.build_denoiser(args.model, in_channels, size, num_classes, context_dim,
                                         args.model_overrides)
     except ValueError as e:  # the config names its field (sample_size, ...); say which flags set it
-        raise ValueError(f"--model={args.model} at --resolution={args.resolution} with --model_overrides: {e}") from None
+        given = " with --model_overrides" if args.model_overrides else ""
+        raise ValueError(f"--model={args.model} at --resolution={args.resolution}{given}: {e}") from None
     settings = pipeline.diffusion_settings(args, num_classes, class_names, channels, context_dim)
     if vae is not None:  # encoded once, reused by later runs and resumes; flips cached as latents of their own
         settings["latent"] = latents.latent_settings(vae, args.resolution)
@@ -219,7 +227,8 @@ def main(argv=None) -> None:
     training.seed_everything(args.seed, rank + 1)  # from here on each process has its own streams (dropout)
     ema = training.EMA(model, decay=args.ema_max_decay, power=args.ema_power) if args.use_ema else None
     noise_gen = training.make_generator(args.seed, rank, 1, device=device)  # timesteps, noise, cfg dropout
-    stream = training.DataStream(dataset, args.train_batch_size, args.seed, world, rank, args.dataloader_num_workers)
+    stream = training.DataStream(dataset, args.train_batch_size, args.seed, world, rank, args.dataloader_num_workers,
+                                 batch_flag="--train_batch_size")
     guard = training.BadStepGuard(args.max_bad_steps, accelerator.mixed_precision, args.learning_rate)
     text_encoder = {pipeline.TEXT_ENCODER_DIR: conditioner.encoder} if conditioner is not None else None
     extra_models = {**(text_encoder or {}), **({latents.VAE_DIR: vae} if vae is not None else {})} or None
@@ -231,16 +240,15 @@ def main(argv=None) -> None:
     state_objs = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
                       generators={"noise": noise_gen}, accelerator=accelerator)
 
-    step, resumed_from = 0, ckpt.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    step, resumed_from = 0, run.resume_from
     if resumed_from is not None:
-        saved = ckpt.load_checkpoint(resumed_from, **state_objs)["train_state"]
+        saved = ckpt.load_checkpoint(resumed_from, **state_objs,
+                                     train_state_keys=("accumulation_step", "data", "bad_steps"))["train_state"]
         step, accelerator.step = saved["step"], saved["accumulation_step"]
         stream.load_state_dict(saved["data"])
         guard.load_state_dict(saved["bad_steps"])
         callbacks.load_state_dict(saved.get("callbacks", {}))
         accelerator.print(f"resumed from {resumed_from} at step {step}")
-    if accelerator.is_main_process:
-        ckpt.remove_stale(args.output_dir)
     track.init_trackers(accelerator, args.tracker_project_name, vars(args), args.output_dir)
 
     def save(at_step: int) -> None:
@@ -291,6 +299,7 @@ def main(argv=None) -> None:
     started, stop_at = step, min(args.max_train_steps, step + (args.stop_after_steps or args.max_train_steps))
     loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
     model.train()
+    stop = training.StopOnSignal(accelerator)  # SIGTERM / Ctrl-C: checkpoint at the next step boundary, then exit
     state.step = step
     callbacks.on_train_begin(state)
     try:
@@ -341,16 +350,26 @@ def main(argv=None) -> None:
                                                  args.seed, device, **loss_options)
                 track.log_scalars(accelerator, {"eval/loss": value}, step)
                 callbacks.on_evaluate(state, {"eval_loss": value})
-            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at
-                                             or state.should_stop):
+            stopping = stop.requested()
+            if stopping or args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at
+                                                         or state.should_stop):
                 save(step)
+            if stopping:
+                break
             if args.sample_every and step % args.sample_every == 0 and step < args.max_train_steps:
                 write_samples(f"samples/step-{step:06d}.png", step)
     except training.TrainingDiverged as e:
         accelerator.end_training()
         raise SystemExit(f"error: {e}") from None
+    finally:
+        stop.close()
     progress.close()
     callbacks.on_train_end(state)
+    if stop.signum is not None and step < args.max_train_steps:
+        accelerator.print(training.stopped_message(step, args.max_train_steps, args.output_dir, stop.reason))
+        accelerator.end_training()
+        run.close()
+        raise SystemExit(stop.exit_code())
     if state.should_stop:
         accelerator.print(state.stop_reason)
     if step >= args.max_train_steps or state.should_stop:
@@ -359,7 +378,11 @@ def main(argv=None) -> None:
                                extra_models=extra_models)
         write_samples("samples.png", step)
         accelerator.print(f"done: {step} steps in {time.time() - t0:.0f} s; model in {args.output_dir}/model")
+    else:
+        accelerator.print(training.stopped_message(step, args.max_train_steps, args.output_dir, "--stop_after_steps",
+                                                   saved=bool(args.checkpointing_steps)))
     accelerator.end_training()
+    run.close()
 
 
 if __name__ == "__main__":
