@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from visionformers._validate import HelpFormatter
 from visionformers.data import DigitsDataset
 from visionformers.demo import digit_classifier, grade_distribution, grade_images
 from visionformers.training import pipeline, sampling
@@ -43,16 +44,16 @@ def calls_of(sampler: str, steps: int) -> int:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("models", nargs="+", metavar="NAME=PATH", help="exported class-conditional digit models")
     p.add_argument("--samplers", nargs="*", default=None,
                    help="default: ddim and dpmpp_2m for VP models; euler, heun and dpmpp_2m for flow models")
-    p.add_argument("--budgets", type=int, nargs="*", default=list(BUDGETS))
-    p.add_argument("--num_images", type=int, default=500)
-    p.add_argument("--guidance_scale", type=float, default=2.0)
+    p.add_argument("--budgets", type=int, nargs="*", default=list(BUDGETS), help="model calls per image to compare")
+    p.add_argument("--num_images", type=int, default=500, help="images per model, sampler and budget")
+    p.add_argument("--guidance_scale", type=float, default=2.0, help="classifier-free guidance weight (1: none)")
     p.add_argument("--flow_shift", type=float, default=None,
                    help="sample flow models on this time shift instead of their trained one (SD3 samples at 3)")
-    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1000, help="image i uses seed + i")
     p.add_argument("--output", default=None, help="a JSON file for the results")
     args = p.parse_args(argv)
     if any("=" not in m for m in args.models):

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from visionformers import diffusion
-from visionformers._validate import check_args, check_device, script_errors
+from visionformers._validate import HelpFormatter, check_args, check_device, script_errors
 from visionformers.data import DigitsDataset, ImageFolderDataset
 from visionformers.metrics import build_feature_extractor, dinov2_features, protocol, reference, samples
 from visionformers.training import pipeline
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--real", required=True, help='reference images: a folder (class subfolders or flat) or "digits"')
     a("--digits_split", default="train", choices=["train", "test", "all"], help="with --real digits")
@@ -44,16 +44,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--feature_extractor", required=True,
       help="inception:PATH (pytorch-fid's or torchvision's weights) | visionformers:DIR | random_conv[:SEED] (tests)")
     a("--dinov2", default=None, help="a local timm DINOv2 weights file or visionformers ViT dir (for fd_dinov2)")
-    a("--metrics", nargs="+", default=["fid", "kid"], choices=list(protocol.METRICS))
+    a("--metrics", nargs="+", default=["fid", "kid"], choices=list(protocol.METRICS), help="metrics to compute")
     a("--resize", default="pytorch_fid", choices=["pytorch_fid", "clean"],
       help="to the extractor's input size: pytorch-fid's bilinear (no antialias) or clean-fid's PIL bicubic")
     a("--real_baseline", action="store_true", help="also print each figure between two halves of the reference set")
     a("--cache", default=None, help="reference features: a directory (one file per setting) or a .npz file")
     a("--resolution", type=int, default=32, help="reference (and --fake) images are loaded at this size (center crop)")
-    a("--channels", type=int, default=3, choices=[1, 3])
-    a("--kid_subsets", type=int, default=100)
-    a("--kid_subset_size", type=int, default=1000)
-    a("--is_splits", type=int, default=10)
+    a("--channels", type=int, default=3, choices=[1, 3], help="channels the images are loaded with")
+    a("--kid_subsets", type=int, default=100, help="random subsets KID averages over")
+    a("--kid_subset_size", type=int, default=1000, help="images per KID subset (capped by the set sizes)")
+    a("--is_splits", type=int, default=10, help="splits the Inception Score averages over")
     a("--batch_size", type=int, default=64, help="images per chunk (chunks are spread over the processes)")
     a("--device", default=None, help="default: the accelerator's device")
     args = p.parse_args(argv)

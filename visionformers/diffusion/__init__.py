@@ -32,11 +32,12 @@ from .samplers import (
     sample_euler_maruyama,
     sample_heun,
 )
+from .discretization import Discretization
 from .schedules import SCHEDULES, NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = [
-    "NoiseSchedule", "SCHEDULES", "rescale_zero_terminal_snr", "RectifiedFlow", "time_shift", "resolution_shift",
-    "GaussianPath", "Levels", "Denoiser",
+    "NoiseSchedule", "SCHEDULES", "Discretization", "rescale_zero_terminal_snr", "RectifiedFlow", "time_shift",
+    "resolution_shift", "GaussianPath", "Levels", "Denoiser",
     "training_loss", "check_loss_options", "check_sampler", "predict_x0_eps", "prediction_target", "min_snr_weight",
     "PREDICTION_TYPES",
     "TIMESTEP_DENSITIES", "LOSS_WEIGHTINGS", "sample_density", "loss_weight",

@@ -78,6 +78,9 @@ def _setup(name: str, model, x: Tensor, sched, steps: int, prediction_type: str,
     check_sampler(name, sched)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         fail("steps", steps, "an int > 0")
+    if not discrete and isinstance(sched, NoiseSchedule) and sched.sampling.limits_x0:
+        fail("sched", sched, "a schedule without clip_sample / thresholding for euler and heun (those limits apply to "
+             "the x0 estimate of ddpm, ddim and dpmpp_2m)")
     if discrete and isinstance(sched, NoiseSchedule) and steps > sched.num_train_steps:
         fail("steps", steps, f"at most num_train_steps={sched.num_train_steps} for a discrete-time sampler "
              "(euler and heun accept any number)")
@@ -88,7 +91,9 @@ def _setup(name: str, model, x: Tensor, sched, steps: int, prediction_type: str,
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sched, prediction_type)
     if denoiser.sched is not sched:
         fail("sched", sched, f"the process of the denoiser passed as model ({denoiser.sched!r})")
-    return denoiser, sched.sampling_levels(steps, discrete=discrete, rho=rho)
+    # a NoiseSchedule's discrete timesteps follow its Discretization, which may depend on the solver (diffusers')
+    solver = {"solver": name} if discrete and isinstance(sched, NoiseSchedule) else {}
+    return denoiser, sched.sampling_levels(steps, discrete=discrete, rho=rho, **solver)
 
 
 def _model_t(t: Tensor, x: Tensor) -> Tensor:
@@ -125,6 +130,7 @@ def sample_ddpm(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
 
     for i in range(steps):
         x0, _ = den(x, alpha[i], sigma[i], t_model[i])
+        x0 = sched.sampling.limit_x0(x0)
         x = c0[i] * x0 + ct[i] * x
         if std[i] > 0:
             x = x + std[i] * randn_like(x, generator)
@@ -143,7 +149,7 @@ def sample_ddim(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
     den, levels = _setup("ddim", model, x, sched, steps, prediction_type, generator, callback, discrete=True)
     check_number("eta", eta, at_least=0, note=" (0: deterministic DDIM, 1: DDPM variance)")
     ab = sched.alphas_cumprod[levels.t.long()]
-    ab_prev = torch.cat([ab[1:], ab.new_ones(1)])
+    _, _, ab_prev = sched.sampling.steps(sched.alphas_cumprod, steps, "ddim")  # diffusers: t - T // steps
     std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     c_x0, c_eps = ab_prev.sqrt().tolist(), (1 - ab_prev - std**2).clamp(min=0).sqrt().tolist()
     std = std.tolist()
@@ -152,6 +158,7 @@ def sample_ddim(model: Model, x: Tensor, sched: NoiseSchedule, steps: int, *, pr
 
     for i in range(steps):
         x0, eps = den(x, alpha[i], sigma[i], t_model[i])
+        x0 = sched.sampling.limit_x0(x0)  # eps stays the model's (diffusers' use_clipped_model_output=False)
         x = c_x0[i] * x0 + c_eps[i] * eps
         if std[i] > 0:
             x = x + std[i] * randn_like(x, generator)
@@ -173,6 +180,7 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sched, steps: int, *, prediction_ty
     den, levels = _setup("dpmpp_2m", model, x, sched, steps, prediction_type, generator, callback, discrete=True)
     alphas, sigmas = levels.alpha, levels.sigma  # (steps+1,): the chain ends at alpha = 1, sigma = 0
     lambdas = alphas.log() - sigmas.log()  # first entry -inf on a flow, last entry +inf
+    limit_x0 = sched.sampling.limit_x0 if isinstance(sched, NoiseSchedule) else None  # a flow has no x0 limits
     h = lambdas[1:] - lambdas[:-1]
     c_x = (sigmas[1:] / sigmas[:-1]).tolist()
     c_d = (-alphas[1:] * torch.expm1(-h)).tolist()
@@ -187,6 +195,8 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sched, steps: int, *, prediction_ty
     x0_prev = None
     for i in range(steps):
         x0, _ = den(x, alpha[i], sigma[i], t_model[i])
+        if limit_x0 is not None:
+            x0 = limit_x0(x0)
         d = x0 if k[i] == 0 else x0 + k[i] * (x0 - x0_prev)
         x = c_x[i] * x + c_d[i] * d
         x0_prev = x0

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_int, check_number, check_tensor, fail
 from .densities import check_density_args, sample_density
+from .discretization import NATIVE, Discretization
 from .path import GaussianPath, Levels
 
 # Ho et al.'s linear betas end at 0.02 for T = 1000 and are scaled by 1000 / T, so they reach 1 (alphas_cumprod
@@ -101,16 +102,45 @@ class NoiseSchedule(GaussianPath):
                  f"[{betas.min().item():.4g}, {betas.max().item():.4g}])")
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
+        self._set_betas(betas, torch.cumprod(1 - betas, 0))
+
+    @classmethod
+    def from_betas(cls, betas: Tensor, *, name: str = "custom", sampling: Discretization = NATIVE,
+                   terminal_alphas_cumprod: float | None = None) -> "NoiseSchedule":
+        """A schedule of explicit betas (T,) in (0, 1] (1 only last: zero terminal SNR), e.g. a diffusers scheduler's.
+
+        alphas_cumprod is the cumulative product in the betas' own dtype (float32 betas reproduce diffusers' float32
+        table exactly), then kept in float64. ``sampling`` sets how discrete-time samplers walk it.
+        ``terminal_alphas_cumprod`` replaces the last entry (diffusers' DPM-Solver puts 2^-24 in place of the 0 of
+        zero terminal SNR, so that its first sigma is finite).
+        """
+        check_tensor("betas", betas, ndim=1, floating=True)
+        if betas.shape[0] < 2 or not bool(((betas > 0) & (betas <= 1)).all()) or bool((betas[:-1] >= 1).any()):
+            fail("betas", betas, "a (T,) tensor with T >= 2 and every beta in (0, 1), the last in (0, 1]")
+        if not isinstance(sampling, Discretization):
+            fail("sampling", sampling, "a visionformers.diffusion.Discretization")
+        self = cls.__new__(cls)
+        self.kind, self.num_train_steps = name, betas.shape[0]
+        self.zero_terminal_snr = bool(betas[-1] == 1)
+        alphas_cumprod = torch.cumprod(1 - betas, 0)
+        if terminal_alphas_cumprod is not None:
+            alphas_cumprod[-1] = terminal_alphas_cumprod
+        self._set_betas(betas.double(), alphas_cumprod.double(), sampling)
+        return self
+
+    def _set_betas(self, betas: Tensor, alphas_cumprod: Tensor, sampling: Discretization = NATIVE) -> None:
+        self.sampling = sampling  # the timesteps discrete-time samplers visit and how they limit x0
         self.betas = betas  # (T,) float64
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (T,) float64, alpha_t^2
+        self.alphas_cumprod = alphas_cumprod  # (T,) float64, alpha_t^2
         # log of the Karras sigma, increasing in t; interpolated for fractional t (k-diffusion's DiscreteSchedule).
         ab = torch.where(self.alphas_cumprod > 0, self.alphas_cumprod, _MIN_ALPHA_CUMPROD)
         self.log_sigmas = (0.5 * ((1 - ab) / ab).log())  # (T,) float64
         self._device_tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
+        extra = f", sampling={self.sampling}" if self.sampling != NATIVE else ""
         return (f"NoiseSchedule({self.kind!r}, num_train_steps={self.num_train_steps}, "
-                f"zero_terminal_snr={self.zero_terminal_snr})")
+                f"zero_terminal_snr={self.zero_terminal_snr}{extra})")
 
     def _tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """float32 (alpha, sigma, log_sigma) tables on ``device``, copied once per device."""
@@ -169,13 +199,13 @@ class NoiseSchedule(GaussianPath):
         alpha, sigma, _ = self._tables(t.device)
         return alpha[t], sigma[t]
 
-    def sampling_levels(self, steps: int, *, discrete: bool, rho: float = 7.0) -> Levels:
-        """The levels a sampler visits: ``discrete``: the trailing timesteps of :func:`discrete_timesteps` with their
-        exact table values; else the Karras sigmas of :func:`karras_sigmas` (alpha = 1 / sqrt(1 + s^2),
+    def sampling_levels(self, steps: int, *, discrete: bool, rho: float = 7.0, solver: str = "ddim") -> Levels:
+        """The levels a sampler visits: ``discrete``: the timesteps of this schedule's ``sampling``
+        (:class:`Discretization`; by default the trailing ones of :func:`discrete_timesteps`) for ``solver``, with
+        their exact table values; else the Karras sigmas of :func:`karras_sigmas` (alpha = 1 / sqrt(1 + s^2),
         sigma = s alpha) at fractional t. Both end at (alpha, sigma) = (1, 0)."""
         if discrete:
-            ts = discrete_timesteps(self.num_train_steps, steps)
-            ab = self.alphas_cumprod[ts]
+            ts, ab, _ = self.sampling.steps(self.alphas_cumprod, steps, solver)
             return Levels(torch.cat([ab.sqrt(), ab.new_ones(1)]), torch.cat([(1 - ab).sqrt(), ab.new_zeros(1)]),
                           ts.double())
         s = karras_sigmas(self, steps, rho)

@@ -89,7 +89,13 @@ def sample_distributed(
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8; non-finite values (a diverged sampler) are a ValueError
+    rather than black pixels."""
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise ValueError(f"the sampled images hold {bad} non-finite value(s) (NaN or inf) of {images.numel()}: the "
+                         "sampler diverged, so no image is written; try another --sampler, a lower --guidance_scale "
+                         "or more --num_inference_steps, or check the model's weights")
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
 
@@ -117,13 +123,15 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     import os
     import tempfile
 
+    from visionformers.hub import file_mode
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; images are meant to be shared
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600 files; images follow the umask, as open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
