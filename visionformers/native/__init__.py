@@ -1,0 +1,10 @@
+"""Optional CPU kernels, kept apart from the models and attached with one explicit call.
+
+``vf.native.optimize(model)`` prepares a model for CPU inference (decoding, sampling, evaluation): it never
+changes what a model computes beyond float rounding, and training code never calls it. Nothing in ``nn/``,
+``vision/``, ``text/`` or ``diffusion/`` imports this package; without it the models run unchanged.
+"""
+from visionformers.native.ops import kernel_available
+from visionformers.native.optimize import RowsLinear, optimize
+
+__all__ = ["optimize", "RowsLinear", "kernel_available"]
