@@ -9,9 +9,9 @@ __all__ = ["create_model", "list_models", "save_pretrained", "from_pretrained", 
 
 
 def __getattr__(name):
-    # Subpackages load on first use so `import visionformers` stays light.
+    # Subpackages load on first use so `import visionformers` stays light (native: only where it is installed).
     import importlib
 
-    if name in {"convert", "diffusion", "vision", "text", "training", "data", "metrics"}:
+    if name in {"convert", "diffusion", "vision", "text", "training", "data", "metrics", "native"}:
         return importlib.import_module(f"visionformers.{name}")
     raise AttributeError(f"module 'visionformers' has no attribute {name!r}")

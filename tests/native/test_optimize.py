@@ -73,13 +73,13 @@ ids = torch.randint(0, model.config.vocab_size, (4, 12))
 start, stop, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if start:
     state = torch.load(path, weights_only=True)
-    model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+    model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); torch.set_rng_state(state["rng"])
 for step in range(start, stop):
     g = torch.Generator().manual_seed(step)
     batch = ids[torch.randperm(4, generator=g)]
     loss = model(batch, labels=batch).loss
     opt.zero_grad(); loss.backward(); opt.step()
-torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, path)
 model.eval()
 vf.native.optimize(model)  # sampling after training may attach the kernels
 torch.save(model.generate(ids[:1, :4], 6), path + ".tokens")

@@ -49,13 +49,15 @@ def test_torch_export_dit():
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["vit", "swin"])
-def test_onnx_export_runs_in_onnxruntime(kind, tmp_path):
+# Swin through the TorchScript exporter: torch 2.14's dynamo exporter decomposes SDPA with a float mask into math
+# whose output strides differ from the traced ones, and then fails on the head merge's reshape ("Cannot view").
+@pytest.mark.parametrize("kind,dynamo", [("vit", True), ("swin", False)])
+def test_onnx_export_runs_in_onnxruntime(kind, dynamo, tmp_path):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     model, x = _classifier(kind)
     path = tmp_path / f"{kind}.onnx"
-    torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True)
+    torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=dynamo)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"images": x.numpy()})
     with torch.no_grad():
