@@ -10,13 +10,15 @@ layout-independent), and the peak of one training step (CUDA: max_memory_allocat
 fresh subprocess per model above its RSS before the step). Sampling: 50 DDIM steps with
 ``vf.diffusion.sample``; the model calls are timed inside a wrapper, the rest is sampler overhead.
 
-Layout: by default each model runs as a user gets it. On CPU ours converts its activations to channels_last
-inside forward (UNet.cpu_channels_last), diffusers stays NCHW; ``--channels-last`` gives both channels_last
-weights and inputs, which isolates what the layout buys from everything else.
+Layout: by default each model runs as a user gets it (NCHW). On CPU the forward also times a copy of ours after
+``vf.native.optimize`` (channels-last convolution weights), which the DDIM sampling uses, as ``sample_unet.py``
+does; ``--channels-last`` gives both models channels_last weights and inputs, which isolates what the layout
+buys from everything else.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env_line, interleaved_times, report, sync  # noqa: E402
 
 from visionformers.diffusion import NoiseSchedule, sample  # noqa: E402
+from visionformers.native import optimize  # noqa: E402
 from visionformers.registry import create_model  # noqa: E402
 
 
@@ -194,7 +197,11 @@ def main() -> None:
                 fns[k](x, t)
         return run
 
-    res = interleaved_times({k: forward(k) for k in models}, runs=args.runs, warmup=1, device=device)
+    candidates = {k: forward(k) for k in models}
+    if device == "cpu" and not args.compile:
+        fns["visionformers+optimize"] = optimize(copy.deepcopy(models["visionformers"]).eval())
+        candidates["visionformers+optimize"] = forward("visionformers+optimize")
+    res = interleaved_times(candidates, runs=args.runs, warmup=1, device=device)
     report(f"forward (inference mode), median of {args.runs}", res, unit="ms")
 
     print("\nmemory of one training step")
@@ -218,7 +225,8 @@ def main() -> None:
         print(line)
 
     if not args.skip_sampling:
-        bench_sampling(fns["visionformers"] if not args.compile else models["visionformers"], device, args.batch, cl)
+        sampler_model = fns.get("visionformers+optimize", fns["visionformers"] if not args.compile else models["visionformers"])
+        bench_sampling(sampler_model, device, args.batch, cl)
 
 
 if __name__ == "__main__":
