@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import visionformers as vf
-from visionformers.native import RowsLinear, kernel_available, optimize
+from visionformers.native import RowsLinear, kernel_available, kernels_pay, optimize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def test_gpt_generation_keeps_its_tokens_and_state_dict():
     expected = model.generate(ids, 8)
     logits = model(ids).logits
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    assert optimize(model) is model
+    assert optimize(model, kernels=True) is model
     assert torch.equal(model.generate(ids, 8), expected)  # greedy tokens: rounding does not flip an argmax here
     torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
     assert model.state_dict().keys() == keys.keys()
@@ -34,6 +34,17 @@ def test_gpt_generation_keeps_its_tokens_and_state_dict():
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert linears and all(isinstance(m, RowsLinear) == kernel_available() for m in linears)
     assert model.token_embed.weight.stride()[0] == 1  # (vocab, dim) stored column-major for BLAS
+
+
+def test_kernels_false_keeps_nn_linear_and_the_default_follows_the_cpu():
+    model = optimize(_gpt(), kernels=False)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert all(m.weight.stride()[0] == 1 for m in model.modules() if isinstance(m, nn.Linear) and m.out_features > m.in_features)
+    default = optimize(_gpt())
+    rows = any(isinstance(m, RowsLinear) for m in default.modules())
+    assert rows == (kernels_pay() and kernel_available())
+    with pytest.raises(ValueError, match="kernels"):
+        optimize(_gpt(), kernels="yes")
 
 
 def test_optimize_is_idempotent_and_training_still_works():
@@ -81,7 +92,7 @@ for step in range(start, stop):
     opt.zero_grad(); loss.backward(); opt.step()
 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, path)
 model.eval()
-vf.native.optimize(model)  # sampling after training may attach the kernels
+vf.native.optimize(model, kernels=True)  # sampling after training may attach the kernel
 torch.save(model.generate(ids[:1, :4], 6), path + ".tokens")
 """
 

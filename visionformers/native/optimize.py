@@ -2,9 +2,12 @@
 
 What it does, each chosen by what the machine has (never by a timing), in place:
 
-- every ``nn.Linear`` becomes a ``RowsLinear`` where the ``linear_rows`` kernel is built (same parameters, state
-  dict and values up to float rounding): products of at most ``MAX_ROWS`` rows in CPU fp32 inference, the
-  matrix-vector products of token-by-token decoding, go to the ``visionformers::linear_rows`` op;
+- every ``nn.Linear`` becomes a ``RowsLinear`` where the ``linear_rows`` kernel is built and pays (same parameters,
+  state dict and values up to float rounding): products of at most ``MAX_ROWS`` rows in CPU fp32 inference, the
+  matrix-vector products of token-by-token decoding, go to the ``visionformers::linear_rows`` op. It pays where
+  MKL runs a one-row product on a single core, which is what it does on CPUs without AVX-512; on AVX-512 CPUs
+  MKL's one-row products already read memory at full bandwidth, and the kernel is not attached unless asked
+  (``kernels=True``);
 - every other CPU weight matrix with more rows than columns (embeddings, tied output heads, and every linear
   weight where the kernel is missing) is stored column-major: same values, transposed strides. Decoding multiplies
   one row by each matrix, and CPU BLAS streams a wide (out > in) matrix markedly faster as (in, out) rows;
@@ -24,7 +27,7 @@ from torch import nn
 from visionformers._validate import check_bool, fail
 from visionformers.native import ops
 
-__all__ = ["optimize", "RowsLinear", "MAX_ROWS"]
+__all__ = ["optimize", "kernels_pay", "RowsLinear", "MAX_ROWS"]
 
 # Rows up to which RowsLinear takes the kernel: decoding's 1-16 rows per step; beyond, a blocked BLAS product wins.
 MAX_ROWS = 16
@@ -52,16 +55,23 @@ def _column_major_(weight: torch.Tensor) -> None:
                 weight.data = weight.data.t().contiguous().t()
 
 
-def optimize(model: nn.Module, kernels: bool = True) -> nn.Module:
+def kernels_pay() -> bool:
+    """Whether the decoding kernel is attached by default here: a CPU without AVX-512 (a static choice: the CPU's
+    features as PyTorch reports them, the same on every run)."""
+    return not torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+
+
+def optimize(model: nn.Module, kernels: bool | None = None) -> nn.Module:
     """Attach the CPU inference speed-ups to ``model`` in place (see the module docstring); returns it.
 
-    ``kernels=False`` applies the layouts only (what a machine without the native kernels gets). Idempotent.
-    Values are unchanged up to float rounding; state dicts and parameter names are unchanged.
+    ``kernels``: None attaches the native kernel where it pays (``kernels_pay``), True wherever it is built,
+    False nowhere (the layouts only: what a machine without the kernel gets). Idempotent. Values are unchanged up
+    to float rounding; state dicts and parameter names are unchanged.
     """
     if not isinstance(model, nn.Module):
         fail("model", model, "a torch.nn.Module")
-    check_bool("kernels", kernels)
-    kernel = kernels and ops.kernel_available()
+    check_bool("kernels", kernels, optional=True)
+    kernel = (kernels_pay() if kernels is None else kernels) and ops.kernel_available()
     rows = []  # weights the kernel reads as (out, in) rows: left as they are even where an embedding shares one
     for module in model.modules():
         if kernel and type(module) is nn.Linear and module.weight.device.type == "cpu":
