@@ -1,7 +1,7 @@
 """unet_ddpm_cifar10 vs diffusers' UNet2DModel with the same configuration, side by side in one process.
 
     python bench/bench_unet.py                      # CPU fp32, batch 16: training step, forward, memory, DDIM
-    python bench/bench_unet.py --device cuda --compile
+    python bench/bench_unet.py --device cuda --dtype bf16 --compile --channels-last   # GPU: + MFU table
 
 Both networks hold the same weights (diffusers' random init, converted), so they compute the same function
 and the script checks that first. Timed: one training step (eps-MSE, backward, AdamW) and one forward
@@ -9,6 +9,10 @@ and the script checks that first. Timed: one training step (eps-MSE, backward, A
 layout-independent), and the peak of one training step (CUDA: max_memory_allocated; CPU: the peak RSS of a
 fresh subprocess per model above its RSS before the step). Sampling: 50 DDIM steps with
 ``vf.diffusion.sample``; the model calls are timed inside a wrapper, the rest is sampler overhead.
+
+GPU mode (``--device cuda``): ``--dtype bf16`` autocasts both models' steps (fp32 weights), ``--compile``
+compiles each residual and attention block of both in place (regional compilation), and a table gives each
+model's step time, img/s, peak memory and MFU, with the FLOPs of a step counted by ``FlopCounterMode``.
 
 Layout: by default each model runs as a user gets it (NCHW). On CPU the forward also times a copy of ours after
 ``vf.native.optimize`` (channels-last convolution weights), which the DDIM sampling uses, as ``sample_unet.py``
@@ -32,28 +36,44 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_line, interleaved_times, report, sync  # noqa: E402
+from common import (  # noqa: E402
+    add_gpu_arguments, autocast, count_flops, env_line, interleaved_times, peak_memory_mib, report, sync,
+    throughput_table,
+)
 
 from visionformers.diffusion import NoiseSchedule, sample  # noqa: E402
 from visionformers.native import optimize  # noqa: E402
 from visionformers.registry import create_model  # noqa: E402
+from visionformers.training import performance  # noqa: E402
+
+# --tiny: the code path in seconds on a CPU (tests)
+TINY = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(16,))
 
 
-def build(device: str, channels_last: bool, compile_: bool):
+def compile_regions(models: dict) -> None:
+    """Each residual and attention block of both models compiled in place (regional compilation)."""
+    from diffusers.models.attention_processor import Attention as DiffusersAttention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    performance.compile_blocks(models["visionformers"])
+    for m in models["diffusers"].modules():
+        if isinstance(m, (ResnetBlock2D, DiffusersAttention)):
+            m.compile()
+
+
+def build(device: str, channels_last: bool, tiny: bool = False):
     """(ours, diffusers) with identical weights, in train mode."""
     sys.path.insert(0, str(ROOT / "tests" / "vision"))
     from test_unet_parity import convert_diffusers_unet, diffusers_unet  # the one key mapping
 
     torch.manual_seed(0)
-    ours = create_model("unet_ddpm_cifar10")  # dropout 0.1, as the paper and the reference below
+    ours = create_model("unet_ddpm_cifar10", **(TINY if tiny else {}))  # dropout 0.1, as the paper and the reference
     ref = diffusers_unet(ours.config)
     ours.load_state_dict(convert_diffusers_unet(ref.state_dict()))
     models = {"visionformers": ours.to(device), "diffusers": ref.to(device)}
     if channels_last:
         models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
     fns = {"visionformers": models["visionformers"], "diffusers": lambda x, t: models["diffusers"](x, t).sample}
-    if compile_:
-        fns = {k: torch.compile(f) for k, f in fns.items()}
     return models, fns
 
 
@@ -67,12 +87,13 @@ def make_batch(batch: int, device: str, channels_last: bool):
     return x, t, eps
 
 
-def train_step_fn(model, fn, batch_data):
+def train_step_fn(model, fn, batch_data, device: str = "cpu", dtype: str = "fp32"):
     x, t, eps = batch_data
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda" or None)
 
     def step():
-        loss = F.mse_loss(fn(x, t), eps)
+        with autocast(device, dtype):
+            loss = F.mse_loss(fn(x, t).float(), eps)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -103,7 +124,7 @@ def rss_kib(field: str) -> int:
 
 def memory_probe(which: str, args) -> None:
     """Subprocess body: peak RSS of one training step above the RSS just before it (CPU)."""
-    models, fns = build("cpu", args.channels_last, False)
+    models, fns = build("cpu", args.channels_last, args.tiny)
     step = train_step_fn(models[which], fns[which], make_batch(args.batch, "cpu", args.channels_last))
     before = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
@@ -114,6 +135,7 @@ def memory_probe(which: str, args) -> None:
 def cpu_peak_rss(which: str, args) -> float | None:
     cmd = [sys.executable, __file__, "--memory-probe", which, "--batch", str(args.batch)]
     cmd += ["--channels-last"] if args.channels_last else []
+    cmd += ["--tiny"] if args.tiny else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(f"  (memory probe of {which} failed: {out.stderr.strip().splitlines()[-1:]})")
@@ -153,10 +175,10 @@ def bench_sampling(model, device: str, batch: int, channels_last: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
+    add_gpu_arguments(p)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--runs", type=int, default=3, help="timed calls per candidate (median)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--tiny", action="store_true", help="a small UNet of the same topology (the CPU test of this script)")
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs for both models")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--skip-sampling", action="store_true")
@@ -168,9 +190,11 @@ def main() -> None:
         return memory_probe(args.memory_probe, args)
 
     device, cl = args.device, args.channels_last
-    models, fns = build(device, cl, args.compile)
+    if device.startswith("cuda"):
+        performance.use_tf32()
+    models, fns = build(device, cl, args.tiny)
     data = make_batch(args.batch, device, cl)
-    print(f"{env_line(device)}; batch {args.batch}, 32x32, fp32, compile={args.compile}, channels_last={cl}")
+    print(f"{env_line(device)}; batch {args.batch}, 32x32, {args.dtype}, compile={args.compile}, channels_last={cl}")
     print(f"parameters: visionformers {sum(p.numel() for p in models['visionformers'].parameters()):,}, "
           f"diffusers {sum(p.numel() for p in models['diffusers'].parameters()):,}")
     with torch.no_grad():
@@ -182,11 +206,18 @@ def main() -> None:
 
     for m in models.values():
         m.train()
-    steps = {k: train_step_fn(models[k], fns[k], data) for k in models}
+    steps = {k: train_step_fn(models[k], fns[k], data, device, args.dtype) for k in models}
+    flops = {k: count_flops(step) for k, step in steps.items()}  # eager, before any compilation
+    if args.compile:
+        compile_regions(models)
     res = interleaved_times(steps, runs=args.runs, warmup=1, device=device)
     report(f"training step (eps MSE + backward + AdamW), median of {args.runs}", res, unit="s", scale=1)
     for k, v in res.items():
         print(f"  {k:<28} {args.batch / statistics.median(v):9.2f} img/s")
+    rows = {k: {"items": args.batch, "flops": flops[k], "seconds": statistics.median(res[k]),
+                "peak_mib": peak_memory_mib(steps[k], device)} for k in steps}
+    throughput_table(f"training step, {args.dtype}, compile={args.compile}: throughput, peak memory, MFU", rows,
+                     args.peak_tflops)
 
     for m in models.values():
         m.eval()
@@ -219,14 +250,13 @@ def main() -> None:
             step()
             sync(device)
             line += f"   peak above the resting state {(torch.cuda.max_memory_allocated() - base) / 2**20:8.1f} MiB"
-        elif not args.compile:
+        elif not args.compile and not args.tiny:  # (--tiny: the test of the GPU code path skips these subprocesses)
             peak = cpu_peak_rss(k, args)
             line += f"   peak RSS of a fresh step above the RSS before it {peak:8.1f} MiB" if peak is not None else ""
         print(line)
 
     if not args.skip_sampling:
-        sampler_model = fns.get("visionformers+optimize", fns["visionformers"] if not args.compile else models["visionformers"])
-        bench_sampling(sampler_model, device, args.batch, cl)
+        bench_sampling(fns.get("visionformers+optimize", fns["visionformers"]), device, args.batch, cl)
 
 
 if __name__ == "__main__":

@@ -117,3 +117,67 @@ def report(title: str, times: dict[str, list[float]], ours: str = "visionformers
 def env_line(device: str) -> str:
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return f"torch {torch.__version__}, {name}"
+
+
+# ---- GPU mode: throughput, peak memory and MFU with counted FLOPs -------------------------------------
+
+H100_BF16_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet); the MFU denominator
+
+
+def add_gpu_arguments(p) -> None:
+    """``--device``, ``--dtype``, ``--compile`` and ``--peak_tflops`` of a benchmark's GPU mode."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 master weights")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile: each repeated block, both models")
+    p.add_argument("--peak_tflops", type=float, default=H100_BF16_PEAK_TFLOPS,
+                   help="the accelerator's peak for the MFU (default: H100 SXM dense bf16)")
+
+
+def autocast(device: str, dtype: str):
+    """bf16 autocast on ``device`` (weights stay fp32), or nothing for fp32."""
+    import contextlib
+
+    if dtype == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (forward and, if it runs one, backward), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` op by op (matmuls, convolutions, attention), not estimated.
+    ``fn`` runs once before the counted call, so that one-time work (lazy initialisation, a native kernel's
+    first-use check) stays out of the count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fn()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory allocated during one call of ``fn`` (MiB, weights and optimizer state included); None
+    off CUDA."""
+    if torch.device(device).type != "cuda":
+        fn()
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def throughput_table(title: str, rows: dict[str, dict], peak_tflops: float, unit: str = "img/s") -> None:
+    """One line per candidate: ms per call, items/s, peak memory, achieved TFLOP/s and MFU; ours against
+    each other candidate. ``rows[name]`` = {"seconds", "items", "flops", "peak_mib"}."""
+    print(f"\n{title}")
+    for name, r in rows.items():
+        tflops = r["flops"] / r["seconds"] / 1e12
+        mem = f"{r['peak_mib']:9.0f} MiB" if r.get("peak_mib") is not None else "        - MiB"
+        print(f"  {name:<36} {r['seconds'] * 1e3:9.2f} ms  {r['items'] / r['seconds']:10.1f} {unit}  {mem}  "
+              f"{r['flops'] / r['items'] / 1e9:9.2f} GFLOP/item  {tflops:8.2f} TFLOP/s  MFU {100 * tflops / peak_tflops:6.2f}%")
+    rate = {n: r["items"] / r["seconds"] for n, r in rows.items()}
+    for o in (n for n in rows if n.startswith("visionformers")):
+        for ref in (n for n in rows if not n.startswith("visionformers")):
+            print(f"  {o} vs {ref}: {rate[o] / rate[ref]:.2f}x the throughput")

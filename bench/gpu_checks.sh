@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a session lent a GPU machine (see bench/RESULTS.md, "GPU"):
-# the GPU-marked tests, then each benchmark on CUDA. Logs go to $OUT (the device tool's folder) or /tmp/vf-gpu.
-#   bash bench/gpu_checks.sh          # ~8 minutes on one H200, most of it torch.compile
-# Wheels the machine lacks (diffusers for bench_unet and the UNet parity tests) are installed from .whl/ if present.
+# The GPU checks in one run, for a session lent a GPU machine (figures go to bench/RESULTS.md with the card's name):
+# the GPU-marked tests, then each benchmark's GPU mode (bf16 autocast, regional torch.compile, counted-FLOP MFU
+# against an H100's 989 TFLOP/s; pass PEAK_TFLOPS for another card). Logs go to $OUT (the device tool's folder)
+# or /tmp/vf-gpu, one per step, each cut at its time limit; the limits add up to ~10 minutes on one H100.
+#   bash bench/gpu_checks.sh
+# Wheels the machine lacks (diffusers, timm) are installed from .whl/ if present.
 set -u
 out=${OUT:-/tmp/vf-gpu}
+peak=${PEAK_TFLOPS:-989}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -18,9 +21,14 @@ step() {  # step NAME SECONDS COMMAND...: one log per step, cut at its time limi
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "   exit $? after ${SECONDS}s in all" >> "$out/env.log"
 }
-step tests 180 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs
-step attention 60 bash -c "python3 bench/bench_attention.py --device cuda && python3 bench/bench_attention.py --device cuda --dtype bf16"
-step vision 90 python3 bench/bench_vision.py --device cuda --batch 64 --runs 10
-step unet 80 python3 bench/bench_unet.py --device cuda --batch 64 --runs 10
-step text 60 python3 bench/bench_text.py --device cuda --repeats 5
-step compile 100 python3 bench/bench_vision.py --device cuda --batch 64 --runs 10 --compile --no-train
+gpu="--device cuda --dtype bf16 --compile --peak_tflops $peak"
+step tests 90 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs
+# DiT-XL/2 and DiT-B/2 training steps vs diffusers' DiTTransformer2DModel, + ours checkpointed at 2x the batch
+step dit_train 200 python3 bench/bench_diffusion_train.py $gpu --models dit_xl_2 dit_b_2 --batch 32 --runs 10 --grad_ckpt
+# DiT-XL/2 sampling: 50 DDIM steps with classifier-free guidance
+step dit_sample 70 python3 bench/bench_diffusion_train.py $gpu --models --sample_steps 50 --sample_batch 32 --runs 4
+# the DDPM CIFAR-10 UNet at 32 px vs UNet2DModel
+step unet 90 python3 bench/bench_unet.py $gpu --channels-last --batch 128 --runs 10 --skip-sampling
+# ViT-B/16 fine-tuning at 224 vs timm (and torchvision)
+step vision 100 python3 bench/bench_vision.py $gpu --model vit --batch 64 --runs 10
+step attention 30 python3 bench/bench_attention.py --device cuda --dtype bf16

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from visionformers.registry import create_model
+from visionformers.text.seq2seq import POSITIONAL_SCHEMES
 from visionformers.text import BPETokenizer, ByteTokenizer, Tokenizer
 from visionformers.training import build_lr_scheduler, build_optimizer
 
@@ -111,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_test", type=int, default=1000, help="held-out numbers")
     p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
     p.add_argument("--vocab_size", type=int, default=320, help="BPE vocabulary (bytes + specials + merges)")
-    p.add_argument("--pos_embedding", default="rope", choices=["sinusoidal", "learned", "rope", "alibi", "t5"])
+    p.add_argument("--pos_embedding", default="rope", choices=POSITIONAL_SCHEMES)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--depth", type=int, default=2, help="encoder and decoder layers each")

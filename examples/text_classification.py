@@ -16,6 +16,7 @@ import time
 import torch
 
 from visionformers.registry import create_model
+from visionformers.text.seq2seq import POSITIONAL_SCHEMES
 from visionformers.text import BPETokenizer, ByteTokenizer
 from visionformers.training import build_lr_scheduler, build_optimizer
 
@@ -106,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_test", type=int, default=2000)
     p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
     p.add_argument("--vocab_size", type=int, default=400, help="BPE vocabulary (bytes + specials + merges)")
-    p.add_argument("--pos_embedding", default="rope", choices=["sinusoidal", "learned", "rope", "alibi", "t5"])
+    p.add_argument("--pos_embedding", default="rope", choices=POSITIONAL_SCHEMES)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--steps", type=int, default=400)

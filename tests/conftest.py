@@ -6,7 +6,7 @@ import tempfile
 import pytest
 import torch
 
-# Native kernels (visionformers/native) are built afresh for every test session, so CI exercises the build.
+# Native kernels (visionformers/native/build.py) are built afresh for every test session, so CI exercises the build.
 if "VISIONFORMERS_CACHE" not in os.environ:
     os.environ["VISIONFORMERS_CACHE"] = tempfile.mkdtemp(prefix="visionformers-test-cache-")
     atexit.register(shutil.rmtree, os.environ["VISIONFORMERS_CACHE"], ignore_errors=True)

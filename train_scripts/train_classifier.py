@@ -17,9 +17,10 @@ from accelerate import Accelerator
 
 from visionformers import data, training
 from visionformers._validate import script_errors
+from visionformers.training import callbacks as cb
 from visionformers.training import classification as clf
 from visionformers.training import logging as track
-from visionformers.training import pipeline
+from visionformers.training import performance, pipeline
 
 # The from-scratch default on the digits (README "Fine-tune a classifier").
 DIGITS_MODEL = "vit_tiny_patch4_32"
@@ -41,6 +42,7 @@ RECIPES = {
     "digits": {"randaugment_num_ops": 0, "crop_scale_min": 0.6, "learning_rate": 2e-3},
     "folder": {"randaugment_num_ops": 2, "crop_scale_min": 0.35, "learning_rate": 1e-3},
 }
+METRICS = {"top1": "max", "top5": "max"}  # what each epoch's evaluation reports (early stopping's choices)
 
 
 CHECKS = [  # (argument, test, what is accepted): bad numbers stop the run before anything is built
@@ -107,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--output_dir", default="outputs/train_classifier")
     a("--report_to", default="none", choices=track.REPORT_TO)
+    cb.add_early_stopping_arguments(p, METRICS, default="top1")
+    performance.add_performance_arguments(p)
     args = p.parse_args(argv)
     recipe = RECIPES["digits" if args.train_data_dir is None else "folder"]
     for name, value in recipe.items():
@@ -186,6 +190,9 @@ def main(argv=None) -> None:
         track.setup_logging(accelerator.is_main_process)
         training.seed_everything(args.seed, accelerator.process_index)
         model, optimizer, lr_scheduler, sampler, train_loader, val_loader, preprocess = setup(args, accelerator)
+        stopper = cb.early_stopping_from_args(args, METRICS)
+        performance.configure_training(model, accelerator.device, gradient_checkpointing=args.gradient_checkpointing,
+                                       compile=args.compile, compile_backend=args.compile_backend)
     except (ValueError, FileNotFoundError) as e:  # bad arguments: one line, no traceback
         raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     accelerator.print(clf.describe_groups(optimizer))
@@ -193,19 +200,26 @@ def main(argv=None) -> None:
     mix_gen = training.make_generator(args.seed, accelerator.process_index, 1)  # mixup / cutmix draws
     best = clf.BestCheckpoint(os.path.join(args.output_dir, "best"), {"preprocess.json": preprocess})
     track.init_trackers(accelerator, "visionformers", vars(args), args.output_dir)
+    callbacks = cb.CallbackList([best, stopper, cb.LrThroughputLogger(samples_per_step=sampler.global_batch
+                                                                      * args.gradient_accumulation_steps)])
+    state = cb.LoopState(model=model, accelerator=accelerator)
     log_path, t0, step = os.path.join(args.output_dir, "metrics.jsonl"), time.time(), 0
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         open(log_path, "w").close()
+    callbacks.on_train_begin(state)
     for epoch in range(args.epochs):
         sampler.set_position(epoch)
+        state.epoch = epoch
         stats = clf.train_one_epoch(
             model, train_loader, optimizer, lr_scheduler, accelerator, num_classes=len(preprocess["class_names"]),
             mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, label_smoothing=args.label_smoothing,
-            max_grad_norm=args.max_grad_norm, generator=mix_gen, max_steps=args.max_steps_per_epoch)
+            max_grad_norm=args.max_grad_norm, generator=mix_gen, max_steps=args.max_steps_per_epoch,
+            callbacks=callbacks, state=state)
         step += stats["steps"]
         result = clf.evaluate(model, val_loader, accelerator)
-        saved = best.update(model, accelerator, result, epoch)
+        callbacks.on_evaluate(state, {"top1": result.top1, "top5": result.top5, "num_samples": result.num_samples})
+        saved = best.last_saved
         row = {"epoch": epoch, "step": step, "train_loss": round(stats["loss"], 5), "top1": result.top1,
                "top5": result.top5, "best_top1": best.best, "lr": lr_scheduler.get_last_lr()[-1],
                "seconds": round(time.time() - t0, 1)}
@@ -216,6 +230,10 @@ def main(argv=None) -> None:
                 f.write(json.dumps(row) + "\n")
         scalars = {f"val/{k}": row[k] for k in ("top1", "top5") if row[k] is not None}
         track.log_scalars(accelerator, {**scalars, "train/loss": stats["loss"]}, step)
+        if state.should_stop:
+            accelerator.print(state.stop_reason)
+            break
+    callbacks.on_train_end(state)
     accelerator.print(f"done: best top-1 {100 * best.best:.2f}% in {time.time() - t0:.0f} s; "
                       f"model in {args.output_dir}/best")
     accelerator.end_training()

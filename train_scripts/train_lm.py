@@ -17,8 +17,11 @@ from accelerate import Accelerator
 import visionformers as vf
 from visionformers._validate import check_args, script_errors
 from visionformers.text import BPETokenizer, ByteTokenizer
+from visionformers.training import callbacks as cb
 from visionformers.training import build_lr_scheduler, build_optimizer, make_generator, seed_everything
 from visionformers.training.pipeline import default_mixed_precision, force_cpu, json_config_fields
+
+METRICS = {"val_loss": "min"}  # what each evaluation reports (early stopping's choices)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--sample_prompt", default="\n", help="prompt of the sample printed at the end")
     a("--sample_tokens", type=int, default=200)
+    cb.add_early_stopping_arguments(p, METRICS, default="val_loss")
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
         "block_size", "train_batch_size", "max_train_steps", "eval_steps")] + [
@@ -89,6 +93,7 @@ def main(argv=None) -> Path:
         raise ValueError(f"text_file={str(path)!r} holds {len(train_data)} training tokens; --block_size={args.block_size} needs more")
 
     overrides = {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id, **args.model_overrides}
+    stopper = cb.early_stopping_from_args(args, METRICS)
     model = vf.create_model(args.model, **overrides)
     if args.block_size > model.config.max_len:
         raise ValueError(f"--block_size={args.block_size} exceeds the model's max_len={model.config.max_len}")
@@ -99,6 +104,10 @@ def main(argv=None) -> Path:
     accelerator.print(f"{len(train_data)} training tokens, {len(val_data)} held out; "
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {accelerator.num_processes} process(es)")
 
+    callbacks = cb.CallbackList([stopper, cb.LrThroughputLogger(samples_per_step=args.train_batch_size
+                                                                * accelerator.num_processes)])
+    state = cb.LoopState(model=model, accelerator=accelerator)
+    callbacks.on_train_begin(state)
     start = time.perf_counter()
     for step in range(1, args.max_train_steps + 1):
         batch = random_windows(train_data, args.block_size, args.train_batch_size, generator).to(accelerator.device)
@@ -110,10 +119,17 @@ def main(argv=None) -> Path:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        state.step = step
+        callbacks.on_step_end(state, {"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]})
         if step % args.eval_steps == 0 or step == args.max_train_steps:
             val = validation_loss(accelerator.unwrap_model(model), val_data, args.block_size, accelerator.device)
             accelerator.print(f"step {step:6d}  train loss {loss.item():.4f}  val loss {val:.4f} "
                               f"(ppl {math.exp(min(val, 20)):.1f})  {time.perf_counter() - start:.0f}s")
+            callbacks.on_evaluate(state, {"val_loss": val})
+        if state.should_stop:
+            accelerator.print(state.stop_reason)
+            break
+    callbacks.on_train_end(state)
 
     accelerator.wait_for_everyone()
     out = Path(args.output_dir)

@@ -18,9 +18,12 @@ from tqdm.auto import tqdm
 
 from visionformers import data, diffusion, training
 from visionformers._validate import check_args, script_errors
+from visionformers.training import callbacks as cb
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import logging as track
-from visionformers.training import pipeline, sampling
+from visionformers.training import performance, pipeline, sampling
+
+METRICS = {"eval_loss": "min"}  # what each evaluation (--eval_steps) reports: early stopping's choices
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--tracker_project_name", default="visionformers")
     a("--logging_steps", type=int, default=10)
     a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
+    a("--eval_steps", type=int, default=0, help="every N steps, the loss of a fixed evaluation batch (the digits' "
+      "test split, or the first images of --train_data_dir) under fixed noise (0: never)")
+    cb.add_early_stopping_arguments(p, METRICS, default="eval_loss")
+    performance.add_performance_arguments(p)
     a("--debug_inject_nan_at", type=int, nargs="*", default=[], help="(testing) make the loss NaN at these steps")
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
@@ -87,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("adam_beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         ("adam_weight_decay", lambda v: v >= 0, "a number >= 0"),
         ("lr_warmup_steps", lambda v: v >= 0, "an int >= 0"),
+        ("eval_steps", lambda v: v >= 0, "an int >= 0 (0: never)"),
         ("output_dir", lambda v: not os.path.isfile(v), "a directory (this path is an existing file)")])
     if args.train_data_dir is None:  # the embedded digits: these options only apply to an image folder
         given = [flag for flag, on in (("--captions_file", args.captions_file is not None),
@@ -95,7 +103,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"{given[0]} applies to --train_data_dir, which is not given (the embedded digits are "
                              "used); pass --train_data_dir, or drop the option (text conditioning on the digits "
                              "uses their built-in captions)")
+    if args.early_stopping_patience is not None and not args.eval_steps:
+        raise ValueError("--early_stopping_patience needs --eval_steps N (the evaluations it counts)")
     return args
+
+
+def evaluation_batch(args, dataset) -> dict:
+    """The fixed batch of --eval_steps: the digits' test split, or the first images of the folder."""
+    if args.train_data_dir is None:
+        dataset = data.DigitsDataset("test", image_size=args.resolution, captions=args.conditioning == "text")
+    return torch.utils.data.default_collate([dataset[i] for i in range(min(len(dataset), args.train_batch_size))])
 
 
 def build_dataset(args):
@@ -139,6 +156,8 @@ def main(argv=None) -> None:
         sched = pipeline.schedule_from(settings)
     except ValueError as e:  # the schedule names its own arguments; say which flags set them
         raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps}: {e}") from None
+    memory_format = performance.configure_training(model, device, gradient_checkpointing=args.gradient_checkpointing,
+                                                   compile=args.compile, compile_backend=args.compile_backend)
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
                                          (args.adam_beta1, args.adam_beta2))
     lr_scheduler = training.build_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
@@ -149,6 +168,9 @@ def main(argv=None) -> None:
     stream = training.DataStream(dataset, args.train_batch_size, args.seed, world, rank, args.dataloader_num_workers)
     guard = training.BadStepGuard(args.max_bad_steps, accelerator.mixed_precision, args.learning_rate)
     text_encoder = {pipeline.TEXT_ENCODER_DIR: conditioner.encoder} if conditioner is not None else None
+    stopper = cb.early_stopping_from_args(args, METRICS)
+    callbacks, state = cb.CallbackList([stopper]), cb.LoopState(model=model, accelerator=accelerator)
+    eval_batch = evaluation_batch(args, dataset) if args.eval_steps else None
     state_objs = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
                       generators={"noise": noise_gen}, accelerator=accelerator)
 
@@ -158,6 +180,7 @@ def main(argv=None) -> None:
         step, accelerator.step = saved["step"], saved["accumulation_step"]
         stream.load_state_dict(saved["data"])
         guard.load_state_dict(saved["bad_steps"])
+        callbacks.load_state_dict(saved.get("callbacks", {}))
         accelerator.print(f"resumed from {resumed_from} at step {step}")
     if accelerator.is_main_process:
         ckpt.remove_stale(args.output_dir)
@@ -165,11 +188,12 @@ def main(argv=None) -> None:
 
     def save(at_step: int) -> None:
         train_state = {"step": at_step, "accumulation_step": accelerator.step, "data": stream.state_dict(),
-                       "bad_steps": guard.state_dict()}
+                       "bad_steps": guard.state_dict(), "callbacks": callbacks.state_dict()}
         extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model)}
         ckpt.save_checkpoint(args.output_dir, at_step, train_state=train_state, config=vars(args),
                              total_limit=args.checkpoints_total_limit, keep=(resumed_from,), extra_files=extra,
                              extra_models=text_encoder, **state_objs)
+        callbacks.on_checkpoint_saved(state, os.path.join(args.output_dir, f"checkpoint-{at_step}"))
 
     def write_samples(name: str, at_step: int) -> None:
         labels = torch.arange(args.num_samples) % num_classes if num_classes else None
@@ -207,13 +231,15 @@ def main(argv=None) -> None:
     started, stop_at = step, min(args.max_train_steps, step + (args.stop_after_steps or args.max_train_steps))
     loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
     model.train()
+    state.step = step
+    callbacks.on_train_begin(state)
     try:
-        while step < stop_at:
+        while step < stop_at and not state.should_stop:
             bad = torch.zeros((), device=device)
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(stream)
                 with accelerator.accumulate(model):
-                    x0 = batch["pixel_values"].to(device, non_blocking=True)
+                    x0 = batch["pixel_values"].to(device, non_blocking=True, memory_format=memory_format)
                     cond = pipeline.training_inputs(batch, settings, conditioner, args.cond_drop_prob, noise_gen,
                                                     device)
                     loss = diffusion.training_loss(model, x0, sched, args.prediction_type, args.snr_gamma,
@@ -237,6 +263,8 @@ def main(argv=None) -> None:
             step += 1
             progress.update(1)
             guard.update(is_bad, step)
+            state.step = step
+            callbacks.on_step_end(state, {"loss": loss.detach(), "lr": lr_scheduler.get_last_lr()[0]})
             if step % args.logging_steps == 0 or step == stop_at:
                 mean_loss = (accelerator.reduce(loss_sum, "mean") / max(1, loss_count)).item()
                 lr = lr_scheduler.get_last_lr()[0]
@@ -246,7 +274,13 @@ def main(argv=None) -> None:
                                                 "train/grad_norm": float(grad_norm), "train/skipped": guard.total},
                                   step)
                 loss_sum, loss_count = torch.zeros((), device=device), 0
-            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at):
+            if args.eval_steps and step % args.eval_steps == 0:
+                value = pipeline.evaluation_loss(model, eval_batch, settings, conditioner, sched, args.prediction_type,
+                                                 args.seed, device)
+                track.log_scalars(accelerator, {"eval/loss": value}, step)
+                callbacks.on_evaluate(state, {"eval_loss": value})
+            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at
+                                             or state.should_stop):
                 save(step)
             if args.sample_every and step % args.sample_every == 0 and step < args.max_train_steps:
                 write_samples(f"samples/step-{step:06d}.png", step)
@@ -254,7 +288,10 @@ def main(argv=None) -> None:
         accelerator.end_training()
         raise SystemExit(f"error: {e}") from None
     progress.close()
-    if step >= args.max_train_steps:
+    callbacks.on_train_end(state)
+    if state.should_stop:
+        accelerator.print(state.stop_reason)
+    if step >= args.max_train_steps or state.should_stop:
         ckpt.export_pretrained(model, os.path.join(args.output_dir, "model"), ema=ema, accelerator=accelerator,
                                extra_files={pipeline.DIFFUSION_FILE: settings}, extra_models=text_encoder)
         write_samples("samples.png", step)

@@ -195,10 +195,12 @@ def script_errors(main: Callable) -> Callable:
 
     @functools.wraps(main)
     def run(*args, **kwargs):
+        from visionformers import _env  # (it imports this module)
+
         try:
             return main(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
-            if os.environ.get("VISIONFORMERS_TRACEBACK"):
+            if _env.traceback():
                 raise
             raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.native import ops
 from visionformers.native.check import linear_rows_agrees
 

@@ -131,3 +131,22 @@ def test_bad_argument_exits_without_traceback(tmp_path):
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model name='vit_nope' is not registered")
+
+
+def test_early_stopping_on_top1(tmp_path, capsys):
+    # a learning rate of 1e-12 keeps top-1 where it starts: the first epoch is the best, patience 2 ends epoch 2
+    out = tmp_path / "run"
+    load_script(SCRIPT).main([*TINY, "--learning_rate", "1e-12", "--epochs", "10", "--max_steps_per_epoch", "1",
+                              "--early_stopping_patience", "2", "--output_dir", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert "early stopping at step 3: top1 has not improved" in capsys.readouterr().out
+    assert json.loads((out / "best" / "metrics.json").read_text())["epoch"] == 0
+
+
+def test_compiled_and_checkpointed_run_saves_plain_weights(tmp_path):
+    out = tmp_path / "run"
+    load_script(SCRIPT).main([*TINY, "--epochs", "1", "--max_steps_per_epoch", "2", "--compile", "--compile_backend",
+                              "eager", "--gradient_checkpointing", "--output_dir", str(out)])
+    model = vf.from_pretrained(out / "best")  # strict load: no _orig_mod. names in the saved weights
+    assert not any("_orig_mod" in k for k in model.state_dict())

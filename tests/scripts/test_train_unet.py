@@ -100,3 +100,32 @@ def test_tensorboard_events_have_loss_and_images(tmp_path):
     events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
     data = b"".join(p.read_bytes() for p in events)
     assert b"train/loss" in data and b"samples" in data
+
+
+def test_early_stopping_ends_at_the_same_step_after_a_resume(tmp_path, capsys):
+    # min_delta 100: only the first evaluation (step 2) improves; patience 2 stops at the third (step 6 of 20)
+    common = [*TINY, "--max_train_steps", "20", "--checkpointing_steps", "10", "--eval_steps", "2",
+              "--early_stopping_patience", "2", "--early_stopping_min_delta", "100", "--num_samples", "2"]
+    train = load_script(TRAIN)
+    train.main([*common, "--output_dir", str(tmp_path / "a")])
+    assert "early stopping at step 6: eval_loss has not improved" in capsys.readouterr().out
+    train.main([*common, "--output_dir", str(tmp_path / "b"), "--stop_after_steps", "3"])
+    assert "early stopping" not in capsys.readouterr().out
+    train.main([*common, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
+    assert "early stopping at step 6" in capsys.readouterr().out
+    for run_dir in ("a", "b"):
+        assert [p.name for p in ckpt.list_checkpoints(tmp_path / run_dir)][-1] == "checkpoint-6"
+        assert (tmp_path / run_dir / "model" / "model.safetensors").is_file()
+    sa, sb = (ckpt.read_state(tmp_path / d / "checkpoint-6")["train_state"] for d in ("a", "b"))
+    assert sa == sb and sa["callbacks"]["EarlyStopping"]["bad_evaluations"] == 2
+    assert_same_files(tmp_path / "a" / "checkpoint-6", tmp_path / "b" / "checkpoint-6")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--early_stopping_patience", "-1", "--eval_steps", "2"], "early_stopping_patience"),
+    (["--early_stopping_patience", "2", "--eval_steps", "2", "--early_stopping_metric", "fid"], "early_stopping_metric"),
+    (["--early_stopping_patience", "2"], "--eval_steps"),
+])
+def test_early_stopping_bad_flags(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        load_script(TRAIN).main([*TINY, "--max_train_steps", "2", "--output_dir", str(tmp_path), *flags])

@@ -48,3 +48,14 @@ def test_train_then_generate(tmp_path, corpus, tokenizer, capsys):
 def test_missing_text_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="text_file"):
         load(REPO / "train_scripts" / "train_lm.py").main([str(tmp_path / "none.txt"), *TINY])
+
+
+def test_early_stopping_ends_the_run(tmp_path, corpus, capsys):
+    # min_delta 100: no evaluation after the first improves, so patience 1 stops at the second (step 2 of 6)
+    args = [str(corpus), "--output_dir", str(tmp_path / "lm"), *TINY, "--eval_steps", "1", "--sample_tokens", "0",
+            "--early_stopping_patience", "1", "--early_stopping_min_delta", "100"]
+    load(REPO / "train_scripts" / "train_lm.py").main(args)
+    out = capsys.readouterr().out
+    assert "early stopping at step 2: val_loss" in out and "step      3" not in out
+    with pytest.raises(ValueError, match="early_stopping_metric.*top1"):
+        load(REPO / "train_scripts" / "train_lm.py").main([*args, "--early_stopping_metric", "top1"])

@@ -41,3 +41,11 @@ def test_text_classification_short_run():
     assert result["accuracy"] >= 0.6  # above chance (0.5) on unseen sentences after 100 small steps
     train, test = example.make_data(400, 50, 0)
     assert not {t for t, _ in train} & {t for t, _ in test}
+
+
+@pytest.mark.parametrize("name", ["seq2seq_numbers", "text_classification"])
+def test_examples_accept_relative_positions(name):
+    args = ["--steps", "3", "--dim", "32", "--batch_size", "8", "--log_every", "0", "--pos_embedding", "relative"]
+    args += ["--max_number", "100", "--num_test", "4"] if name == "seq2seq_numbers" else ["--num_train", "40", "--num_test", "8"]
+    result = load(name).main(args)
+    assert result["loss"] == result["loss"] and 0.0 <= result["accuracy"] <= 1.0  # finite loss, a measured accuracy

@@ -1,4 +1,5 @@
-"""Optional CPU kernels, kept apart from the models and attached with one explicit call.
+"""Optional CPU kernels, attached to models from outside: C sources (``csrc/``), compiled on first use and cached
+per machine (``build``), exposed as torch ops (``ops``) and attached with one explicit call.
 
 ``vf.native.optimize(model)`` prepares a model for CPU inference (decoding, sampling, evaluation): it never
 changes what a model computes beyond float rounding, and training code never calls it. Nothing in ``nn/``,

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from visionformers import _native
+from visionformers.native import build as _native
 from visionformers.native.check import linear_rows_agrees
 
 __all__ = ["linear_rows", "kernel_available"]
@@ -42,7 +42,7 @@ def _kernel():
     if _lib is _UNSET:
         with _lock:
             if _lib is _UNSET:
-                lib = _native.load("linear_rows")
+                lib = _native.load("linear_rows", symbols=["vf_linear_rows"])
                 if lib is not None:
                     lib.vf_linear_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
                     lib.vf_linear_rows.restype = None

@@ -23,5 +23,6 @@ from visionformers.nn.positional import (
     sincos_2d,
 )
 from visionformers.nn.relative import T5RelativeBias, WindowRelativeBias, alibi_bias, alibi_slopes, t5_relative_position_bucket
+from visionformers.nn.relative_global import RelativeGlobalAttention, relative_logits, skew
 from visionformers.nn.rope import RotaryEmbedding, RotaryEmbedding2D, apply_rotary
 from visionformers.nn.timestep import FourierFeatures, TimestepEmbedding, timestep_embedding

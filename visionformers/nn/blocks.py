@@ -20,10 +20,14 @@ from visionformers.nn.attention import Attention, DifferentialAttention, KVCache
 from visionformers.nn.drop import DropPath
 from visionformers.nn.mlp import Mlp
 from visionformers.nn.norm import AdaLNModulation, make_norm, modulate
+from visionformers.nn.relative_global import RelativeGlobalAttention
 
 __all__ = ["LayerScale", "TransformerBlock", "ATTENTION_TYPES"]
 
-ATTENTION_TYPES = {"softmax": Attention, "linear": LinearAttention, "differential": DifferentialAttention}
+ATTENTION_TYPES = {
+    "softmax": Attention, "linear": LinearAttention, "differential": DifferentialAttention,
+    "relative": RelativeGlobalAttention,
+}
 
 
 class LayerScale(nn.Module):
@@ -60,7 +64,8 @@ class TransformerBlock(nn.Module):
         qk_norm: bool = False,
         proj_bias: bool = True,
         attn_scale: float | None = None,
-        attn_type: str = "softmax",  # "softmax", "linear" or "differential"
+        attn_type: str = "softmax",  # "softmax", "linear", "differential" or "relative"
+        max_distance: int = 128,  # "relative": distances clipped to +-max_distance
         window_size: int | None = None,  # sliding-window attention
         layer_index: int = 0,  # depth, for differential attention's lambda_init
         mlp_act: str = "gelu",
@@ -102,6 +107,8 @@ class TransformerBlock(nn.Module):
         )
         attn_cls = ATTENTION_TYPES[attn_type]
         extra = dict(layer_index=layer_index) if attn_type == "differential" else {}
+        if attn_type == "relative":
+            extra = dict(max_distance=max_distance, is_causal=is_causal)
         self.norm1 = make_norm(norm, dim, **norm_kw)
         self.attn = attn_cls(dim, num_heads, window_size=window_size, **attn_kw, **extra)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()

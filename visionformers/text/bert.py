@@ -14,6 +14,7 @@ from torch import nn
 
 from visionformers._validate import check_choice, check_tensor, fail
 from visionformers.nn import LearnedPositionEmbedding, TransformerBlock
+from visionformers.nn.grad_checkpoint import set_block_checkpointing
 from visionformers.nn.mlp import ACTIVATIONS, activation
 from visionformers.text.common import ModelOutput, check_input_ids, padding_mask, token_cross_entropy
 
@@ -80,6 +81,10 @@ class Bert(nn.Module):
         self.pooler = nn.Linear(c.dim, c.dim) if add_pooler else None
         _init_bert(self, c.init_std)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
+
     def forward_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -129,6 +134,10 @@ class BertForMaskedLM(nn.Module):
         self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))
         _init_bert(self.mlm_dense, c.init_std)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -155,6 +164,10 @@ class BertForSequenceClassification(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.classifier = nn.Linear(c.dim, c.num_labels)
         _init_bert(self.classifier, c.init_std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
 
     def forward(
         self,

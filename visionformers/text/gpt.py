@@ -16,6 +16,7 @@ from torch import nn
 
 from visionformers._validate import check_choice, fail
 from visionformers.nn import KVCache, LearnedPositionEmbedding, TransformerBlock
+from visionformers.nn.grad_checkpoint import set_block_checkpointing
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import ModelOutput, check_input_ids, check_token_id, shifted_cross_entropy
 from visionformers.text.generation import check_generation_args, decode
@@ -76,6 +77,10 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.pre_norm else nn.Identity()
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
         self.initialize_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
 
     def initialize_weights(self) -> None:
         """N(0, 0.02) weights, zero biases; residual projections scaled by 1/sqrt(2 * depth) (GPT-2, sec. 2.3)."""

@@ -2,7 +2,9 @@
 
 Both are built from ``TransformerStack``: positions + ``nn.TransformerBlock`` layers (+ a final norm when
 pre-norm). The positional scheme is a choice: absolute "sinusoidal" (sec. 3.5) or "learned", "rope"
-(Su et al. 2021), "alibi" (Press et al. 2022) or "t5" relative buckets (Raffel et al. 2020); so are
+(Su et al. 2021), "alibi" (Press et al. 2022), "t5" relative buckets (Raffel et al. 2020) or "relative":
+learned per-head embeddings of clipped distances read by the queries (relative global attention, Huang et
+al. 2018, ``nn.RelativeGlobalAttention``, one table per layer); so are
 pre- or post-norm (Xiong et al. 2020) and the initialisation ("xavier" as nn.Transformer,
 "normal_0.02" as GPT/BERT, "small_init" N(0, 2/(5d)) of Nguyen & Salazar 2019, sec. 2.2).
 """
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers._validate import check_choice, check_tensor, fail
+from visionformers._validate import check_choice, check_int, check_tensor, fail
 from visionformers.nn import (
     KVCache,
     LearnedPositionEmbedding,
@@ -26,6 +28,7 @@ from visionformers.nn import (
     alibi_bias,
     make_norm,
 )
+from visionformers.nn.grad_checkpoint import set_block_checkpointing
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
     ModelOutput, check_attention_mask, check_batch_match, check_decode_inputs, check_input_ids, check_token_id,
@@ -35,7 +38,7 @@ from visionformers.text.generation import check_generation_args, generate_seq2se
 
 __all__ = ["POSITIONAL_SCHEMES", "INIT_METHODS", "TransformerStack", "Seq2SeqConfig", "Seq2SeqTransformer", "EncoderConfig", "EncoderClassifier"]
 
-POSITIONAL_SCHEMES = ("sinusoidal", "learned", "rope", "alibi", "t5")
+POSITIONAL_SCHEMES = ("sinusoidal", "learned", "rope", "alibi", "t5", "relative")
 ABSOLUTE = ("sinusoidal", "learned")  # these limit the sequence length to max_len
 INIT_METHODS = ("xavier", "normal_0.02", "small_init")
 
@@ -60,7 +63,7 @@ class TransformerStack(nn.Module):
         dropout: float = 0.1,
         attn_drop: float = 0.0,
         num_buckets: int = 32,  # "t5" only
-        max_distance: int = 128,  # "t5" only
+        max_distance: int = 128,  # "t5": the last bucket's distance; "relative": distances clipped to +-max_distance
     ):
         super().__init__()
         check_choice("pos_embedding", pos_embedding, POSITIONAL_SCHEMES)
@@ -73,11 +76,12 @@ class TransformerStack(nn.Module):
         self.rope = RotaryEmbedding(dim // num_heads) if pos_embedding == "rope" else None
         self.rel_bias = T5RelativeBias(num_heads, num_buckets, max_distance, bidirectional=not causal) if pos_embedding == "t5" else None
         self.drop = nn.Dropout(dropout)
+        relative = dict(attn_type="relative", max_distance=max_distance) if pos_embedding == "relative" else {}
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 dim, num_heads, mlp_hidden_dim=mlp_hidden_dim, qkv_bias=True, mlp_act=mlp_act, norm_eps=norm_eps,
                 pre_norm=pre_norm, cross_attention=cross_attention, is_causal=causal, attn_drop=attn_drop,
-                proj_drop=dropout,
+                proj_drop=dropout, **relative,
             )
             for _ in range(depth)
         )
@@ -134,6 +138,8 @@ def _check_common(c) -> None:
     if c.dim % c.num_heads:
         fail("dim", c.dim, f"a multiple of num_heads={c.num_heads}")
     check_choice("pos_embedding", c.pos_embedding, POSITIONAL_SCHEMES)
+    for name in ("num_buckets", "max_distance"):
+        check_int(name, getattr(c, name))
     check_choice("init", c.init, INIT_METHODS)
     check_choice("mlp_act", c.mlp_act, ACTIVATIONS)
     if c.pos_embedding == "rope" and (c.dim // c.num_heads) % 2:
@@ -170,7 +176,7 @@ class Seq2SeqConfig:
     scale_embeddings: bool = True  # multiply embeddings by sqrt(dim) (sec. 3.4)
     tie_embeddings: bool = True  # encoder, decoder and output share one matrix (sec. 3.4)
     num_buckets: int = 32  # "t5" relative positions
-    max_distance: int = 128
+    max_distance: int = 128  # "t5" buckets' range; "relative": distances clipped to +-max_distance
     pad_token_id: int = 256  # defaults follow ByteTokenizer's special ids
     bos_token_id: int = 257  # decoding starts from <bos>
     eos_token_id: int = 258
@@ -196,6 +202,10 @@ class Seq2SeqTransformer(nn.Module):
         self.decoder = TransformerStack(depth=c.decoder_depth, causal=True, cross_attention=True, **_stack_kwargs(c))
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
         init_weights(self, c.init, c.dim)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
 
     @property
     def num_decoder_layers(self) -> int:
@@ -322,6 +332,10 @@ class EncoderClassifier(nn.Module):
         self.encoder = TransformerStack(depth=c.depth, **_stack_kwargs(c))
         self.head = nn.Linear(c.dim, c.num_classes)
         init_weights(self, c.init, c.dim)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) ids -> (B, N, dim) token states."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from visionformers._validate import check_choice, fail
 from visionformers.nn import KVCache, RMSNorm, T5RelativeBias, TransformerBlock
+from visionformers.nn.grad_checkpoint import set_block_checkpointing
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
     check_batch_match, check_decode_inputs, check_input_ids, check_token_id, padding_mask,
@@ -131,6 +132,10 @@ class T5Encoder(nn.Module):
         self.encoder = T5Stack(config, is_decoder=False)
         _init_t5(self, config)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, N), attention_mask (B, N) True/1 = real token -> hidden states (B, N, dim)."""
         check_input_ids(input_ids, self.config.vocab_size)
@@ -150,6 +155,10 @@ class T5(nn.Module):
         self.decoder = T5Stack(c, is_decoder=True)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
         _init_t5(self, c)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (same gradients, less memory)."""
+        set_block_checkpointing(self, enable)
 
     @property
     def num_decoder_layers(self) -> int:

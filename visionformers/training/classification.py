@@ -25,6 +25,8 @@ from visionformers.nn.norm import RMSNorm
 from visionformers.nn.positional import LearnedPositionEmbedding, LearnedPositionEmbedding2D
 from visionformers.nn.relative import T5RelativeBias, WindowRelativeBias
 from visionformers.registry import get_preset, model_classes, replace_config
+from visionformers.training.callbacks import Callback
+from visionformers.training.optim import adamw
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +142,8 @@ def build_optimizer(
     model: nn.Module, learning_rate: float, weight_decay: float = 0.05, layer_decay: float = 1.0,
     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) over :func:`param_groups_layer_decay`."""
-    return torch.optim.AdamW(param_groups_layer_decay(model, learning_rate, weight_decay, layer_decay),
-                             lr=learning_rate, betas=tuple(betas), eps=eps)
+    """AdamW (Loshchilov & Hutter 2019) over :func:`param_groups_layer_decay`, fused on CUDA (``optim.adamw``)."""
+    return adamw(param_groups_layer_decay(model, learning_rate, weight_decay, layer_decay), learning_rate, betas, eps)
 
 
 # ---- building and loading the model -------------------------------------------------------------------
@@ -246,8 +247,13 @@ def train_one_epoch(
     max_grad_norm: float | None = 1.0,
     generator: torch.Generator | None = None,
     max_steps: int | None = None,
+    callbacks: Callback | None = None,
+    state=None,
 ) -> dict:
     """Train over ``batches`` of {"pixel_values", "label"}; the scheduler steps once per optimizer update.
+
+    With ``callbacks`` (a ``training.callbacks.Callback``, e.g. a ``CallbackList``) and its ``LoopState``,
+    ``state.step`` counts the updates and ``on_step_end`` runs after each, with {"loss", "lr"}.
 
     Gradient accumulation follows ``accelerator.gradient_accumulation_steps`` (``accelerator.accumulate``).
     Returns {"loss": mean over processes and batches, "steps": optimizer updates, "samples": global count}.
@@ -273,6 +279,9 @@ def train_one_epoch(
         if accelerator.sync_gradients:
             lr_scheduler.step()
             steps += 1
+            if callbacks is not None:
+                state.step += 1
+                callbacks.on_step_end(state, {"loss": loss.detach(), "lr": lr_scheduler.get_last_lr()[-1]})
             if max_steps is not None and steps >= max_steps:
                 break
     mean = accelerator.reduce(loss_sum, "mean") / max(1, batches_seen) if batches_seen else loss_sum
@@ -298,28 +307,43 @@ def evaluate(model: nn.Module, loader, accelerator, topk: Sequence[int] = (1, 5)
     return AccuracyResult(n, {k: c / n for k, c in sorted(totals.items())})
 
 
-class BestCheckpoint:
+class BestCheckpoint(Callback):
     """Keeps ``<output_dir>/best``: a ``from_pretrained`` directory of the weights with the highest top-1 so far,
-    replaced atomically (written under a temporary name, then renamed). Every process calls :meth:`update`."""
+    replaced atomically (written under a temporary name, then renamed). Every process calls :meth:`update`, or,
+    as a callback, gets ``on_evaluate`` with metrics holding ``top1`` (and ``top5``, ``num_samples``)."""
 
     METRICS_FILE = "metrics.json"
 
     def __init__(self, directory: str | os.PathLike, extra_files: dict | None = None):
         self.directory, self.extra_files = Path(directory), dict(extra_files or {})
         self.best: float = -math.inf
+        self.last_saved = False  # whether the latest evaluation was saved
 
     def update(self, model: nn.Module, accelerator, result: AccuracyResult, epoch: int) -> bool:
         """Save when ``result.top1`` beats the best so far (ties keep the earlier); True when saved."""
-        if result.top1 is None or result.top1 <= self.best:
+        metrics = {"num_samples": result.num_samples, **{f"top{k}": v for k, v in result.accuracies.items()}}
+        return self._consider(model, accelerator, metrics, epoch)
+
+    def on_evaluate(self, state, metrics: dict) -> None:
+        self._consider(state.model, state.accelerator, metrics, state.epoch)
+
+    def _consider(self, model: nn.Module, accelerator, metrics: dict, epoch: int) -> bool:
+        top1 = metrics.get("top1")
+        self.last_saved = top1 is not None and top1 > self.best
+        if not self.last_saved:
             return False
         from visionformers.training.checkpoint import export_pretrained
 
-        self.best = result.top1
-        metrics = {"epoch": epoch, "num_samples": result.num_samples,
-                   **{f"top{k}": v for k, v in result.accuracies.items()}}
+        self.best = top1
         export_pretrained(model, self.directory, accelerator=accelerator,
-                          extra_files={**self.extra_files, self.METRICS_FILE: metrics})
+                          extra_files={**self.extra_files, self.METRICS_FILE: {"epoch": epoch, **metrics}})
         return True
+
+    def state_dict(self) -> dict:
+        return {"best": None if self.best == -math.inf else self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = -math.inf if state["best"] is None else float(state["best"])
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> str:

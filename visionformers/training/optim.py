@@ -16,6 +16,18 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
+def use_fused(fused: bool | None = None) -> bool:
+    """Whether AdamW / Adam use their fused kernel (one launch for every parameter): by default where CUDA is
+    available (the models train there in fp32 master weights, so the optimizer state is fp32 too); the CPU
+    keeps the for-each implementation."""
+    return torch.cuda.is_available() if fused is None else bool(fused)
+
+
+def adamw(groups, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool | None = None, cls=torch.optim.AdamW):
+    """``torch.optim.AdamW`` (or ``cls``, e.g. Adam) over ``groups``, fused per :func:`use_fused`."""
+    return cls(groups, lr=lr, betas=tuple(betas), eps=eps, fused=use_fused(fused) or None)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed matrices / conv kernels, and undecayed biases, norm scales and embeddings' 1-D tables.
 
@@ -37,8 +49,10 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (Loshchilov & Hutter 2019), Adam or SGD with momentum 0.9 over :func:`param_groups`."""
+    """AdamW (Loshchilov & Hutter 2019), Adam or SGD with momentum 0.9 over :func:`param_groups`; ``fused``:
+    see :func:`use_fused` (default: on CUDA)."""
     check_choice("name", name, OPTIMIZERS)
     check_number("learning_rate", learning_rate, above=0)
     check_number("weight_decay", weight_decay, at_least=0)
@@ -51,7 +65,7 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9)
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=learning_rate, betas=tuple(betas), eps=eps)
+    return adamw(groups, learning_rate, betas, eps, fused, cls=cls)
 
 
 class WarmupSchedule:

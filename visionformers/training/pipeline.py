@@ -94,6 +94,24 @@ def training_inputs(batch: dict, settings: dict, conditioner, drop_prob: float, 
     return {}
 
 
+@torch.no_grad()
+def evaluation_loss(model: nn.Module, batch: dict, settings: dict, conditioner, sched, prediction_type: str,
+                    seed: int, device) -> float:
+    """The diffusion loss of one fixed batch under timesteps and noise drawn from ``seed`` alone, without
+    condition dropout, in eval mode: a deterministic function of the weights, so evaluations at different steps
+    (and of a resumed run) compare like for like. Every process computes the same value."""
+    from visionformers.diffusion import training_loss
+    from visionformers.training.loop import make_generator
+
+    generator = make_generator(seed, 0xE7A1, device=device)
+    cond = training_inputs(batch, settings, conditioner, 0.0, generator, device)
+    was_training = model.training
+    model.eval()
+    loss = training_loss(model, batch["pixel_values"].to(device), sched, prediction_type, generator=generator, **cond)
+    model.train(was_training)
+    return float(loss)
+
+
 def schedule_from(settings: dict) -> NoiseSchedule:
     return NoiseSchedule(settings["noise_schedule"], settings["num_train_timesteps"])
 

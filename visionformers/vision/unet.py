@@ -18,6 +18,7 @@ from torch import nn
 
 from visionformers._validate import check_bool, check_image, check_int, check_number, check_probability, fail, is_int
 from visionformers.nn import TimestepEmbedding
+from visionformers.nn.grad_checkpoint import checkpointed
 from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null
 from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, zero_init_
 
@@ -155,6 +156,12 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(c.norm_groups, width, eps=c.norm_eps)
         self.conv_out = zero_init_(nn.Conv2d(width, c.out_channels, 3, padding=1))  # the net starts at 0
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each residual and attention block's activations in the backward pass (same gradients)."""
+        check_bool("enable", enable)
+        self.grad_checkpointing = enable
 
     def forward(
         self,
@@ -196,27 +203,27 @@ class UNet(nn.Module):
         emb = F.silu(emb)  # every residual block applies SiLU before its projection: do it once
 
         h = self.conv_in(x)  # (B, C0, H, W)
-        skips = [h]
+        skips, ckpt = [h], self.grad_checkpointing
         for level in self.down_levels:
             for i, resnet in enumerate(level.resnets):
-                h = resnet(h, emb)
+                h = checkpointed(resnet, h, emb, enabled=ckpt)
                 if len(level.attentions):
-                    h = level.attentions[i](h, context, context_mask)
+                    h = checkpointed(level.attentions[i], h, context, context_mask, enabled=ckpt)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
 
-        h = self.mid_res1(h, emb)
+        h = checkpointed(self.mid_res1, h, emb, enabled=ckpt)
         if self.mid_attn is not None:
-            h = self.mid_attn(h, context, context_mask)
-        h = self.mid_res2(h, emb)
+            h = checkpointed(self.mid_attn, h, context, context_mask, enabled=ckpt)
+        h = checkpointed(self.mid_res2, h, emb, enabled=ckpt)
 
         for level in self.up_levels:
             for i, resnet in enumerate(level.resnets):
-                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C + C_skip, H, W)
+                h = checkpointed(resnet, torch.cat([h, skips.pop()], dim=1), emb, enabled=ckpt)  # (B, C + C_skip, H, W)
                 if len(level.attentions):
-                    h = level.attentions[i](h, context, context_mask)
+                    h = checkpointed(level.attentions[i], h, context, context_mask, enabled=ckpt)
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
