@@ -107,20 +107,20 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--max_number", type=int, default=10000, help="numbers 0..max_number-1")
     p.add_argument("--num_test", type=int, default=1000, help="held-out numbers")
-    p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
+    p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe", help="tokenizer learned from the data, or bytes")
     p.add_argument("--vocab_size", type=int, default=320, help="BPE vocabulary (bytes + specials + merges)")
-    p.add_argument("--pos_embedding", default="rope", choices=POSITIONAL_SCHEMES)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--pos_embedding", default="rope", choices=POSITIONAL_SCHEMES, help="position encoding")
+    p.add_argument("--dim", type=int, default=128, help="model width")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--depth", type=int, default=2, help="encoder and decoder layers each")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log_every", type=int, default=100)
+    p.add_argument("--steps", type=int, default=600, help="training steps")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of data and weights")
+    p.add_argument("--log_every", type=int, default=100, help="print the loss every N steps (0: never)")
     return p.parse_args(argv)
 
 

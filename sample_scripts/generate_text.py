@@ -10,7 +10,7 @@ import os
 import torch
 
 import visionformers as vf
-from visionformers._validate import check_args, check_device, script_errors
+from visionformers._validate import HelpFormatter, check_args, check_device, script_errors
 from visionformers.text import load_tokenizer
 
 try:  # the optional CPU kernels (visionformers/native): without them sampling runs the plain models
@@ -20,19 +20,19 @@ except ImportError:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("model_dir", help="a directory written by train_lm.py (or save_pretrained + tokenizer.save)")
-    a("--prompt", default="\n")
+    a("--prompt", default="\n", help="text the samples continue")
     a("--max_new_tokens", type=int, default=200, help="capped by the model's context length")
     a("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    a("--temperature", type=float, default=0.8)
-    a("--top_k", type=int, default=None)
-    a("--top_p", type=float, default=None)
-    a("--num_samples", type=int, default=1)
+    a("--temperature", type=float, default=0.8, help="softmax temperature of sampling (> 0)")
+    a("--top_k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
+    a("--top_p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this mass (default: off)")
+    a("--num_samples", type=int, default=1, help="samples to print")
     a("--stop_at_eos", action="store_true", help="stop a sample at the tokenizer's <eos>")
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--seed", type=int, default=0, help="seed of the sampling generator")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to run on")
     args = p.parse_args(argv)
     check_args(args, [
         ("max_new_tokens", lambda v: v >= 0, "an int >= 0"),

@@ -182,3 +182,67 @@ def test_state_dict_files_safetensors_wrapped_and_ddp_prefixed(tmp_path):
     for name in ("w.safetensors", "ckpt.pt"):
         back = load_weights_file(tmp_path / name)
         assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+# ---- a config.json and its weights checked against each other before anything is built (issue items 9-11) ----
+
+
+@pytest.fixture
+def gpt_dir(tmp_path):
+    model = vf.create_model("gpt_tiny", vocab_size=260, max_len=32, dim=32, depth=1, num_heads=2)
+    return vf.save_pretrained(model, tmp_path / "gpt")
+
+
+def _edit_config(directory, **fields):
+    path = directory / hub.CONFIG_NAME
+    meta = json.loads(path.read_text())
+    meta["config"].update(fields)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"vocab_size": 8_000_000}, r"field 'vocab_size'=8000000 exceeds every dimension"),
+    ({"max_len": 10**9}, r"field 'max_len'=1000000000 exceeds every dimension"),
+    ({"max_len": 64}, r"'pos_embed.weight' is \(64, 32\) by the config but \(32, 32\) in the file \(field max_len=64\)"),
+    ({"depth": 2}, r"has no tensor 'blocks.1"),
+])
+def test_item9_config_and_weights_are_compared_before_building(gpt_dir, fields, message, monkeypatch):
+    import time
+
+    _edit_config(gpt_dir, **fields)
+    built = []
+    monkeypatch.setattr(hub, "load_state_dict", lambda *a, **k: built.append(a) or {})
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        vf.from_pretrained(gpt_dir)
+    assert not built and time.perf_counter() - t0 < 5  # refused from the header, no weights read
+
+
+def test_item10_integer_tensors_for_float_parameters_are_refused(gpt_dir):
+    from safetensors.torch import load_file, save_file
+
+    weights = gpt_dir / hub.WEIGHTS_NAME
+    state = load_file(str(weights))
+    state["norm.weight"] = torch.ones_like(state["norm.weight"], dtype=torch.int32)
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"'norm.weight' is I32, but the model's parameter is floating"):
+        vf.from_pretrained(gpt_dir)
+    model = vf.create_model("gpt_tiny", vocab_size=260, max_len=32, dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="integer or bool tensors are refused"):
+        hub.load_into(model, state)
+
+
+def test_item11_deep_json_bad_init_std_and_a_disguised_pt_are_clear_errors(gpt_dir, tmp_path):
+    (gpt_dir / hub.CONFIG_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"config\.json' is nested too deeply"):
+        vf.from_pretrained(gpt_dir)
+    model = vf.create_model("gpt_tiny", vocab_size=260, max_len=32, dim=32, depth=1, num_heads=2)
+    for bad in (-1, float("nan")):
+        vf.save_pretrained(model, gpt_dir)
+        _edit_config(gpt_dir, init_std=bad)
+        with pytest.raises(ValueError, match=r"config\.json.*init_std=.* is not accepted"):
+            vf.from_pretrained(gpt_dir)
+    disguised = tmp_path / "weights.pt"
+    disguised.write_bytes((gpt_dir / hub.WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ValueError, match=r"weights\.pt' is a safetensors file .*rename it"):
+        load_weights_file(disguised)

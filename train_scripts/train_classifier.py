@@ -20,7 +20,7 @@ from visionformers._validate import script_errors
 from visionformers.training import callbacks as cb
 from visionformers.training import classification as clf
 from visionformers.training import logging as track
-from visionformers.training import performance, pipeline
+from visionformers.training import performance, pipeline, run_dir
 
 # The from-scratch default on the digits (README "Fine-tune a classifier").
 DIGITS_MODEL = "vit_tiny_patch4_32"
@@ -81,34 +81,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--init_format", default=None, choices=clf.INIT_FORMATS, help="format of --init_checkpoint")
     a("--train_data_dir", default=None, help="ImageFolder layout (class subfolders); default: the embedded digits")
     a("--val_data_dir", default=None, help="ImageFolder layout with the same classes")
-    a("--image_size", type=int, default=16)
+    a("--image_size", type=int, default=16, help="input height = width of the model")
     a("--channels", type=int, default=None, choices=[1, 3], help="default: 1 for digits, 3 for image folders")
     a("--crop_scale_min", type=float, default=None, help="RandomResizedCrop area fraction lower bound; default: "
       + _recipe_help("crop_scale_min"))
     a("--hflip", type=float, default=0.0, help="horizontal flip probability (mirrored digits are not digits)")
     a("--randaugment_num_ops", type=int, default=None, help="0 turns RandAugment off; default: "
       + _recipe_help("randaugment_num_ops"))
-    a("--randaugment_magnitude", type=int, default=9)
-    a("--mixup_alpha", type=float, default=0.0)
-    a("--cutmix_alpha", type=float, default=0.0)
-    a("--label_smoothing", type=float, default=0.1)
-    a("--epochs", type=int, default=60)
+    a("--randaugment_magnitude", type=int, default=9, help="RandAugment strength (0..30)")
+    a("--mixup_alpha", type=float, default=0.0, help="mixup Beta(alpha, alpha) (0: off)")
+    a("--cutmix_alpha", type=float, default=0.0, help="CutMix Beta(alpha, alpha) (0: off)")
+    a("--label_smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    a("--epochs", type=int, default=60, help="passes over the training set (sets the lr schedule)")
     a("--train_batch_size", type=int, default=32, help="per process")
     a("--eval_batch_size", type=int, default=256, help="per process")
     a("--learning_rate", type=float, default=None, help="peak lr of the top layer (the head); default: "
       + _recipe_help("learning_rate"))
     a("--weight_decay", type=float, default=0.05, help="AdamW; none on norms, biases, position tables, tokens")
     a("--layer_decay", type=float, default=1.0, help="layer-wise lr decay, e.g. 0.65 when fine-tuning")
-    a("--warmup_epochs", type=float, default=3)
+    a("--warmup_epochs", type=float, default=3, help="linear lr warm-up, in epochs")
     a("--min_lr_ratio", type=float, default=0.01, help="cosine decays to learning_rate * this")
     a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--max_steps_per_epoch", type=int, default=None, help="cut epochs short (quick runs, tests)")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 if supported")
-    a("--dataloader_num_workers", type=int, default=1)
-    a("--seed", type=int, default=0)
-    a("--output_dir", default="outputs/train_classifier")
-    a("--report_to", default="none", choices=track.REPORT_TO)
+    a("--dataloader_num_workers", type=int, default=1, help="data loading processes")
+    a("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    a("--output_dir", default="outputs/train_classifier", help="metrics.jsonl and the best model (best/); locked while the run uses it")
+    a("--overwrite_output_dir", action="store_true", help="start a new run in an --output_dir holding another run")
+    a("--report_to", default="none", choices=track.REPORT_TO, help="experiment tracker")
     cb.add_early_stopping_arguments(p, METRICS, default="top1")
     performance.add_performance_arguments(p)
     args = p.parse_args(argv)
@@ -161,7 +162,8 @@ def setup(args, accelerator):
                                  init_checkpoint=args.init_checkpoint, init_format=args.init_format, **overrides)
     optimizer = clf.build_optimizer(model, args.learning_rate, args.weight_decay, args.layer_decay)
     world, rank = accelerator.num_processes, accelerator.process_index
-    sampler = training.EpochBatchSampler(len(train_ds), args.train_batch_size, args.seed, world, rank)
+    sampler = training.EpochBatchSampler(len(train_ds), args.train_batch_size, args.seed, world, rank,
+                                         batch_flag="--train_batch_size")
     train_loader = torch.utils.data.DataLoader(  # per-item seeded augmentation: same data for any process count
         training.SeededItems(train_ds, args.seed), batch_sampler=sampler, num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0)
@@ -188,6 +190,8 @@ def main(argv=None) -> None:
                                   log_with=track.log_with(args.report_to),
                                   project_dir=os.path.join(args.output_dir, "logs"))
         track.setup_logging(accelerator.is_main_process)
+        pipeline.check_distributed(accelerator)
+        run = run_dir.open_run(args.output_dir, vars(args), overwrite=args.overwrite_output_dir, accelerator=accelerator)
         training.seed_everything(args.seed, accelerator.process_index)
         model, optimizer, lr_scheduler, sampler, train_loader, val_loader, preprocess = setup(args, accelerator)
         stopper = cb.early_stopping_from_args(args, METRICS)
@@ -237,6 +241,7 @@ def main(argv=None) -> None:
     accelerator.print(f"done: best top-1 {100 * best.best:.2f}% in {time.time() - t0:.0f} s; "
                       f"model in {args.output_dir}/best")
     accelerator.end_training()
+    run.close()
 
 
 if __name__ == "__main__":

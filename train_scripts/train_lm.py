@@ -20,6 +20,7 @@ from visionformers.text import BPETokenizer, ByteTokenizer
 from visionformers.training import callbacks as cb
 from visionformers.training import build_lr_scheduler, build_optimizer, make_generator, seed_everything
 from visionformers.training.pipeline import default_mixed_precision, force_cpu, json_config_fields
+from visionformers.training.run_dir import open_run
 
 METRICS = {"val_loss": "min"}  # what each evaluation reports (early stopping's choices)
 
@@ -28,24 +29,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("text_file", help="a UTF-8 text file to learn from")
-    a("--output_dir", default="outputs/lm")
+    a("--output_dir", default="outputs/lm", help="model, config and tokenizer (locked while the run uses it)")
+    a("--overwrite_output_dir", action="store_true", help="start a new run in an --output_dir holding another run")
     a("--model", default="gpt_tiny", help="a GPT preset (vf.list_models('gpt*'))")
     a("--model_overrides", type=json_config_fields, default={}, help='JSON of config fields, e.g. \'{"depth": 4}\'')
-    a("--tokenizer", default="byte", choices=["byte", "bpe"])
+    a("--tokenizer", default="byte", choices=["byte", "bpe"], help="byte-level, or a BPE learned from text_file")
     a("--vocab_size", type=int, default=2048, help="BPE vocabulary size (--tokenizer bpe)")
     a("--block_size", type=int, default=128, help="tokens per training window")
     a("--train_batch_size", type=int, default=32, help="per process")
-    a("--max_train_steps", type=int, default=2000)
-    a("--learning_rate", type=float, default=1e-3)
-    a("--lr_warmup_steps", type=int, default=100)
-    a("--weight_decay", type=float, default=0.1)
-    a("--max_grad_norm", type=float, default=1.0)
+    a("--max_train_steps", type=int, default=2000, help="optimizer steps (sets the lr schedule)")
+    a("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    a("--lr_warmup_steps", type=int, default=100, help="linear warm-up steps")
+    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
+    a("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
     a("--val_fraction", type=float, default=0.05, help="the end of the file, held out for validation loss")
-    a("--eval_steps", type=int, default=200)
+    a("--eval_steps", type=int, default=200, help="validation loss every N steps")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 if supported")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed of weights and training windows")
     a("--sample_prompt", default="\n", help="prompt of the sample printed at the end")
-    a("--sample_tokens", type=int, default=200)
+    a("--sample_tokens", type=int, default=200, help="length of the sample printed at the end")
     cb.add_early_stopping_arguments(p, METRICS, default="val_loss")
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
@@ -84,6 +86,7 @@ def main(argv=None) -> Path:
     path = Path(args.text_file)
     if not path.is_file():
         raise FileNotFoundError(f"text_file={str(path)!r} does not exist")
+    run = open_run(args.output_dir, vars(args), overwrite=args.overwrite_output_dir, accelerator=accelerator)
     text = path.read_text(encoding="utf-8")
     tok = BPETokenizer.train(path, vocab_size=args.vocab_size) if args.tokenizer == "bpe" else ByteTokenizer()
     data = torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.long)
@@ -144,6 +147,7 @@ def main(argv=None) -> Path:
                                     generator=torch.Generator(accelerator.device).manual_seed(args.seed))
         print(f"saved to {out}\n--- sample ---\n{tok.decode(sample[0])}")
     accelerator.end_training()
+    run.close()
     return out
 
 

@@ -18,10 +18,12 @@ from tqdm.auto import tqdm
 
 from visionformers import data, diffusion, training
 from visionformers._validate import check_args, script_errors
+from visionformers.data import latent_cache
 from visionformers.training import callbacks as cb
 from visionformers.training import checkpoint as ckpt
+from visionformers.training import latents
 from visionformers.training import logging as track
-from visionformers.training import performance, pipeline, sampling
+from visionformers.training import performance, pipeline, run_dir, sampling
 
 METRICS = {"eval_loss": "min"}  # what each evaluation (--eval_steps) reports: early stopping's choices
 
@@ -31,48 +33,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--model", default="unet_tiny", help="any UNet or DiT preset (vf.list_models('unet*'), 'dit*')")
     a("--model_overrides", type=pipeline.json_config_fields, default={}, help='JSON of config fields, e.g. \'{"dropout": 0.1}\'')
-    a("--conditioning", default="class", choices=pipeline.CONDITIONINGS)
-    a("--text_encoder", default="t5_tiny_encoder", help="text preset for --conditioning text (frozen)")
+    a("--conditioning", default="class", choices=pipeline.CONDITIONINGS,
+      help="class: the labels of class subfolders (or the digits); text: captions; none: unconditional")
+    a("--text_encoder", default="t5_tiny_encoder",
+      help="for --conditioning text: a text preset (randomly initialised) or a transformers model dir (T5 / T5 "
+           "encoder, BERT, GPT-2 written by save_pretrained, with its tokenizer.json); frozen")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
-    a("--prediction_type", default="v", choices=diffusion.PREDICTION_TYPES,
-      help="v keeps the x0 estimate bounded at high noise (eps with cosine gives speckled samples)")
-    a("--noise_schedule", default="cosine", choices=diffusion.SCHEDULES)
-    a("--num_train_timesteps", type=int, default=1000)
+    a("--prediction_type", default=None, choices=diffusion.PREDICTION_TYPES,
+      help="default: v for a VP schedule (keeps the x0 estimate bounded at high noise), flow for --noise_schedule flow")
+    a("--noise_schedule", default="cosine", choices=[*diffusion.SCHEDULES, "flow"],
+      help="a VP schedule, or flow: rectified flow (x_t = (1 - sigma) x0 + sigma eps)")
+    a("--num_train_timesteps", type=int, default=1000, help="steps of the training noise process")
     a("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (5.0 in the paper)")
+    a("--timestep_sampling", default=None, choices=diffusion.TIMESTEP_DENSITIES,
+      help="density of the training noise level (SD3 Sec. 3.1); default: uniform (VP), logit_normal (flow)")
+    a("--logit_mean", type=float, default=0.0, help="mean of --timestep_sampling logit_normal")
+    a("--logit_std", type=float, default=1.0, help="std of --timestep_sampling logit_normal")
+    a("--mode_scale", type=float, default=1.29, help="scale of --timestep_sampling mode")
+    a("--loss_weighting", default="none", choices=diffusion.LOSS_WEIGHTINGS,
+      help="flow only: SD3's sigma_sqrt or cosmap loss weights")
+    a("--flow_shift", type=float, default=1.0, help="flow only: SD3's time shift (3.0 in SD3); saved for sampling")
     a("--train_data_dir", default=None, help="an image folder; default: the embedded digits")
     a("--captions_file", default=None, help="JSON-lines captions for --train_data_dir")
+    a("--vae", default=None, help="a VAE directory (vf.save_pretrained, e.g. train_vae.py's output): train on its "
+      "scaled latents; the denoiser's in_channels and sample_size follow the VAE")
+    a("--latent_cache_dir", default=None, help="with --vae: where the latents are cached (default "
+      "<output_dir>/latent_cache; share it between runs)")
     a("--resolution", type=int, default=8, help="8: the digits' native size")
-    a("--center_crop", action=argparse.BooleanOptionalAction, default=True)
-    a("--random_flip", action="store_true")
+    a("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="center crop (else a random crop)")
+    a("--random_flip", action="store_true", help="horizontal flips with probability 1/2")
     a("--train_batch_size", type=int, default=64, help="per process")
-    a("--dataloader_num_workers", type=int, default=0)
-    a("--max_train_steps", type=int, default=600)
+    a("--dataloader_num_workers", type=int, default=0, help="data loading processes (0: in the main process)")
+    a("--max_train_steps", type=int, default=600, help="optimizer steps of the whole run (sets the lr schedule)")
     a("--stop_after_steps", type=int, default=None, help="stop this process after N steps (checkpoint kept)")
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--learning_rate", type=float, default=1e-3)
-    a("--lr_scheduler", default="cosine", choices=training.LR_SCHEDULES)
-    a("--lr_warmup_steps", type=int, default=50)
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=0.0)
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    a("--lr_scheduler", default="cosine", choices=training.LR_SCHEDULES, help="shape of the lr schedule after warm-up")
+    a("--lr_warmup_steps", type=int, default=50, help="linear warm-up steps")
+    a("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    a("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
     a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping (the norm is still checked)")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 if supported")
-    a("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    a("--ema_max_decay", type=float, default=0.999)
-    a("--ema_power", type=float, default=3 / 4)
-    a("--seed", type=int, default=0)
-    a("--output_dir", default="outputs/train_unet")
-    a("--checkpointing_steps", type=int, default=200)
-    a("--checkpoints_total_limit", type=int, default=None)
+    a("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights (exported)")
+    a("--ema_max_decay", type=float, default=0.999, help="upper bound of the EMA decay")
+    a("--ema_power", type=float, default=3 / 4, help="EMA warm-up: decay = 1 - (1 + step)^-power")
+    a("--seed", type=int, default=0, help="seed of weights, data order and noise")
+    a("--output_dir", default="outputs/train_unet", help="checkpoints, samples and the exported model/ (locked while the run uses it)")
+    a("--overwrite_output_dir", action="store_true",
+      help="start a new run in an --output_dir holding another run (its checkpoints are removed)")
+    a("--checkpointing_steps", type=int, default=200, help="save a checkpoint every N steps (0: none)")
+    a("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints (default: all)")
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
     a("--sample_every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
     a("--num_samples", type=int, default=40, help="images in each sample grid")
-    a("--sampler", default="ddim", choices=list(diffusion.SAMPLERS))
-    a("--num_inference_steps", type=int, default=40)
-    a("--guidance_scale", type=float, default=2.0)
-    a("--report_to", default="none", choices=track.REPORT_TO)
-    a("--tracker_project_name", default="visionformers")
-    a("--logging_steps", type=int, default=10)
+    a("--sampler", default=None, choices=list(diffusion.SAMPLERS), help="default: ddim (VP), heun (flow)")
+    a("--num_inference_steps", type=int, default=40, help="sampler steps of the sample grids")
+    a("--guidance_scale", type=float, default=2.0, help="classifier-free guidance weight of the sample grids (1: none)")
+    a("--report_to", default="none", choices=track.REPORT_TO, help="experiment tracker")
+    a("--tracker_project_name", default="visionformers", help="project name of the tracker")
+    a("--logging_steps", type=int, default=10, help="log the loss every N steps")
     a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
     a("--eval_steps", type=int, default=0, help="every N steps, the loss of a fixed evaluation batch (the digits' "
       "test split, or the first images of --train_data_dir) under fixed noise (0: never)")
@@ -85,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "num_samples", "logging_steps")] + [
         ("checkpointing_steps", lambda v: v >= 0, "an int >= 0 (0: no checkpoints)"),
         ("num_train_timesteps", lambda v: v >= 2, "an int >= 2"),
+        ("flow_shift", lambda v: v > 0, "a number > 0 (1: no shift)"),
+        ("logit_std", lambda v: v > 0, "a number > 0"),
         ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
         ("cond_drop_prob", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
         ("learning_rate", lambda v: v > 0, "a number > 0"),
@@ -103,8 +125,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"{given[0]} applies to --train_data_dir, which is not given (the embedded digits are "
                              "used); pass --train_data_dir, or drop the option (text conditioning on the digits "
                              "uses their built-in captions)")
+    if args.vae is not None and not args.center_crop:
+        raise ValueError("--no-center_crop is not accepted with --vae: cached latents need a deterministic crop")
+    if args.latent_cache_dir is not None and args.vae is None:
+        raise ValueError("--latent_cache_dir applies to --vae, which is not given")
     if args.early_stopping_patience is not None and not args.eval_steps:
         raise ValueError("--early_stopping_patience needs --eval_steps N (the evaluations it counts)")
+    flow = args.noise_schedule == "flow"
+    args.prediction_type = args.prediction_type or ("flow" if flow else "v")
+    args.timestep_sampling = args.timestep_sampling or ("logit_normal" if flow else "uniform")
     return args
 
 
@@ -125,10 +154,20 @@ def build_dataset(args):
     if args.captions_file is not None and not os.path.isfile(args.captions_file):
         raise FileNotFoundError(f"--captions_file={args.captions_file!r} does not exist; expected a JSON-lines file")
     ds = data.ImageFolderDataset(args.train_data_dir, args.resolution, center_crop=args.center_crop,
-                                 random_flip=args.random_flip, captions_file=args.captions_file)
+                                 random_flip=args.random_flip and args.vae is None, captions_file=args.captions_file)
     if args.conditioning == "class" and not ds.classes:
-        raise SystemExit(f"--conditioning class needs class subfolders in --train_data_dir={args.train_data_dir!r}")
+        raise ValueError(f"--conditioning class needs class subfolders in --train_data_dir={args.train_data_dir!r}, "
+                         "which is a flat folder; pass --conditioning none to train unconditionally")
     return ds, len(ds.classes) or None, ds.classes or None, ds.channels
+
+
+def sample_prompts(dataset, n: int) -> list[str]:
+    """Prompts of the periodic sample grids: the training set's own captions (the digits' for the embedded data),
+    taken at n evenly spread indices so that the grid shows the variety of the captions."""
+    dataset = getattr(dataset, "base", dataset)  # a latent cache reads its captions from the image dataset
+    if isinstance(dataset, data.DigitsDataset):
+        return [data.digit_caption(i % 10) for i in range(n)]
+    return [dataset.caption(i * len(dataset) // n) for i in range(n)]
 
 
 def main(argv=None) -> None:
@@ -138,24 +177,47 @@ def main(argv=None) -> None:
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
     track.setup_logging(accelerator.is_main_process)
+    pipeline.check_distributed(accelerator)
+    run = run_dir.open_run(args.output_dir, vars(args), resume=args.resume_from_checkpoint,
+                           overwrite=args.overwrite_output_dir, accelerator=accelerator)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     training.seed_everything(args.seed)  # the same initial weights on every process, whatever the launcher
 
+    vae = latents.load_vae(args.vae, device) if args.vae is not None else None
     dataset, num_classes, class_names, channels = build_dataset(args)
+    # the denoiser's input: the VAE's latents (resolution / factor) or the pixels themselves
+    in_channels, size = (latents.denoiser_shape(vae, args.resolution, args.model_overrides, channels) if vae is not None
+                         else (channels, args.resolution))
     conditioner = (pipeline.build_text_conditioner(args.text_encoder, device, args.seed)
                    if args.conditioning == "text" else None)
     num_classes = num_classes if args.conditioning == "class" else None
     context_dim = conditioner.context_dim if conditioner is not None else None
     try:
-        model = pipeline.build_denoiser(args.model, channels, args.resolution, num_classes, context_dim,
+        model = pipeline.build_denoiser(args.model, in_channels, size, num_classes, context_dim,
                                         args.model_overrides)
     except ValueError as e:  # the config names its field (sample_size, ...); say which flags set it
-        raise ValueError(f"--model={args.model} at --resolution={args.resolution} with --model_overrides: {e}") from None
+        given = " with --model_overrides" if args.model_overrides else ""
+        raise ValueError(f"--model={args.model} at --resolution={args.resolution}{given}: {e}") from None
     settings = pipeline.diffusion_settings(args, num_classes, class_names, channels, context_dim)
+    if vae is not None:  # encoded once, reused by later runs and resumes; flips cached as latents of their own
+        settings["latent"] = latents.latent_settings(vae, args.resolution)
+        dataset = latent_cache.build_latent_cache(
+            args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache"), vae, dataset,
+            latents.latent_cache_key(args, dataset), flips=args.random_flip, rank=rank, world=world,
+            barrier=accelerator.wait_for_everyone, device=device)
     try:
         sched = pipeline.schedule_from(settings)
     except ValueError as e:  # the schedule names its own arguments; say which flags set them
-        raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps}: {e}") from None
+        raise ValueError(f"--noise_schedule={args.noise_schedule} --num_train_timesteps={args.num_train_timesteps} "
+                         f"--flow_shift={args.flow_shift}: {e}") from None
+    loss_options = dict(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                        mode_scale=args.mode_scale, loss_weighting=args.loss_weighting)
+    args.sampler = args.sampler or sched.default_sampler
+    try:  # a flag combination the process does not take (e.g. --prediction_type eps with a flow) fails before training
+        diffusion.check_sampler(args.sampler, sched)
+        diffusion.check_loss_options(sched, args.prediction_type, args.snr_gamma, **loss_options)
+    except ValueError as e:
+        raise ValueError(f"--noise_schedule={args.noise_schedule}: {e}") from None
     memory_format = performance.configure_training(model, device, gradient_checkpointing=args.gradient_checkpointing,
                                                    compile=args.compile, compile_backend=args.compile_backend)
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
@@ -165,39 +227,43 @@ def main(argv=None) -> None:
     training.seed_everything(args.seed, rank + 1)  # from here on each process has its own streams (dropout)
     ema = training.EMA(model, decay=args.ema_max_decay, power=args.ema_power) if args.use_ema else None
     noise_gen = training.make_generator(args.seed, rank, 1, device=device)  # timesteps, noise, cfg dropout
-    stream = training.DataStream(dataset, args.train_batch_size, args.seed, world, rank, args.dataloader_num_workers)
+    stream = training.DataStream(dataset, args.train_batch_size, args.seed, world, rank, args.dataloader_num_workers,
+                                 batch_flag="--train_batch_size")
     guard = training.BadStepGuard(args.max_bad_steps, accelerator.mixed_precision, args.learning_rate)
     text_encoder = {pipeline.TEXT_ENCODER_DIR: conditioner.encoder} if conditioner is not None else None
+    extra_models = {**(text_encoder or {}), **({latents.VAE_DIR: vae} if vae is not None else {})} or None
     stopper = cb.early_stopping_from_args(args, METRICS)
     callbacks, state = cb.CallbackList([stopper]), cb.LoopState(model=model, accelerator=accelerator)
     eval_batch = evaluation_batch(args, dataset) if args.eval_steps else None
+    if eval_batch is not None and vae is not None:
+        eval_batch = latents.latent_eval_batch(vae, eval_batch, device)
     state_objs = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
                       generators={"noise": noise_gen}, accelerator=accelerator)
 
-    step, resumed_from = 0, ckpt.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    step, resumed_from = 0, run.resume_from
     if resumed_from is not None:
-        saved = ckpt.load_checkpoint(resumed_from, **state_objs)["train_state"]
+        saved = ckpt.load_checkpoint(resumed_from, **state_objs,
+                                     train_state_keys=("accumulation_step", "data", "bad_steps"))["train_state"]
         step, accelerator.step = saved["step"], saved["accumulation_step"]
         stream.load_state_dict(saved["data"])
         guard.load_state_dict(saved["bad_steps"])
         callbacks.load_state_dict(saved.get("callbacks", {}))
         accelerator.print(f"resumed from {resumed_from} at step {step}")
-    if accelerator.is_main_process:
-        ckpt.remove_stale(args.output_dir)
     track.init_trackers(accelerator, args.tracker_project_name, vars(args), args.output_dir)
 
     def save(at_step: int) -> None:
         train_state = {"step": at_step, "accumulation_step": accelerator.step, "data": stream.state_dict(),
                        "bad_steps": guard.state_dict(), "callbacks": callbacks.state_dict()}
-        extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model)}
+        extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model),
+                 **pipeline.text_encoder_files(conditioner)}
         ckpt.save_checkpoint(args.output_dir, at_step, train_state=train_state, config=vars(args),
                              total_limit=args.checkpoints_total_limit, keep=(resumed_from,), extra_files=extra,
-                             extra_models=text_encoder, **state_objs)
+                             extra_models=extra_models, **state_objs)
         callbacks.on_checkpoint_saved(state, os.path.join(args.output_dir, f"checkpoint-{at_step}"))
 
     def write_samples(name: str, at_step: int) -> None:
         labels = torch.arange(args.num_samples) % num_classes if num_classes else None
-        prompts = [data.digit_caption(i % 10) for i in range(args.num_samples)] if conditioner else None
+        prompts = sample_prompts(dataset, args.num_samples) if conditioner else None
 
         def inputs(idx):
             return pipeline.model_inputs(settings, conditioner, device,
@@ -213,13 +279,15 @@ def main(argv=None) -> None:
         net.eval()
         images = sampling.sample_distributed(
             net, args.num_samples, 64, inputs, accelerator=accelerator, collective_model=fsdp, sched=sched,
-            shape=(channels, args.resolution, args.resolution), seed=args.seed, sampler=args.sampler,
+            shape=latents.sample_shape(settings), seed=args.seed, sampler=args.sampler,
             steps=args.num_inference_steps, prediction_type=args.prediction_type, device=device,
             guidance_scale=args.guidance_scale if args.conditioning != "none" else 1.0)
         net.train()
         if ema is not None:
             ema.restore(net)
         if accelerator.is_main_process:
+            if vae is not None:
+                images = latents.decode_latents(vae, images, device)
             grid = sampling.make_grid(images, nrow=num_classes, upscale=max(1, 64 // args.resolution))
             path = sampling.save_png(grid, os.path.join(args.output_dir, name))
             track.log_image(accelerator, "samples", grid, at_step)
@@ -231,6 +299,7 @@ def main(argv=None) -> None:
     started, stop_at = step, min(args.max_train_steps, step + (args.stop_after_steps or args.max_train_steps))
     loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
     model.train()
+    stop = training.StopOnSignal(accelerator)  # SIGTERM / Ctrl-C: checkpoint at the next step boundary, then exit
     state.step = step
     callbacks.on_train_begin(state)
     try:
@@ -239,11 +308,13 @@ def main(argv=None) -> None:
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(stream)
                 with accelerator.accumulate(model):
-                    x0 = batch["pixel_values"].to(device, non_blocking=True, memory_format=memory_format)
+                    x0 = (latent_cache.posterior_sample(batch, noise_gen, device).contiguous(memory_format=memory_format)
+                          if vae is not None else
+                          batch["pixel_values"].to(device, non_blocking=True, memory_format=memory_format))
                     cond = pipeline.training_inputs(batch, settings, conditioner, args.cond_drop_prob, noise_gen,
                                                     device)
                     loss = diffusion.training_loss(model, x0, sched, args.prediction_type, args.snr_gamma,
-                                                   generator=noise_gen, **cond)
+                                                   generator=noise_gen, **loss_options, **cond)
                     if step + 1 in args.debug_inject_nan_at:
                         loss = loss * float("nan")
                     bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
@@ -276,27 +347,42 @@ def main(argv=None) -> None:
                 loss_sum, loss_count = torch.zeros((), device=device), 0
             if args.eval_steps and step % args.eval_steps == 0:
                 value = pipeline.evaluation_loss(model, eval_batch, settings, conditioner, sched, args.prediction_type,
-                                                 args.seed, device)
+                                                 args.seed, device, **loss_options)
                 track.log_scalars(accelerator, {"eval/loss": value}, step)
                 callbacks.on_evaluate(state, {"eval_loss": value})
-            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at
-                                             or state.should_stop):
+            stopping = stop.requested()
+            if stopping or args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at
+                                                         or state.should_stop):
                 save(step)
+            if stopping:
+                break
             if args.sample_every and step % args.sample_every == 0 and step < args.max_train_steps:
                 write_samples(f"samples/step-{step:06d}.png", step)
     except training.TrainingDiverged as e:
         accelerator.end_training()
         raise SystemExit(f"error: {e}") from None
+    finally:
+        stop.close()
     progress.close()
     callbacks.on_train_end(state)
+    if stop.signum is not None and step < args.max_train_steps:
+        accelerator.print(training.stopped_message(step, args.max_train_steps, args.output_dir, stop.reason))
+        accelerator.end_training()
+        run.close()
+        raise SystemExit(stop.exit_code())
     if state.should_stop:
         accelerator.print(state.stop_reason)
     if step >= args.max_train_steps or state.should_stop:
         ckpt.export_pretrained(model, os.path.join(args.output_dir, "model"), ema=ema, accelerator=accelerator,
-                               extra_files={pipeline.DIFFUSION_FILE: settings}, extra_models=text_encoder)
+                               extra_files={pipeline.DIFFUSION_FILE: settings, **pipeline.text_encoder_files(conditioner)},
+                               extra_models=extra_models)
         write_samples("samples.png", step)
         accelerator.print(f"done: {step} steps in {time.time() - t0:.0f} s; model in {args.output_dir}/model")
+    else:
+        accelerator.print(training.stopped_message(step, args.max_train_steps, args.output_dir, "--stop_after_steps",
+                                                   saved=bool(args.checkpointing_steps)))
     accelerator.end_training()
+    run.close()
 
 
 if __name__ == "__main__":

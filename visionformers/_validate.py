@@ -5,10 +5,12 @@ so a caller never sees a traceback from deep inside torch.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import numbers
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -179,6 +181,10 @@ def check_image(
 # ---- scripts ------------------------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` that shows every option's default and keeps the description's line breaks."""
+
+
 def check_args(args, rules: Iterable[tuple[str, Callable[[object], bool], str]]) -> None:
     """Script arguments: ``rules`` are (name, predicate, accepted); the first failing one raises the ValueError
     ``--name=value is not accepted; expected ...`` before any work starts."""
@@ -191,7 +197,8 @@ def check_args(args, rules: Iterable[tuple[str, Callable[[object], bool], str]])
 def script_errors(main: Callable) -> Callable:
     """Wrap a script's ``main`` for the command line (``script_errors(main)()`` under ``__main__``; called from
     Python, ``main`` keeps raising): a bad argument (ValueError / FileNotFoundError, which name it) exits with the
-    one line ``error: ...`` on stderr instead of a traceback. ``VISIONFORMERS_TRACEBACK=1`` re-raises, for debugging."""
+    one line ``error: ...`` on stderr instead of a traceback, and Ctrl-C with ``interrupted`` (status 130).
+    ``VISIONFORMERS_TRACEBACK=1`` re-raises, for debugging."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
@@ -203,5 +210,10 @@ def script_errors(main: Callable) -> Callable:
             if _env.traceback():
                 raise
             raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops at a step boundary itself)
+            if os.environ.get("VISIONFORMERS_TRACEBACK"):
+                raise
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return run

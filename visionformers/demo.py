@@ -4,7 +4,8 @@
 
 Runs ``train_scripts/train_unet.py`` with its defaults, then ``sample_scripts/sample_unet.py`` (4 images per
 class), and checks the samples with a small digit classifier trained here on the real train split: the share of
-samples it reads as the class they were drawn for.
+samples it reads as the class they were drawn for, and FID / KID against the train digits on its hidden features
+(printed with the sample counts and a note that 40 samples are below the standard protocol).
 """
 from __future__ import annotations
 
@@ -53,18 +54,36 @@ def digit_classifier(seed: int = 0, steps: int = 600) -> tuple[nn.Module, float]
         opt.step()
     net.eval()
 
-    def classify(images: torch.Tensor) -> torch.Tensor:
+    def classify(images: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if images.shape[-1] != 8:
             images = F.adaptive_avg_pool2d(images, 8)  # (B, 1, 8, 8)
-        return net(images)
+        return net[:-1](images) if pre_logits else net(images)  # pre_logits: the 128-d features of FID / KID
 
     with torch.no_grad():
         acc = (classify(test.images).argmax(1) == test.labels).float().mean().item()
     return classify, acc
 
 
+def grade_images(images: torch.Tensor, labels: torch.Tensor, classifier=None) -> dict:
+    """Top-1 agreement of the digit classifier with ``labels``, on (N, 1, H, W) images in [-1, 1] quantised to 8 bits
+    as a PNG stores them. ``classifier``: a (classify, test accuracy) pair of :func:`digit_classifier` to reuse."""
+    classify, test_acc = classifier or digit_classifier()
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    with torch.no_grad():
+        logits = classify(images)
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    confidence = logits.softmax(1).gather(1, labels[:, None]).mean().item()  # mean probability of the drawn class
+    return {"sample_accuracy": acc, "sample_confidence": confidence, "classifier_test_accuracy": test_acc,
+            "num_samples": len(labels)}
+
+
 def grade(samples_dir: Path) -> dict:
-    """Top-1 agreement of the classifier with the class each sample was drawn for."""
+    """Top-1 agreement of the classifier with the class each sample (a PNG of sample_unet.py) was drawn for, and
+    FID / KID of the samples against the train digits on the classifier's 128-d hidden features (not Inception's:
+    a sanity figure)."""
+    from visionformers.data import DigitsDataset
+    from visionformers.metrics import feature_statistics, fid, kid, protocol_note
+
     import numpy as np
     from PIL import Image
 
@@ -74,10 +93,16 @@ def grade(samples_dir: Path) -> dict:
         for item in record["images"]
     ]).unsqueeze(1)  # (N, 1, H, W)
     labels = torch.tensor([item["class_label"] for item in record["images"]])
-    classify, test_acc = digit_classifier()
-    with torch.no_grad():
-        acc = (classify(images).argmax(1) == labels).float().mean().item()
-    return {"sample_accuracy": acc, "classifier_test_accuracy": test_acc, "num_samples": len(labels)}
+    classifier = digit_classifier()
+    graded = grade_images(images, labels, classifier)
+    classify = classifier[0]
+    features = lambda x: classify(x, pre_logits=True)  # noqa: E731
+    features.name = "digits-classifier"
+    real = feature_statistics(DigitsDataset("train", image_size=images.shape[-1], channels=1).images, features)
+    fake = feature_statistics(images, features)
+    f, k = fid(real, fake), kid(real, fake)
+    note = protocol_note("fid", real.num_samples, fake.num_samples)
+    return {**graded, "fid": f.value, "kid": k.value, "kid_std": k.std, "fid_kid_line": f"{f}; {k} [{note}]"}
 
 
 def main(argv=None) -> None:
@@ -104,6 +129,7 @@ def main(argv=None) -> None:
     print(f"samples: {out / 'samples' / 'grid.png'} (one column per class 0-9)")
     print(f"a digit classifier ({100 * result['classifier_test_accuracy']:.1f}% on real test digits) reads "
           f"{100 * result['sample_accuracy']:.1f}% of the {result['num_samples']} samples as their class")
+    print(f"against the train digits: {result['fid_kid_line']}")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,14 @@ register("dit_b_2", DiT, dataclasses.replace(_DIT_XL_2, hidden_size=768, depth=1
 register("dit_s_2", DiT, dataclasses.replace(_DIT_XL_2, hidden_size=384, depth=12, num_heads=6))  # 33M
 register("dit_tiny", DiT, DiTConfig(sample_size=32, in_channels=1, patch_size=4, hidden_size=128, depth=6, num_heads=4, num_classes=None, class_dropout_prob=0.0, learn_sigma=False))  # digits 32x32
 
+# ---- latent diffusion: AutoencoderKL (vision/autoencoder_kl.py) ----
+from visionformers.vision.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
+
+_VAE_SD = AutoencoderKLConfig()  # Rombach et al. 2022: SD 1.x/2.x, sd-vae-ft-ema / -mse; 4 channels, factor 8, 83.7M
+register("vae_sd", AutoencoderKL, _VAE_SD)
+register("vae_sd3", AutoencoderKL, dataclasses.replace(_VAE_SD, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609))  # SD3: 16 channels, 83.7M
+register("vae_tiny", AutoencoderKL, dataclasses.replace(_VAE_SD, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=1.0))  # tests and the CPU: factor 4
+
 # ---- text: GPT, BERT, T5, encoder-decoder (text/) ----
 from visionformers.text.bert import Bert, BertConfig, BertForMaskedLM, BertForSequenceClassification  # noqa: E402
 from visionformers.text.gpt import GPT, GPTConfig  # noqa: E402

@@ -91,3 +91,49 @@ def test_missing_and_empty_folders(tmp_path):
 def test_bad_arguments(class_tree, kwargs, name):
     with pytest.raises(ValueError, match=name):
         ImageFolderDataset(class_tree, **kwargs)
+
+
+# ---- issue item 12: 16-bit PNGs, link loops, transparency, small images, captions that match nothing ----
+
+
+def test_item12_sixteen_bit_png_is_scaled_not_white(tmp_path):
+    arr = np.array([[0, 257 * 64], [257 * 128, 65535]], dtype=np.uint16).repeat(8, 0).repeat(8, 1)  # 16x16
+    Image.fromarray(arr).save(tmp_path / "deep.png")  # uint16: mode I;16
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    ds = ImageFolderDataset(tmp_path, 16, channels=1, transform=lambda im: np.asarray(im))
+    got = ds[0]["pixel_values"]
+    assert got[0, 0] == 0 and got[0, 15] == 64 and got[15, 0] == 128 and got[15, 15] == 255
+
+
+def test_item12_link_loops_are_followed_once(tmp_path):
+    for i in range(3):
+        _png(tmp_path / "a" / f"{i}.png", size=(16, 16))
+        _png(tmp_path / "b" / f"{i}.png", size=(16, 16))
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
+    (tmp_path / "b" / "up").symlink_to(tmp_path, target_is_directory=True)
+    ds = ImageFolderDataset(tmp_path, 16)
+    assert len(ds) <= 12 and sorted(set(ds.paths)) == sorted(ds.paths)
+    assert sum("/loop/" in p for p in ds.paths) == 0  # a/ itself is not walked twice
+
+
+def test_item12_transparency_is_composited_and_small_images_counted_once(tmp_path):
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # hidden red under alpha 0 on the left, opaque red on the right
+    rgba[:, 8:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    _png(tmp_path / "tiny1.png", size=(4, 4))
+    _png(tmp_path / "tiny2.png", size=(4, 20))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ImageFolderDataset(tmp_path, 16, transform=lambda im: np.asarray(im))
+    text = " ".join(str(w.message) for w in caught)
+    assert len(caught) == 1 and "1 image(s) have transparency" in text and "2 of 3 image(s) are smaller" in text
+    pixels = ds[ds.paths.index(str(tmp_path / "clear.png"))]["pixel_values"]
+    assert tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[0, 15]) == (200, 0, 0)
+
+
+def test_item12_a_captions_file_matching_no_image_is_an_error(class_tree):
+    captions = class_tree / "captions.jsonl"
+    captions.write_text(json.dumps({"file_name": "dogs/x.png", "text": "a dog"}) + "\n")
+    with pytest.raises(ValueError, match=r"none of its 1 file_name\(s\) \(e.g. 'dogs/x.png'\).*e.g. 'cats/a.png'"):
+        ImageFolderDataset(class_tree, 8, captions_file=captions)

@@ -48,12 +48,14 @@ def _manual_loss(model, x0, sched, prediction_type, gamma, seed):
     noise = torch.randn(x0.shape, generator=g)
     ab = sched.alphas_cumprod[t].float()
     a, s = ab.sqrt()[:, None, None, None], (1 - ab).sqrt()[:, None, None, None]
-    target = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[prediction_type]
+    target = {"eps": noise, "x0": x0, "v": a * noise - s * x0, "flow": noise - x0}[prediction_type]
     err = (model(a * x0 + s * noise, t.float()) - target).pow(2).mean((1, 2, 3))
     if gamma is not None:
         snr = ab / (1 - ab)
         err = err * {"x0": snr.clamp(max=gamma), "eps": snr.clamp(max=gamma) / snr,
-                     "v": snr.clamp(max=gamma) / (snr + 1)}[prediction_type]
+                     "v": snr.clamp(max=gamma) / (snr + 1),
+                     # |x0 err| = sigma / (alpha + sigma) |flow err|
+                     "flow": snr.clamp(max=gamma) * (1 - ab) / (ab.sqrt() + (1 - ab).sqrt()) ** 2}[prediction_type]
     return err.mean()
 
 

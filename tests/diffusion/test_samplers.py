@@ -12,6 +12,7 @@ S = torch.tensor([0.3, 1.5, 1.0])
 # solvers shrink the variance by a few % at 50 steps. Worst std error measured over linear / cosine / sigmoid:
 # ddim 250 -> 1.9%, euler 500 -> 1.5%, heun 100 -> 1.1%, dpmpp_2m 100 -> 1.5%, ddpm 1000 -> 1.0% (with sampling error).
 STEPS = {"ddpm": 1000, "ddim": 250, "dpmpp_2m": 100, "euler": 500, "heun": 100}
+VP_SAMPLERS = [name for name in D.SAMPLERS if name not in D.FLOW_ONLY]
 
 
 def gaussian_model(sched, prediction_type):
@@ -24,7 +25,7 @@ def gaussian_model(sched, prediction_type):
         denom = a**2 * S**2 + sig**2
         x0 = MU + a * S**2 / denom * (x - a * MU)
         eps = sig / denom * (x - a * MU)  # (x - a x0) / sig, written without the cancellation
-        return {"eps": eps, "x0": x0, "v": a * eps - sig * x0}[prediction_type]
+        return {"eps": eps, "x0": x0, "v": a * eps - sig * x0, "flow": eps - x0}[prediction_type]
 
     return model
 
@@ -54,14 +55,14 @@ def _run_gaussian(sampler, sched, prediction_type, seed):
         _check_moments(x)
 
 
-@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
-@pytest.mark.parametrize("sampler", list(D.SAMPLERS))
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v", "flow"])
+@pytest.mark.parametrize("sampler", VP_SAMPLERS)
 def test_gaussian_moments_linear(sampler, prediction_type):
     _run_gaussian(sampler, D.NoiseSchedule("linear", 1000), prediction_type, seed=0)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "sigmoid"])
-@pytest.mark.parametrize("sampler", list(D.SAMPLERS))
+@pytest.mark.parametrize("sampler", VP_SAMPLERS)
 def test_gaussian_moments_other_schedules(sampler, kind):
     # v: at the cosine schedule's last step alpha ~ 1e-4, where x0 from an eps-prediction is float32 noise.
     _run_gaussian(sampler, D.NoiseSchedule(kind, 1000), "v", seed=1)
@@ -81,7 +82,7 @@ def test_gaussian_moments_through_sample():
     _check_moments(x, tol_mean=0.04, tol_std=0.04)  # 10k samples: ~1% sampling error on each moment
 
 
-@pytest.mark.parametrize("sampler", [*D.SAMPLERS, functools.partial(D.sample_ddim, eta=1.0)])
+@pytest.mark.parametrize("sampler", [*VP_SAMPLERS, functools.partial(D.sample_ddim, eta=1.0)])
 def test_seeded_sampling_is_bit_identical(sampler):
     sched = D.NoiseSchedule("cosine", 1000)
     weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
@@ -93,7 +94,7 @@ def test_seeded_sampling_is_bit_identical(sampler):
     assert not torch.equal(runs[0], other)
 
 
-@pytest.mark.parametrize("sampler", list(D.SAMPLERS))
+@pytest.mark.parametrize("sampler", VP_SAMPLERS)
 def test_callback_reports_every_step(sampler):
     sched = D.NoiseSchedule("linear", 100)
     seen = []
@@ -121,7 +122,7 @@ def test_any_step_count():
     for steps in (1, 3, 7, 999):
         ts = D.discrete_timesteps(1000, steps)
         assert ts[0] == 999 and len(ts) == steps and (ts[:-1] > ts[1:]).all() and ts[-1] >= 0
-    for sampler in D.SAMPLERS:
+    for sampler in VP_SAMPLERS:
         x = D.sample(gaussian_model(sched, "eps"), (4, 3), sched, sampler=sampler, steps=1)
         assert torch.isfinite(x).all()
     x = D.sample(gaussian_model(sched, "eps"), (4, 3), sched, sampler="euler", steps=1500)  # more than T: fine

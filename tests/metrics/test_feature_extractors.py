@@ -6,7 +6,6 @@ import torch.nn as nn
 from visionformers.data import DigitsDataset
 from visionformers.metrics import (
     ClassifierFeatures,
-    InceptionFeatures,
     RandomConvFeatures,
     build_feature_extractor,
     extract_features,
@@ -66,39 +65,6 @@ def test_random_conv_is_deterministic_across_instances():
     a, b = RandomConvFeatures(seed=0)(x), RandomConvFeatures(seed=0)(x)
     assert a.shape == (3, 64) and torch.equal(a, b)
     assert not torch.allclose(a, RandomConvFeatures(seed=1)(x))
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
-    path = tmp_path_factory.mktemp("w") / "inception.pth"
-    torch.save(net.state_dict(), path)
-    return path, net
-
-
-def test_inception_pool3_features_from_a_local_file(inception_file):
-    path, net = inception_file
-    extractor = InceptionFeatures(path)
-    x = torch.rand(1, 1, 32, 32) * 2 - 1  # one image: a 299x299 Inception forward is the slow part
-    with torch.no_grad():
-        feats = extractor(x)
-        net.fc = nn.Identity()
-        big = nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False)
-        ref = net(big)
-    assert feats.shape == (1, 2048) and torch.allclose(feats, ref, atol=1e-5)
-    assert "inception.pth" in extractor.name
-
-
-def test_inception_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothere.pth"):
-        InceptionFeatures(tmp_path / "nothere.pth")
-    wrong = tmp_path / "wrong.pth"
-    torch.save({"weight": torch.zeros(2)}, wrong)
-    with pytest.raises(ValueError, match="inception_v3"):
-        InceptionFeatures(wrong)
 
 
 def test_build_feature_extractor_specs(tmp_path):

@@ -74,3 +74,35 @@ def test_text_conditioning_trains_exports_and_samples(tmp_path):
     assert [im["prompt"] for im in record["images"]] == ["the digit three", "7", "the digit three"]
     with pytest.raises(SystemExit, match="prompts"):
         sample.main(["--model_path", str(out / "model"), "--output_dir", str(tmp_path / "c")])
+
+
+def test_flow_model_trains_exports_and_samples_without_extra_flags(tmp_path):
+    out = tmp_path / "flow"
+    load_script(TRAIN).main([*TINY, "--max_train_steps", "2", "--checkpointing_steps", "0", "--noise_schedule", "flow",
+                             "--flow_shift", "2", "--timestep_sampling", "logit_normal", "--output_dir", str(out)])
+    settings = json.loads((out / "model" / "diffusion.json").read_text())
+    assert settings["noise_schedule"] == "flow" and settings["flow_shift"] == 2.0
+    assert settings["prediction_type"] == "flow"
+    assert repr(pipeline.schedule_from(settings)) == "RectifiedFlow(shift=2.0, num_train_steps=1000)"
+    sample = load_script(SAMPLE)
+    args = ["--model_path", str(out / "model"), "--num_images", "3", "--num_inference_steps", "2"]
+    sample.main([*args, "--guidance_interval", "0.5", "inf", "--guidance_rescale", "0.7",
+                 "--output_dir", str(tmp_path / "a")])
+    record = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert record["sampler"] == "heun" and len(_pngs(tmp_path / "a")) == 3
+    with pytest.raises(ValueError, match="sampler='ddim'.*RectifiedFlow"):
+        sample.main([*args, "--sampler", "ddim", "--output_dir", str(tmp_path / "b")])
+    with pytest.raises(ValueError, match="--guidance_interval"):
+        sample.main([*args, "--guidance_interval", "2", "1", "--output_dir", str(tmp_path / "b")])
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--prediction_type", "eps"], "prediction_type='eps'.*RectifiedFlow"),
+    (["--sampler", "ddpm"], "sampler='ddpm'"),
+    (["--flow_shift", "0"], "--flow_shift=0.0"),
+    (["--logit_std", "0"], "--logit_std=0.0"),
+])
+def test_bad_flow_flags_are_named(flags, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        load_script(TRAIN).main([*TINY, "--max_train_steps", "1", "--noise_schedule", "flow", *flags,
+                                 "--output_dir", str(tmp_path)])

@@ -28,10 +28,21 @@ def _child(argv: list[str], delay: str, log: str) -> None:
     # pytest's capture replaces sys.stdout / sys.stderr with its own files: point them at the log too
     sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
     os.environ[ckpt.WRITE_DELAY_ENV] = delay  # sleep between checkpoint files so kills land mid-write
+    _own_tqdm_lock()
     import torch
 
     torch.set_num_threads(1)
     load_script(TRAIN).main(argv)
+
+
+def _own_tqdm_lock() -> None:
+    """Give a forked child its own tqdm write lock: tqdm's default one is a multiprocessing semaphore shared with
+    the parent, and a child SIGKILLed while holding it would leave the parent and every later child blocked."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _writing(out) -> bool:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from visionformers.diffusion import NoiseSchedule
+from visionformers.diffusion import NoiseSchedule, RectifiedFlow
 from visionformers.training import sampling
 
 SCHED = NoiseSchedule("cosine", 100)
@@ -32,6 +32,19 @@ def test_image_depends_only_on_its_seed(sampler):
     assert not torch.allclose(batch[2], batch[3])
     # the samples land near the data scale (std 0.5), i.e. the sampler really denoised
     assert 0.2 < sampling.sample_chunk(ShrinkModel(), range(64), **kw).std() < 0.8
+
+
+def test_flow_image_depends_only_on_its_seed():
+    """A stochastic sampler on a flow: image i's per-step noise comes from its own generator (seed + i) too."""
+    flow = RectifiedFlow(3.0)
+    model = lambda x, t, class_labels: -x * (1 + 0.01 * class_labels.float()[:, None, None, None])  # noqa: E731
+    kw = dict(sched=flow, shape=(1, 4, 4), seed=3, sampler="euler_maruyama", steps=6, prediction_type="flow")
+    labels = torch.arange(5)
+    batch = sampling.sample_chunk(model, range(5), cond={"class_labels": labels}, **kw)
+    alone = sampling.sample_chunk(model, range(2, 3), cond={"class_labels": labels[2:3]}, **kw)
+    torch.testing.assert_close(batch[2:3], alone, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="sampler='ddim'"):
+        sampling.sample_chunk(model, range(1), cond={"class_labels": labels[:1]}, **{**kw, "sampler": "ddim"})
 
 
 def test_sample_distributed_orders_by_index_and_chunks_by_index():

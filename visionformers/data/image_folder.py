@@ -6,6 +6,10 @@ Layouts
 - flat: images directly in ``root`` (not recursive) and no subfolder holding images; unconditional, every
   label is -1 (an int rather than None, so torch's default_collate still batches it).
 
+Images: links to folders are followed, each folder once (a link loop does not repeat images); 16-bit images
+(PIL "I;16") are scaled to 8 bits; transparent pixels are composited onto white. One warning at construction
+counts images with transparency and images smaller than ``resolution`` (upscaled), beside skipped broken files.
+
 Captions, first match wins: the JSON-lines ``captions_file`` (see ``visionformers.data.captions``), then a
 ``<image stem>.txt`` file beside the image, then the class name with "_" read as a space (class folders)
 or "" (flat).
@@ -16,6 +20,7 @@ import os
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -32,9 +37,15 @@ def _is_image(name: str) -> bool:
 
 
 def _images_under(folder: str) -> list[str]:
-    """Every image file below ``folder``, sorted, following the same walk as torchvision's ImageFolder."""
-    found = []
+    """Every image file below ``folder``, sorted, following the same walk as torchvision's ImageFolder; links to
+    folders are followed, but a folder already visited (a link loop, or two links to one folder) only once."""
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
     return found
@@ -54,16 +65,44 @@ def find_images(root: str) -> tuple[list[str], list[int], list[str], int]:
     return top_images, [-1] * len(top_images), [], 0
 
 
-def _readable(path: str, check: str) -> bool:
-    """Cheap integrity check: PIL's verify() reads the header and, for PNG, every chunk's CRC."""
-    if check == "none":
-        return True
+def _inspect(path: str, check: str) -> tuple[bool, str, tuple[int, int]]:
+    """(readable, PIL mode, (width, height)) from the header; with ``check`` an integrity check: PIL's verify()
+    reads the header and, for PNG, every chunk's CRC; "load" decodes the whole image."""
     try:
         with Image.open(path) as im:
-            im.verify() if check == "verify" else im.load()
-        return True
+            mode, size = _alpha_mode(im), im.size
+            if check != "none":
+                im.verify() if check == "verify" else im.load()
+        return True, mode, size
     except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for broken files
-        return False
+        return check == "none", "", (0, 0)
+
+
+def _alpha_mode(im: Image.Image) -> str:
+    """The image's mode, reported as "RGBA" for a palette image with transparency."""
+    return "RGBA" if im.mode == "P" and "transparency" in im.info else im.mode
+
+
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+BACKGROUND = 255  # transparent pixels become white, as a viewer shows them on a white page
+
+
+def to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` as "RGB" or "L": 16-bit images scaled to 8 bits (PIL's convert clips them to white), transparency
+    composited onto a white background (PIL's convert drops alpha, leaving what the hidden pixels hold)."""
+    if im.mode in HIGH_BIT_MODES:
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "I" and arr.max(initial=0) > 65535:
+            scale = 255.0 / max(arr.max(), 1.0)  # a 32-bit image: its own range
+        else:
+            scale = 255.0 / 65535.0
+        im = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
+    elif _alpha_mode(im) in ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (BACKGROUND,) * 3 + (255,))
+        im = Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert(mode)
 
 
 class ImageFolderDataset(Dataset):
@@ -106,8 +145,11 @@ class ImageFolderDataset(Dataset):
                 f"root={root!r} holds no images; expected files with extensions {list(IMG_EXTENSIONS)} directly "
                 "in it (flat layout) or in class subfolders"
             )
-        ok = [_readable(p, check) for p in paths]
+        found = [_inspect(p, check) for p in paths]
+        ok = [good for good, _, _ in found]
         bad = [p for p, good in zip(paths, ok) if not good]
+        alpha = sum(good and mode in ALPHA_MODES for good, mode, _ in found)
+        small = sum(good and 0 < min(size) < resolution for good, _, size in found)
         self.root, self.channels = root, channels
         self.paths = [p for p, good in zip(paths, ok) if good]
         self.labels = [lab for lab, good in zip(labels, ok) if good]
@@ -118,11 +160,23 @@ class ImageFolderDataset(Dataset):
             notes.append(f"skipped {len(bad)} unreadable or truncated image(s) ({shown})")
         if ignored:
             notes.append(f"ignored {ignored} image(s) directly in root (class-folder layout uses subfolders only)")
+        if alpha:
+            notes.append(f"{alpha} image(s) have transparency: composited onto a white background")
+        if small:
+            notes.append(f"{small} of {len(self.paths)} image(s) are smaller than resolution={resolution} and are "
+                         "upscaled (blurrier than the rest)")
         if notes:
             warnings.warn(f"ImageFolderDataset({root!r}): " + "; ".join(notes), stacklevel=2)
         if not self.paths:
             raise ValueError(f"root={root!r}: all {len(bad)} images failed the {check!r} check")
         self.captions = load_captions(captions_file) if captions_file is not None else {}
+        if captions_file is not None:
+            rels = {os.path.relpath(p, root).replace(os.sep, "/") for p in self.paths}
+            if not rels & set(self.captions):
+                example = f" (e.g. {next(iter(self.captions))!r})" if self.captions else ""
+                raise ValueError(f"captions_file={os.fspath(captions_file)!r}: none of its {len(self.captions)} "
+                                 f"file_name(s){example} is an image under root={root!r}; file_name is the path "
+                                 f"relative to root, e.g. {sorted(rels)[0]!r}")
         self.transform = transform or diffusion_train_transform(resolution, center_crop, random_flip, interpolation)
 
     def __len__(self) -> int:
@@ -144,7 +198,7 @@ class ImageFolderDataset(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB" if self.channels == 3 else "L")
+                image = to_mode(im, "RGB" if self.channels == 3 else "L")
         except OSError as e:  # a file that passed "verify" yet fails to decode (e.g. a truncated JPEG)
             raise OSError(f"cannot decode image {path!r} ({e}); build the dataset with check='load' to skip it") from e
         return {"pixel_values": self.transform(image), "label": self.labels[index], "caption": self.caption(index)}

@@ -13,7 +13,10 @@ import math
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, check_tensor, fail
+from .._validate import check_choice, check_int, check_number, check_tensor, fail
+from .densities import check_density_args, sample_density
+from .discretization import NATIVE, Discretization
+from .path import GaussianPath, Levels
 
 # Ho et al.'s linear betas end at 0.02 for T = 1000 and are scaled by 1000 / T, so they reach 1 (alphas_cumprod
 # <= 0, every coefficient NaN) at T = 20: the smallest usable T for "linear".
@@ -71,8 +74,12 @@ def _expand(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-class NoiseSchedule:
+class NoiseSchedule(GaussianPath):
     """A discrete VP noise schedule ("linear", "cosine", "sigmoid") with q_sample, snr and sigma <-> t maps."""
+
+    prediction_types = ("eps", "x0", "v", "flow")
+    default_sampler = "ddim"
+    ode_k = 0  # ODE samplers run in the variance-exploding view x / alpha against sigma / alpha (see path.py)
 
     def __init__(self, kind: str = "cosine", num_train_steps: int = 1000, *, zero_terminal_snr: bool = False):
         check_choice("kind", kind, SCHEDULES)
@@ -95,16 +102,45 @@ class NoiseSchedule:
                  f"[{betas.min().item():.4g}, {betas.max().item():.4g}])")
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
+        self._set_betas(betas, torch.cumprod(1 - betas, 0))
+
+    @classmethod
+    def from_betas(cls, betas: Tensor, *, name: str = "custom", sampling: Discretization = NATIVE,
+                   terminal_alphas_cumprod: float | None = None) -> "NoiseSchedule":
+        """A schedule of explicit betas (T,) in (0, 1] (1 only last: zero terminal SNR), e.g. a diffusers scheduler's.
+
+        alphas_cumprod is the cumulative product in the betas' own dtype (float32 betas reproduce diffusers' float32
+        table exactly), then kept in float64. ``sampling`` sets how discrete-time samplers walk it.
+        ``terminal_alphas_cumprod`` replaces the last entry (diffusers' DPM-Solver puts 2^-24 in place of the 0 of
+        zero terminal SNR, so that its first sigma is finite).
+        """
+        check_tensor("betas", betas, ndim=1, floating=True)
+        if betas.shape[0] < 2 or not bool(((betas > 0) & (betas <= 1)).all()) or bool((betas[:-1] >= 1).any()):
+            fail("betas", betas, "a (T,) tensor with T >= 2 and every beta in (0, 1), the last in (0, 1]")
+        if not isinstance(sampling, Discretization):
+            fail("sampling", sampling, "a visionformers.diffusion.Discretization")
+        self = cls.__new__(cls)
+        self.kind, self.num_train_steps = name, betas.shape[0]
+        self.zero_terminal_snr = bool(betas[-1] == 1)
+        alphas_cumprod = torch.cumprod(1 - betas, 0)
+        if terminal_alphas_cumprod is not None:
+            alphas_cumprod[-1] = terminal_alphas_cumprod
+        self._set_betas(betas.double(), alphas_cumprod.double(), sampling)
+        return self
+
+    def _set_betas(self, betas: Tensor, alphas_cumprod: Tensor, sampling: Discretization = NATIVE) -> None:
+        self.sampling = sampling  # the timesteps discrete-time samplers visit and how they limit x0
         self.betas = betas  # (T,) float64
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (T,) float64, alpha_t^2
+        self.alphas_cumprod = alphas_cumprod  # (T,) float64, alpha_t^2
         # log of the Karras sigma, increasing in t; interpolated for fractional t (k-diffusion's DiscreteSchedule).
         ab = torch.where(self.alphas_cumprod > 0, self.alphas_cumprod, _MIN_ALPHA_CUMPROD)
         self.log_sigmas = (0.5 * ((1 - ab) / ab).log())  # (T,) float64
         self._device_tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
+        extra = f", sampling={self.sampling}" if self.sampling != NATIVE else ""
         return (f"NoiseSchedule({self.kind!r}, num_train_steps={self.num_train_steps}, "
-                f"zero_terminal_snr={self.zero_terminal_snr})")
+                f"zero_terminal_snr={self.zero_terminal_snr}{extra})")
 
     def _tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """float32 (alpha, sigma, log_sigma) tables on ``device``, copied once per device."""
@@ -163,6 +199,30 @@ class NoiseSchedule:
         alpha, sigma, _ = self._tables(t.device)
         return alpha[t], sigma[t]
 
+    def sampling_levels(self, steps: int, *, discrete: bool, rho: float = 7.0, solver: str = "ddim") -> Levels:
+        """The levels a sampler visits: ``discrete``: the timesteps of this schedule's ``sampling``
+        (:class:`Discretization`; by default the trailing ones of :func:`discrete_timesteps`) for ``solver``, with
+        their exact table values; else the Karras sigmas of :func:`karras_sigmas` (alpha = 1 / sqrt(1 + s^2),
+        sigma = s alpha) at fractional t. Both end at (alpha, sigma) = (1, 0)."""
+        if discrete:
+            ts, ab, _ = self.sampling.steps(self.alphas_cumprod, steps, solver)
+            return Levels(torch.cat([ab.sqrt(), ab.new_ones(1)]), torch.cat([(1 - ab).sqrt(), ab.new_zeros(1)]),
+                          ts.double())
+        s = karras_sigmas(self, steps, rho)
+        alpha = (1 + s**2).rsqrt()
+        return Levels(alpha, s * alpha, self.sigma_to_t(s[:-1]))
+
+    def training_times(self, n: int, density: str, *, generator: torch.Generator | None, device,
+                       **density_args) -> Tensor:
+        """(n,) integer timesteps: uniform draws t ~ U{0..T-1} (Ho et al. 2020, Alg. 1); another density draws
+        u in [0, 1] and takes t = min(floor(u T), T - 1), as diffusers' SD3 training does on its discrete table."""
+        gen_device = generator.device if generator is not None else device
+        if density == "uniform":
+            check_density_args(density, **density_args)
+            return torch.randint(0, self.num_train_steps, (n,), generator=generator, device=gen_device).to(device)
+        u = sample_density(n, density, generator=generator, **density_args)
+        return (u * self.num_train_steps).long().clamp(0, self.num_train_steps - 1).to(device)
+
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha_t^2 / sigma_t^2 (Kingma et al. 2021, eq. 2), float32 shaped like t."""
         alpha, sigma = self.alpha_sigma(t)
@@ -186,6 +246,29 @@ class NoiseSchedule:
             fail("t", f"a tensor on {t.device}", f"a tensor on x0's device {x0.device}")
         alpha, sigma = self.alpha_sigma(t)
         return _expand(alpha, x0).to(x0.dtype) * x0 + _expand(sigma, x0).to(x0.dtype) * noise
+
+
+def discrete_timesteps(num_train_steps: int, steps: int) -> Tensor:
+    """The "trailing" timesteps round(T - i T/steps) - 1, i = 0..steps-1 (Lin et al. 2024, Table 2), as int64.
+    1 <= steps <= num_train_steps (more would repeat timesteps and end below t = 0)."""
+    if not isinstance(num_train_steps, int) or isinstance(num_train_steps, bool) or num_train_steps < 1:
+        fail("num_train_steps", num_train_steps, "an int >= 1")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_train_steps:
+        fail("steps", steps, f"an int in [1, num_train_steps={num_train_steps}]")
+    return (num_train_steps - torch.arange(steps, dtype=torch.float64) * (num_train_steps / steps)).round().long() - 1
+
+
+def karras_sigmas(sched: NoiseSchedule, steps: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022, eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho,
+    i = 0..N-1, then sigma_N = 0; smin / smax are the schedule's sigmas at t = 0 and t = T-1. (N+1,) float64."""
+    if not isinstance(sched, NoiseSchedule):
+        fail("sched", type(sched).__name__, "a visionformers.diffusion.NoiseSchedule")
+    check_int("steps", steps, minimum=1)
+    check_number("rho", rho, above=0, note=" (7 in Karras et al. 2022)")
+    s_min, s_max = sched.log_sigmas[0].exp(), sched.log_sigmas[-1].exp()
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
 def _check_t_dtype(t) -> None:

@@ -1,20 +1,25 @@
 """Feature extractors for FID/KID and the batch iteration shared by every metric.
 
-A feature extractor is any callable ``images (B, C, H, W) float in [-1, 1] -> features (B, D)``. Three are
-provided: a visionformers (or timm-style) classifier's pre-logits features, torchvision's Inception-v3 pool3
-features from a LOCAL weights file, and a fixed random conv net for tests and smoke runs.
+A feature extractor is any callable ``images (B, C, H, W) float in [-1, 1] -> features (B, D)``; one with an
+``outputs(x)`` method returns several named feature sets. Provided: Inception-v3 (pytorch-fid's or torchvision's
+weights, from a LOCAL file: pool3 features, logits for IS, spatial features for sFID), a DINOv2 ViT (FD-DINOv2),
+a visionformers (or timm-style) classifier's pre-logits features, and a fixed random conv net for tests.
+Input channels: grey (1) is repeated to RGB, RGB is used as is, other channel counts are refused.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from visionformers._validate import check_tensor, fail
+from visionformers._validate import check_choice, check_tensor, fail
+from visionformers.metrics.inception import inception_from_state_dict
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,14 +35,58 @@ def _match_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
     fail("images", x, f"1 or {channels} channels")
 
 
-def _resize(x: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:
+RESIZE_POLICIES = ("pytorch_fid", "clean", "bilinear_antialias", "bicubic_antialias")
+
+
+def resize_images(x: torch.Tensor, size: int | tuple[int, int] | None, policy: str = "pytorch_fid") -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] resized to ``size`` by one of ``RESIZE_POLICIES``:
+
+    - ``"pytorch_fid"``: pytorch-fid's ``F.interpolate(bilinear, align_corners=False)`` without antialiasing,
+      applied to the [0, 1] image as pytorch-fid does (the comparable default for published FIDs);
+    - ``"clean"``: clean-fid's ``mode="clean"`` (Parmar et al. 2022): PIL bicubic on each channel of the float
+      [0, 255] image (PIL's filter widens when shrinking, so it antialiases), clipped to [0, 255];
+    - ``"bilinear_antialias"`` / ``"bicubic_antialias"``: torch's antialiased filters (classifier features; the
+      second is EDM2's DINOv2 resize).
+    """
+    if policy not in RESIZE_POLICIES:
+        fail("resize", policy, f"one of {list(RESIZE_POLICIES)}")
     if size is None:
         return x
     size = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(x.shape[-2:]) == size:
         return x
-    # antialias only acts when shrinking, where it stops aliasing from changing the statistics
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if policy == "pytorch_fid":
+        x01 = F.interpolate((x + 1) / 2, size=size, mode="bilinear", align_corners=False)
+        return 2 * x01 - 1
+    if policy == "clean":
+        from PIL import Image
+
+        arr = ((x.detach().float().cpu() + 1) * 127.5).numpy()  # (B, C, H, W) float in [0, 255]
+        out = np.stack([
+            np.stack([np.asarray(Image.fromarray(ch, mode="F").resize(size[::-1], resample=Image.BICUBIC)) for ch in img])
+            for img in arr
+        ]).clip(0, 255)
+        return torch.from_numpy(out).to(x.device, x.dtype) / 127.5 - 1
+    mode = "bilinear" if policy == "bilinear_antialias" else "bicubic"
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+
+
+def file_sha256(*paths: str | os.PathLike) -> str:
+    """SHA-256 over the bytes of ``paths`` in order: what identifies an extractor's weights in a cache key."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def extractor_outputs(extractor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An extractor's named outputs: ``extractor.outputs(x)`` where defined (Inception: pool, logits, spatial),
+    else ``{"pool": extractor(x)}``."""
+    if hasattr(extractor, "outputs"):
+        return extractor.outputs(x)
+    return {"pool": extractor(x)}
 
 
 class ClassifierFeatures(nn.Module):
@@ -50,6 +99,7 @@ class ClassifierFeatures(nn.Module):
         in_chans: int | None = None,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        resize: str = "bilinear_antialias",
     ):
         """
         :param model: a visionformers/timm classifier (``forward_features`` + ``forward_head``), or any callable
@@ -58,6 +108,7 @@ class ClassifierFeatures(nn.Module):
         :param in_chans: the model's channels (1 <-> 3 converted); None reads ``model.config.in_chans``.
         :param mean, std: when given, inputs are mapped from [-1, 1] to [0, 1] and normalised with them (use the
             normalisation the classifier was trained with); None feeds [-1, 1] as-is (the digits convention).
+        :param resize: one of ``RESIZE_POLICIES`` (see :func:`resize_images`).
         """
         super().__init__()
         config = getattr(model, "config", None)
@@ -67,10 +118,14 @@ class ClassifierFeatures(nn.Module):
         self.mean = None if mean is None else torch.tensor(mean).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(std).view(1, -1, 1, 1)
         self.use_head = hasattr(model, "forward_features") and hasattr(model, "forward_head")
+        check_choice("resize", resize, RESIZE_POLICIES)
+        self.resize = resize
+        self.name = type(model).__name__
+        self.fingerprint = ""  # the weights' hash, set by build_feature_extractor (cache keys need it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1] -> (B, D)."""
-        x = _resize(_match_channels(x, self.in_chans), self.image_size)
+        x = resize_images(_match_channels(x, self.in_chans), self.image_size, self.resize)
         if self.mean is not None:
             x = ((x + 1) / 2 - self.mean.to(x)) / self.std.to(x)
         if self.use_head:
@@ -81,43 +136,70 @@ class ClassifierFeatures(nn.Module):
 
 
 class InceptionFeatures(nn.Module):
-    """torchvision Inception-v3 pool3 features (2048-d) at 299x299, weights from a local file.
+    """Inception-v3 features at 299x299 from a LOCAL weights file (nothing is downloaded).
 
-    Note: torchvision's Inception-v3 is not the TF graph of pytorch-fid/clean-fid, so figures are comparable
-    only with figures computed with the same weights file, not with published FIDs.
+    With pytorch-fid's file (``pt_inception-2015-12-05-6726825d.pth``) these are pytorch-fid's features (its FID
+    blocks, resize and [0, 1] -> [-1, 1] normalisation), named ``inception-pytorch-fid``: the network of published
+    FID / IS / sFID. torchvision's ImageNet weights are accepted too, named ``inception-torchvision``: their
+    figures are comparable only with figures computed with the same file. Grey images are repeated to RGB.
     """
 
     input_size = 299
     dim = 2048
 
-    def __init__(self, weights_path: str | os.PathLike):
+    def __init__(self, weights_path: str | os.PathLike, resize: str = "pytorch_fid"):
         super().__init__()
-        import torchvision
-
         from visionformers.hub import load_weights_file  # lazy, as build_feature_extractor's model zoo import
 
-        sd = load_weights_file(weights_path, "weights_path")
-        has_aux = any(k.startswith("AuxLogits.") for k in sd)
-        # weights=None: never download; init_weights=False: the file overwrites every parameter anyway.
-        net = torchvision.models.inception_v3(
-            weights=None, aux_logits=has_aux, transform_input=False, init_weights=False
-        )
-        try:
-            net.load_state_dict(sd)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[:3]
-            raise ValueError(
-                f"weights_path={os.fspath(weights_path)!r} is not a torchvision inception_v3 state dict: "
-                + " ".join(first)
-            ) from None
-        net.fc = nn.Identity()  # keep the 2048-d average-pooled ("pool3") features
-        self.net = net.eval()
-        self.name = f"inception_v3({os.path.basename(os.fspath(weights_path))})"
+        check_choice("resize", resize, RESIZE_POLICIES)
+        state = load_weights_file(weights_path, "weights_path")
+        self.net = inception_from_state_dict(state, f"weights_path={os.fspath(weights_path)!r}")
+        self.resize = resize
+        self.name = "inception-pytorch-fid" if self.net.variant == "pytorch_fid" else "inception-torchvision"
+        self.fingerprint = file_sha256(weights_path)
+
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 1 or 3, H, W) in [-1, 1] -> {"pool": (B, 2048), "logits": (B, classes), "spatial": (B, 2023)}."""
+        x = resize_images(_match_channels(x, 3), self.input_size, self.resize)
+        return self.net(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1 or 3, H, W) in [-1, 1] -> (B, 2048). transform_input=False: the weights expect [-1, 1]."""
-        x = _resize(_match_channels(x, 3), self.input_size)
-        return self.net(x)
+        """(B, 1 or 3, H, W) in [-1, 1] -> pool3 features (B, 2048)."""
+        return self.outputs(x)["pool"]
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def dinov2_features(path: str | os.PathLike, image_size: int = 224, num_heads: int | None = None) -> ClassifierFeatures:
+    """FD-DINOv2's extractor (Stein et al. 2023; EDM2, Karras et al. 2024): the final-norm CLS token of a DINOv2
+    ViT on 224x224 images resized by torch's antialiased bicubic and normalised with ImageNet's mean / std.
+
+    ``path``: a local timm DINOv2-style weights file (``vit_large_patch14_dinov2``: converted with
+    ``vf.convert.from_timm``, its position table resampled to ``image_size``) or a visionformers ViT directory.
+    ``num_heads``: a timm file's head count when its width has no published one (DINOv2 S/B/L/g: 6/12/16/24).
+    """
+    from visionformers import convert
+    from visionformers.hub import WEIGHTS_NAME, from_pretrained, load_weights_file
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        model = from_pretrained(path)
+        fingerprint = file_sha256(os.path.join(path, WEIGHTS_NAME), os.path.join(path, "config.json"))
+    else:
+        state = load_weights_file(path, "dinov2")
+        if "blocks.0.attn.qkv.weight" not in state or "cls_token" not in state:
+            fail("dinov2", path, "a timm DINOv2-style ViT state dict (keys 'cls_token', 'patch_embed.proj.weight', "
+                 "'blocks.N.attn.qkv.weight', 'norm.weight') or a visionformers ViT directory")
+        config, converted = convert.from_timm(state, img_size=image_size, num_heads=num_heads, return_config=True)
+        model = convert.build_model(config, converted)
+        fingerprint = file_sha256(path)
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        fail("dinov2", path, f"a ViT; it holds a {type(model).__name__}")
+    extractor = ClassifierFeatures(model.eval(), in_chans=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                   resize="bicubic_antialias")
+    extractor.name, extractor.fingerprint = "dinov2", fingerprint
+    return extractor
 
 
 class RandomConvFeatures(nn.Module):
@@ -138,27 +220,33 @@ class RandomConvFeatures(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
         self.eval()
         self.name = f"random_conv(seed={seed}, dim={dim})"
+        self.fingerprint = self.name  # the seed and size determine every weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1 or 3, H, W) in [-1, 1] -> (B, dim)."""
-        return self.net(_resize(_match_channels(x, 3), self.image_size))
+        return self.net(resize_images(_match_channels(x, 3), self.image_size, "bilinear_antialias"))
 
 
-def build_feature_extractor(spec: str) -> nn.Module:
-    """``"inception:PATH"`` | ``"visionformers:DIR"`` (a save_pretrained classifier) | ``"random_conv[:SEED]"``."""
+def build_feature_extractor(spec: str, resize: str = "pytorch_fid") -> nn.Module:
+    """``"inception:PATH"`` | ``"visionformers:DIR"`` (a save_pretrained classifier) | ``"random_conv[:SEED]"``.
+
+    ``resize`` (one of ``RESIZE_POLICIES``) is how images reach the extractor's input size.
+    """
+    check_choice("resize", resize, RESIZE_POLICIES)
     kind, _, arg = spec.partition(":")
     if kind == "inception" and arg:
-        return InceptionFeatures(arg)
+        return InceptionFeatures(arg, resize=resize)
     if kind == "visionformers" and arg:
         if not os.path.isdir(arg):
             raise FileNotFoundError(f"feature_extractor={spec!r}: {arg!r} is not a folder made by save_pretrained")
-        from visionformers.hub import from_pretrained  # lazy: only this option needs the model zoo
+        from visionformers.hub import WEIGHTS_NAME, from_pretrained  # lazy: only this option needs the model zoo
 
         model = from_pretrained(arg)
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             fail("feature_extractor", spec, f"a classifier directory (ViT / Swin); {arg!r} holds a {type(model).__name__}")
-        extractor = ClassifierFeatures(model)
+        extractor = ClassifierFeatures(model, resize=resize)
         extractor.name = f"visionformers({os.path.basename(os.path.normpath(arg))})"
+        extractor.fingerprint = file_sha256(os.path.join(arg, WEIGHTS_NAME), os.path.join(arg, "config.json"))
         return extractor
     if kind == "random_conv" and (not arg or arg.isdigit()):
         return RandomConvFeatures(seed=int(arg or 0))

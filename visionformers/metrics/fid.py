@@ -10,6 +10,7 @@ cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets;
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -41,11 +42,15 @@ class MetricResult:
     value: float
     num_real: int
     num_fake: int
-    std: float | None = None  # KID: std over subsets
+    std: float | None = None  # KID, IS: std over subsets / splits
+    extractor: str = ""  # the network the features came from: figures from different ones never compare
+    note: str = ""  # e.g. why the figure is below the standard protocol
 
     def __str__(self) -> str:
         spread = f" +- {self.std:.6g}" if self.std is not None else ""  # 6 significant digits at any scale
-        return f"{self.name}: {self.value:.6g}{spread} (real n={self.num_real}, fake n={self.num_fake})"
+        by = f", {self.extractor}" if self.extractor else ""
+        note = f" [{self.note}]" if self.note else ""
+        return f"{self.name}: {self.value:.6g}{spread} (real n={self.num_real}, fake n={self.num_fake}{by}){note}"
 
 
 def extract_features(
@@ -69,7 +74,8 @@ def compute_statistics(features, keep_features: bool = True, extractor: str = ""
     """(N, D) features -> FeatureStats (mean, unbiased covariance; N >= 2)."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        fail("features", f"array of shape {f.shape}", "an (N, D) array with N >= 2")
+        fail("features", f"array of shape {f.shape}",
+             "an (N, D) array with N >= 2 (a covariance needs at least 2 images; the standard protocol uses 50,000)")
     return FeatureStats(
         mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]), num_samples=f.shape[0],
         features=np.asarray(features, dtype=np.float32) if keep_features else None, extractor=extractor,
@@ -156,7 +162,7 @@ def fid(real: FeatureStats, fake: FeatureStats) -> MetricResult:
     """FID between two sets of statistics."""
     _check_same_extractor(real, fake)
     value = frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
-    return MetricResult("FID", value, real.num_samples, fake.num_samples)
+    return MetricResult("FID", value, real.num_samples, fake.num_samples, extractor=real.extractor)
 
 
 def kid(real: FeatureStats, fake: FeatureStats, num_subsets: int = 100, subset_size: int = 1000,
@@ -166,11 +172,13 @@ def kid(real: FeatureStats, fake: FeatureStats, num_subsets: int = 100, subset_s
     if real.features is None or fake.features is None:
         fail("statistics", "without features", "FeatureStats with features (compute with keep_features=True)")
     mean, std = kid_from_features(real.features, fake.features, num_subsets, subset_size, seed)
-    return MetricResult("KID", mean, real.num_samples, fake.num_samples, std=std)
+    return MetricResult("KID", mean, real.num_samples, fake.num_samples, std=std, extractor=real.extractor)
 
 
 def save_statistics(path: str | os.PathLike, stats: FeatureStats) -> None:
     """Write statistics to a .npz (plain arrays only, so it loads with allow_pickle=False); atomic."""
+    from visionformers.hub import atomic_write_bytes  # lazy: hub imports the model zoo
+
     path = os.fspath(path)
     arrays = {
         "format": np.int64(STATS_FORMAT), "mu": stats.mu, "sigma": stats.sigma,
@@ -178,11 +186,10 @@ def save_statistics(path: str | os.PathLike, stats: FeatureStats) -> None:
     }
     if stats.features is not None:
         arrays["features"] = stats.features
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_statistics(path: str | os.PathLike) -> FeatureStats:

@@ -55,7 +55,11 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) -> (B, dim)."""
         emb = timestep_embedding(t, self.freq_dim, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
-        return self.linear_2(F.silu(self.linear_1(emb.to(self.linear_1.weight.dtype))))
+        return self.project(emb)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The MLP alone: (B, freq_dim) features of t (sinusoids, or other features such as Fourier) -> (B, dim)."""
+        return self.linear_2(F.silu(self.linear_1(features.to(self.linear_1.weight.dtype))))
 
 
 class FourierFeatures(nn.Module):

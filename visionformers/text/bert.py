@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers._validate import check_choice, check_tensor, fail
+from visionformers._validate import check_choice, check_number, check_tensor, fail
 from visionformers.nn import LearnedPositionEmbedding, TransformerBlock
 from visionformers.nn.grad_checkpoint import set_block_checkpointing
 from visionformers.nn.mlp import ACTIVATIONS, activation
@@ -48,6 +48,7 @@ class BertConfig:
         for name in ("dropout", "attn_drop"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, getattr(self, name), "a probability in [0, 1)")
+        check_number("init_std", self.init_std, at_least=0)
 
 
 def _init_bert(module: nn.Module, std: float) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from visionformers._validate import fail
+from visionformers._validate import fail, is_number
 from visionformers.nn import KVCache
 from visionformers.text.common import check_token_id
 
@@ -24,8 +24,8 @@ def check_generation_args(
     """ValueError naming the first bad sampling argument; special token ids must lie in [0, vocab_size)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         fail("max_new_tokens", max_new_tokens, "an integer >= 0")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        fail("temperature", temperature, "a number > 0")
+    if not is_number(temperature):  # bools, strings, NaN and inf
+        fail("temperature", temperature, "a finite number > 0")
     if do_sample and temperature <= 0:
         fail("temperature", temperature, "a number > 0 when do_sample=True (use do_sample=False for greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers._validate import check_choice, fail
+from visionformers._validate import check_choice, check_number, fail
 from visionformers.nn import KVCache, LearnedPositionEmbedding, TransformerBlock
 from visionformers.nn.grad_checkpoint import set_block_checkpointing
 from visionformers.nn.mlp import ACTIVATIONS
@@ -54,6 +54,7 @@ class GPTConfig:
         for name in ("dropout", "attn_drop"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, getattr(self, name), "a probability in [0, 1)")
+        check_number("init_std", self.init_std, at_least=0)
         check_token_id("eos_token_id", self.eos_token_id, self.vocab_size, optional=True,
                        note=f" (GPT-2's default {GPT2_EOS} needs its 50257-token vocabulary)")
 

@@ -24,6 +24,7 @@ from visionformers.training.loop import (
     restore_rng_state,
     seed_everything,
 )
+from visionformers.training.stop import StopOnSignal, stopped_message
 from visionformers.training.optim import LR_SCHEDULES, WarmupSchedule, build_lr_scheduler, build_optimizer, param_groups
 
 __all__ = [
@@ -32,5 +33,6 @@ __all__ = [
     "prune_checkpoints", "resolve_checkpoint", "save_checkpoint",
     "BadStepGuard", "DataStream", "EpochBatchSampler", "SeededItems", "TrainingDiverged", "all_finite",
     "capture_rng_state", "make_generator", "mix_seed", "restore_rng_state", "seed_everything",
+    "StopOnSignal", "stopped_message",
     "LR_SCHEDULES", "WarmupSchedule", "build_lr_scheduler", "build_optimizer", "param_groups",
 ]

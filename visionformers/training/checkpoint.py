@@ -8,13 +8,19 @@ A checkpoint is a directory ``<output_dir>/checkpoint-<step>`` holding
     scheduler.json          lr scheduler state (ints and floats)
     scaler.json             fp16 grad-scaler state, when there is one
     rng-<rank>.pt           every RNG state of process <rank>: tensors and ints, torch.load(weights_only=True)
-    state.json              step, data position, counters, run config, and the size of every file above
+    state.json              step, data position, counters, run config, and the size and SHA-256 of every file above
 
-It is written under ``.tmp-checkpoint-<step>``; ``state.json`` goes last and the directory is renamed into place
-only when every file is on disk, so a ``checkpoint-<step>`` directory is always complete. :func:`is_complete`
-re-checks the sizes recorded in ``state.json`` anyway (a copy made with another tool may be partial).
+It is written under ``.tmp-checkpoint-<step>``; every file is fsynced, ``state.json`` goes last and the directory
+is renamed into place only when every file is on disk, so a ``checkpoint-<step>`` directory is always complete.
+:func:`is_complete` re-checks the recorded sizes anyway (a copy made with another tool may be partial), and resuming
+verifies the checksums (a file altered in place keeps its size). Links inside a checkpoint are refused.
+Re-saving an existing step (or re-exporting ``model/``) first renames the old copy to ``.prev-<name>``; a run killed
+between the two renames gets it back from :func:`recover_interrupted`, so the last complete copy is never lost.
 Pruning renames a directory to ``.trash-...`` before deleting it, so a half-deleted checkpoint is never
 mistaken for a usable one.
+
+Finding, validating, pruning and cleaning checkpoints lives in :mod:`visionformers.training.checkpoint_dir`
+(re-exported here).
 
 Multi-process runs: every process calls :func:`save_checkpoint` / :func:`load_checkpoint` (gathering FSDP
 shards is a collective); process 0 writes the shared files, each process its own RNG file. The output
@@ -22,10 +28,10 @@ directory must be on a filesystem every process sees (as for ``accelerate``'s ow
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -33,17 +39,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visionformers._validate import fail
 from visionformers.hub import FORMAT_VERSION as HUB_FORMAT_VERSION
 from visionformers.hub import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     atomic_write_bytes,
     config_to_dict,
+    read_json,
     load_state_dict,
     save_pretrained,
     save_state_dict,
     unwrap_model,
+)
+from visionformers.training.checkpoint_dir import (  # noqa: F401  (re-exported: the checkpoint API in one place)
+    FORMAT_VERSION,
+    PREFIX,
+    PREV_PREFIX,
+    STATE_NAME,
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    _fsync_dir,
+    candidates,
+    checkpoint_problem,
+    checkpoint_step,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    read_state,
+    recover_interrupted,
+    remove_stale,
+    resolve_checkpoint,
+    sha256_file,
+    validate_state,
 )
 from visionformers.training.loop import capture_rng_state, restore_rng_state
 from visionformers.training.state_dicts import (
@@ -58,129 +86,14 @@ from visionformers.training.state_dicts import (
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
-STATE_NAME = "state.json"
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors"
 SCHEDULER_FILE, SCALER_FILE = "scheduler.json", "scaler.json"
-FORMAT_VERSION = 1
 # Test hook: seconds to sleep after each file, so a kill can land in the middle of a checkpoint write.
 WRITE_DELAY_ENV = "VF_CHECKPOINT_WRITE_DELAY"
-_NAME_RE = re.compile(rf"^{re.escape(PREFIX)}(\d+)$")
 
 
 def rng_file(rank: int) -> str:
     return f"rng-{rank}.pt"
-
-
-# ---- finding checkpoints ------------------------------------------------------------------------------
-
-
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The step in a ``checkpoint-<step>`` name, else None (temporary and trashed directories give None)."""
-    m = _NAME_RE.match(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def read_state(path: str | os.PathLike) -> dict:
-    """Parse ``state.json`` of a checkpoint; errors name the file."""
-    file = Path(path) / STATE_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{str(file)!r} is missing: {str(path)!r} is not a complete checkpoint")
-    try:
-        state = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(file)!r} is not valid JSON ({e})") from None
-    if not isinstance(state, dict) or "step" not in state or "files" not in state:
-        raise ValueError(f"{str(file)!r} lacks 'step' and 'files'; was it written by save_checkpoint?")
-    return state
-
-
-def is_complete(path: str | os.PathLike) -> bool:
-    """True when ``state.json`` parses and every file it lists exists with the recorded size."""
-    path = Path(path)
-    try:
-        state = read_state(path)
-    except (FileNotFoundError, ValueError, OSError):
-        return False
-    for name, size in state["files"].items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            return False
-    return True
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete ``checkpoint-<step>`` directories of ``output_dir``, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(checkpoint_step(p), p) for p in output_dir.iterdir() if p.is_dir()]
-    return [p for step, p in sorted((s, p) for s, p in found if s is not None) if is_complete(p)]
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step; incomplete and temporary directories are ignored."""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(output_dir: str | os.PathLike, spec: str | None) -> Path | None:
-    """``--resume_from_checkpoint`` -> a checkpoint directory, or None to start fresh.
-
-    ``"latest"``: the newest complete checkpoint in ``output_dir`` (None, with a log line, when there is none).
-    Otherwise a path, or a name inside ``output_dir``, that must be a complete checkpoint.
-    """
-    if spec is None or spec == "":
-        return None
-    if spec == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            logger.info("no complete checkpoint in %s; starting a new run", output_dir)
-        return found
-    path = Path(spec)
-    if not path.exists() and (Path(output_dir) / spec).exists():
-        path = Path(output_dir) / spec
-    if not path.is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint={spec!r} is not a directory (nor a name in "
-                                f"{str(output_dir)!r}); pass 'latest' or a checkpoint-<step> directory")
-    if not is_complete(path):
-        raise ValueError(f"resume_from_checkpoint={spec!r} is not a complete checkpoint (state.json missing or a "
-                         "file truncated); pass 'latest' to pick the newest complete one")
-    return path
-
-
-def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None,
-                      keep: tuple[str | os.PathLike | None, ...] = ()) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond ``total_limit``; never the newest one, nor any in ``keep``
-    (the checkpoint a run resumed from). Returns the removed paths."""
-    if total_limit is None:
-        return []
-    if isinstance(total_limit, bool) or not isinstance(total_limit, int) or total_limit < 1:
-        fail("total_limit", total_limit, "None or an int >= 1")
-    found = list_checkpoints(output_dir)
-    protected = {Path(k).resolve() for k in keep if k is not None}
-    if found:
-        protected.add(found[-1].resolve())
-    removable = [p for p in found if p.resolve() not in protected]
-    excess = len(found) - total_limit
-    removed = []
-    for p in removable[:max(0, excess)]:
-        trash = p.with_name(f"{TRASH_PREFIX}{p.name}")
-        os.replace(p, trash)  # atomic: from here on `latest` no longer sees it
-        shutil.rmtree(trash, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def remove_stale(output_dir: str | os.PathLike) -> None:
-    """Remove ``.tmp-*`` / ``.trash-*`` leftovers of a killed run (call on the main process, before saving)."""
-    output_dir = Path(output_dir)
-    if output_dir.is_dir():
-        for p in output_dir.iterdir():
-            if p.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 # ---- save / load --------------------------------------------------------------------------------------
@@ -206,21 +119,28 @@ def _pause() -> None:
         time.sleep(delay)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # a name may sit in a sub-directory (text_encoder/tokenizer.json)
     atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``final``. An existing ``final`` is renamed to ``.prev-<name>``
+    first and deleted only once the new one is in place (:func:`recover_interrupted` undoes a kill in between)."""
+    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+    if final.exists():
+        prev = final.with_name(f"{PREV_PREFIX}{final.name}")
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
+        _fsync_dir(final.parent)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        shutil.rmtree(prev, ignore_errors=True)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def save_checkpoint(
@@ -263,7 +183,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    torch.save(capture_rng_state(generators), tmp / rng_file(dist.rank))
+    buffer = io.BytesIO()
+    torch.save(capture_rng_state(generators), buffer)
+    atomic_write_bytes(tmp / rng_file(dist.rank), buffer.getvalue())
     _pause()
     if dist.is_main:
         save_state_dict(model_sd, tmp / MODEL_FILE, metadata={"format": "pt"})
@@ -286,22 +208,14 @@ def save_checkpoint(
             save_pretrained(module, tmp / name)
     dist.barrier()  # every rank's RNG file is on disk
     if dist.is_main:
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         state = {"format_version": FORMAT_VERSION, "step": int(step), "world_size": dist.world,
                  "train_state": train_state or {}, "config": config or {}, "files": files,
                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _pause()
         _write_json(tmp / STATE_NAME, state)
-        _fsync_dir(tmp)
-        if final.exists():  # e.g. a run resumed from an earlier step reaches this step again
-            old = output_dir / f"{TRASH_PREFIX}{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(output_dir)
+        _publish(tmp, final)  # an existing step (a resumed run reaching it again) is replaced keeping a copy
         prune_checkpoints(output_dir, total_limit, keep=(*keep, final))
     dist.barrier()
     return final
@@ -317,18 +231,26 @@ def load_checkpoint(
     scaler=None,
     generators: dict[str, torch.Generator] | None = None,
     accelerator=None,
+    train_state_keys: tuple[str, ...] = (),
 ) -> dict:
     """Restore everything :func:`save_checkpoint` wrote, into already prepared objects; returns state.json.
 
     Call it after ``accelerator.prepare`` and after everything that draws random numbers at start-up, since it
     restores the RNG states last. A run on another number of processes loads weights and optimizer exactly;
     processes without an RNG file keep their fresh seeds (the run is then valid but not bit-identical).
+    Every file is checked against its recorded SHA-256 first; ``train_state_keys`` are the keys the caller's
+    ``train_state`` must hold.
     """
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"checkpoint {str(path)!r} is incomplete or damaged (see its state.json 'files')")
+    problem = checkpoint_problem(path, verify=True)
+    if problem is not None:
+        raise ValueError(f"checkpoint {str(path)!r} is not usable: {problem}")
     dist = _Dist(accelerator)
     state = read_state(path)
+    missing = [k for k in train_state_keys if k not in state["train_state"]]
+    if missing:
+        raise ValueError(f"checkpoint {str(path / STATE_NAME)!r}: train_state lacks {missing}; it was written by "
+                         "another script or version")
     if ema is not None:
         if not (path / EMA_FILE).is_file():
             raise FileNotFoundError(f"{str(path / EMA_FILE)!r} is missing: the checkpoint was saved without EMA")
@@ -351,13 +273,13 @@ def load_checkpoint(
     if lr_scheduler is not None:
         # The schedule's shape (warm-up, total steps) comes from the current run's arguments, so a run can be
         # extended; its position (last_epoch) and base lrs come from the checkpoint.
-        sched_state = json.loads((path / SCHEDULER_FILE).read_text())
+        sched_state = read_json(path / SCHEDULER_FILE, "scheduler state")
         if "lr_lambdas" in sched_state:
             sched_state["lr_lambdas"] = [None] * len(sched_state["lr_lambdas"])
         lr_scheduler.load_state_dict(sched_state)
     if scaler is not None:
         if (path / SCALER_FILE).is_file():
-            scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
+            scaler.load_state_dict(read_json(path / SCALER_FILE, "grad-scaler state"))
         else:
             logger.warning("%s has no grad-scaler state (saved without fp16); the scaler starts fresh", path)
     rng = path / rng_file(dist.rank)
@@ -411,23 +333,14 @@ def export_pretrained(model: nn.Module, save_directory: str | os.PathLike, ema=N
             _write_json(tmp / name, data)
         for name, module in (extra_models or {}).items():
             save_pretrained(module, tmp / name)
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.with_name(f"{TRASH_PREFIX}{out.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        _publish(tmp, out)
     dist.barrier()
     return out
 
 
 __all__ = [
-    "PREFIX", "STATE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "checkpoint_step", "read_state", "is_complete",
+    "PREFIX", "STATE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "checkpoint_step", "read_state", "validate_state", "is_complete",
+    "checkpoint_problem", "sha256_file", "recover_interrupted",
     "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "prune_checkpoints", "remove_stale",
     "full_model_state_dict", "load_model_state", "ema_state_dict", "optimizer_to_safetensors",
     "optimizer_from_safetensors", "model_config_json", "save_checkpoint", "load_checkpoint", "export_pretrained",

@@ -219,6 +219,10 @@ def build_classifier(
     hint = replace_config(get_preset(model_name)[1], overrides) if model_name is not None else None
     source_config, state = convert_state_dict(load_weights_file(init_checkpoint, "init_checkpoint"), init_format, hint,
                                               overrides.get("img_size"))
+    saved_chans, chans = getattr(source_config, "in_chans", None), overrides.get("in_chans")
+    if chans is not None and saved_chans is not None and chans != saved_chans:
+        raise ValueError(f"init_checkpoint={str(init_checkpoint)!r} ({init_format}) takes {saved_chans}-channel images, "
+                         f"the data gives {chans}: pass --channels {saved_chans} (gray images are repeated)")
     classes = {cfg_cls: cls for cls, cfg_cls in model_classes().values()}
     model = classes[type(source_config)](replace_config(source_config, overrides))
     load_compatible(model, state, str(init_checkpoint))  # the converter already resampled position tables

@@ -113,7 +113,8 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     samples into the epoch's permutation (a multiple of nothing in particular: any sample position works).
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 batch_flag: str = "batch_size"):
         if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
             fail("num_items", num_items, "an int >= 1 (the dataset is empty)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -121,8 +122,8 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         if not 0 <= rank < num_replicas:
             fail("rank", rank, f"an int in [0, num_replicas={num_replicas})")
         if batch_size * num_replicas > num_items:
-            fail("batch_size", batch_size, f"at most {num_items // num_replicas} (dataset of {num_items} items "
-                 f"over {num_replicas} processes; the global batch must fit in one epoch)")
+            fail(batch_flag, batch_size, f"at most {num_items // num_replicas} (dataset of {num_items} items over "
+                 f"{num_replicas} process(es); the global batch must fit in one epoch): lower {batch_flag}")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.offset = 0, 0
@@ -195,8 +196,9 @@ class DataStream:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 num_workers: int = 0, collate_fn=None, pin_memory: bool = False):
-        self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, num_replicas, rank)
+                 num_workers: int = 0, collate_fn=None, pin_memory: bool = False, batch_flag: str = "batch_size"):
+        """``batch_flag``: the name that a too-large batch error gives (a script's flag, e.g. --train_batch_size)."""
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, num_replicas, rank, batch_flag)
         # A private generator: creating a DataLoader iterator draws a base seed from it, not from the global RNG.
         self.loader = torch.utils.data.DataLoader(
             SeededItems(dataset, seed), batch_sampler=self.sampler, num_workers=num_workers,

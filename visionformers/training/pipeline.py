@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from visionformers._validate import check_choice, fail
-from visionformers.diffusion import NoiseSchedule
-from visionformers.hub import from_pretrained, load_into, load_state_dict, read_config
+from visionformers.diffusion import NoiseSchedule, RectifiedFlow
+from visionformers.hub import from_pretrained, load_into, load_state_dict, read_config, read_json
 
 DIFFUSION_FILE = "diffusion.json"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -41,6 +42,20 @@ def default_mixed_precision() -> str:
     return "no"
 
 
+def check_distributed(accelerator) -> None:
+    """Say what runs when the accelerate config asks for FSDP on a machine without CUDA: accelerate then runs
+    plain data parallelism over gloo (every process holds the whole model), without a word."""
+    from accelerate import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    kind = accelerator.distributed_type
+    if asked and kind != DistributedType.FSDP and accelerator.is_main_process:
+        what = ("one process" if kind == DistributedType.NO else
+                f"{kind.value} data parallelism (each process holds the whole model)")
+        print(f"note: the accelerate config asks for FSDP, which needs CUDA; running {what} on {accelerator.device} "
+              "instead", file=sys.stderr)
+
+
 def force_cpu() -> bool:
     """True for a multi-process launch on a machine without CUDA: accelerate then needs ``cpu=True`` to use
     gloo (``accelerate launch --multi_gpu --num_processes 2`` on CPUs), else every process would act as rank 0."""
@@ -51,6 +66,7 @@ def diffusion_settings(args, num_classes: int | None, class_names, channels: int
     """The JSON record of how a denoiser was trained (read back by :func:`load_denoiser`)."""
     return {
         "noise_schedule": args.noise_schedule,
+        **({"flow_shift": args.flow_shift} if args.noise_schedule == "flow" else {}),
         "num_train_timesteps": args.num_train_timesteps,
         "prediction_type": args.prediction_type,
         "conditioning": args.conditioning,
@@ -70,13 +86,25 @@ def build_denoiser(name: str, in_channels: int, sample_size: int, num_classes: i
     JSON lists in ``overrides`` become the tuples configs expect."""
     from visionformers import registry
 
-    fields = {f.name for f in dataclasses.fields(registry.get_preset(name)[1])}
+    cls, preset = registry.get_preset(name)
+    if not hasattr(preset, "sample_size"):
+        denoisers = [n for n in registry.list_models() if hasattr(registry.get_preset(n)[1], "sample_size")]
+        raise ValueError(f"model {name!r} is a {cls.__name__}, not a denoiser (it does not map a noisy image and a "
+                         f"timestep to an image); choose a UNet or DiT preset: {denoisers}")
+    fields = {f.name for f in dataclasses.fields(preset)}
     config = {k: v for k, v in {"learn_sigma": False, "class_dropout_prob": 0.0}.items() if k in fields}
     config.update({k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()})
     config.update(in_channels=in_channels, sample_size=sample_size, num_classes=num_classes)
     if context_dim is not None:
         config["context_dim"] = context_dim
-    return registry.create_model(name, **config)
+    try:
+        return registry.create_model(name, **config)
+    except ValueError as e:
+        if str(e).startswith("attention_resolutions="):  # the preset's sizes were chosen for its own sample_size
+            raise ValueError(f"{e}: attention_resolutions must be among the feature-map sizes that sample_size="
+                             f"{sample_size} halves down to; use the sample size the preset was made for "
+                             f"({preset.sample_size}) or set attention_resolutions to sizes of that list") from None
+        raise
 
 
 def training_inputs(batch: dict, settings: dict, conditioner, drop_prob: float, generator: torch.Generator,
@@ -96,10 +124,11 @@ def training_inputs(batch: dict, settings: dict, conditioner, drop_prob: float, 
 
 @torch.no_grad()
 def evaluation_loss(model: nn.Module, batch: dict, settings: dict, conditioner, sched, prediction_type: str,
-                    seed: int, device) -> float:
+                    seed: int, device, **loss_options) -> float:
     """The diffusion loss of one fixed batch under timesteps and noise drawn from ``seed`` alone, without
     condition dropout, in eval mode: a deterministic function of the weights, so evaluations at different steps
-    (and of a resumed run) compare like for like. Every process computes the same value."""
+    (and of a resumed run) compare like for like. Every process computes the same value. ``loss_options`` go to
+    ``training_loss`` (timestep_sampling, loss_weighting, ...)."""
     from visionformers.diffusion import training_loss
     from visionformers.training.loop import make_generator
 
@@ -107,31 +136,49 @@ def evaluation_loss(model: nn.Module, batch: dict, settings: dict, conditioner, 
     cond = training_inputs(batch, settings, conditioner, 0.0, generator, device)
     was_training = model.training
     model.eval()
-    loss = training_loss(model, batch["pixel_values"].to(device), sched, prediction_type, generator=generator, **cond)
+    loss = training_loss(model, batch["pixel_values"].to(device), sched, prediction_type, generator=generator,
+                         **loss_options, **cond)
     model.train(was_training)
     return float(loss)
 
 
-def schedule_from(settings: dict) -> NoiseSchedule:
+def schedule_from(settings: dict) -> NoiseSchedule | RectifiedFlow:
+    """The noise process recorded in ``diffusion.json``: a VP schedule, or ``"flow"`` with its ``flow_shift``."""
+    if settings["noise_schedule"] == "flow":
+        return RectifiedFlow(settings.get("flow_shift", 1.0), settings["num_train_timesteps"])
     return NoiseSchedule(settings["noise_schedule"], settings["num_train_timesteps"])
 
 
-def build_text_conditioner(preset: str, device: torch.device | str = "cpu", seed: int = 0, encoder: nn.Module | None = None):
-    """A frozen text encoder (``visionformers.text.conditioning.TextConditioner``) in eval mode.
+def build_text_conditioner(preset: str, device: torch.device | str = "cpu", seed: int = 0, encoder: nn.Module | None = None,
+                           tokenizer=None, train: bool = False):
+    """A text encoder (``visionformers.text.conditioning.TextConditioner``), frozen in eval mode unless ``train``.
 
-    A new encoder is initialised from ``seed`` alone (not the per-process RNG), so every process of a run, and a
-    resumed run, gets the same weights; pass ``encoder`` to wrap saved weights instead.
+    ``preset`` is a text preset name (a new encoder initialised from ``seed`` alone, not the per-process RNG, so
+    every process of a run, and a resumed run, gets the same weights) or a transformers model directory (T5 / T5
+    encoder, BERT, GPT-2 with its ``tokenizer.json``: pretrained weights and their tokenizer). Pass ``encoder`` (and
+    its ``tokenizer``) to wrap saved weights instead.
     """
     from visionformers.text.conditioning import TextConditioner
+    from visionformers.text.pretrained import is_transformers_dir, load_text_encoder
     from visionformers.training.loop import mix_seed
 
+    if encoder is None and is_transformers_dir(preset):
+        encoder, tokenizer = load_text_encoder(preset)
     if encoder is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(seed, 0x7E47))
-            cond = TextConditioner(preset)
+            cond = TextConditioner(preset, freeze=not train)
     else:
-        cond = TextConditioner(encoder)
-    return cond.to(device).eval()
+        cond = TextConditioner(encoder, tokenizer, freeze=not train)
+    cond = cond.to(device)
+    return cond if train else cond.eval()
+
+
+def text_encoder_files(conditioner) -> dict:
+    """{relative file name: JSON} that a model directory carries for its text encoder's tokenizer."""
+    if conditioner is None:
+        return {}
+    return {f"{TEXT_ENCODER_DIR}/tokenizer.json": conditioner.tokenizer.to_dict()}
 
 
 def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", use_ema: bool = True):
@@ -143,14 +190,22 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
         raise FileNotFoundError(f"model path {str(path)!r} is not a directory; pass <output_dir>/model or a "
                                 "checkpoint-<step> directory")
     settings_file = path / DIFFUSION_FILE
+    if not settings_file.is_file() and (path / "model" / DIFFUSION_FILE).is_file():
+        raise FileNotFoundError(f"model path {str(path)!r} is a training output directory; pass its exported model, "
+                                f"{str(path / 'model')!r}, or one of its checkpoint-<step> directories")
     if not settings_file.is_file():
         raise FileNotFoundError(f"{str(settings_file)!r} is missing: {str(path)!r} was not written by "
                                 "train_unet.py (it needs the schedule and conditioning the model was trained with)")
-    settings = json.loads(settings_file.read_text())
+    settings = read_json(settings_file, "diffusion settings")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{str(settings_file)!r} is not a JSON object of diffusion settings")
     check_choice("conditioning", settings.get("conditioning"), CONDITIONINGS)
-    from visionformers.training.checkpoint import EMA_FILE, MODEL_FILE
+    from visionformers.training.checkpoint import EMA_FILE, MODEL_FILE, checkpoint_problem
 
     if (path / MODEL_FILE).is_file() and (path / "state.json").is_file():  # a training checkpoint
+        problem = checkpoint_problem(path, verify=True)
+        if problem is not None:
+            raise ValueError(f"model path {str(path)!r} is a damaged checkpoint: {problem}")
         cls, config = read_config(path)
         model = cls(config)
         weights = path / (EMA_FILE if use_ema and (path / EMA_FILE).is_file() else MODEL_FILE)
@@ -163,7 +218,13 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
         enc_dir = path / TEXT_ENCODER_DIR
         if not enc_dir.is_dir():
             raise FileNotFoundError(f"{str(enc_dir)!r} is missing: a text-conditional model needs its text encoder")
-        conditioner = build_text_conditioner(settings["text_encoder"], device, encoder=from_pretrained(enc_dir))
+        tokenizer = None
+        if (enc_dir / "tokenizer.json").is_file():
+            from visionformers.text.pretrained import load_saved_tokenizer
+
+            tokenizer = load_saved_tokenizer(enc_dir)
+        conditioner = build_text_conditioner(settings["text_encoder"], device, encoder=from_pretrained(enc_dir),
+                                             tokenizer=tokenizer)
     return model.eval(), settings, conditioner
 
 

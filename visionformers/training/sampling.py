@@ -7,7 +7,6 @@ bit-identical on 1 or N processes.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionformers._validate import fail
-from visionformers.diffusion import SAMPLERS, NoiseSchedule, guided_model, sample_ddim
-
-# Samplers whose result depends only on the starting noise; the others also draw noise at every step.
-DETERMINISTIC = ("ddim", "dpmpp_2m", "euler", "heun")
+from visionformers import diffusion
 
 
 def chunks(num_images: int, batch_size: int) -> list[range]:
@@ -30,40 +25,24 @@ def chunks(num_images: int, batch_size: int) -> list[range]:
 def sample_chunk(
     model: Callable,
     indices: range | list[int],
-    sched: NoiseSchedule,
+    sched,
     shape: tuple[int, ...],
     *,
     seed: int,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    prediction_type: str = "eps",
-    guidance_scale: float = 1.0,
     cond: dict | None = None,
     uncond: dict | None = None,
     device: torch.device | str = "cpu",
+    **kwargs,
 ) -> torch.Tensor:
-    """Images ``indices`` (len(indices), *shape) in [-1, 1]; image i starts from ``randn(generator=seed + i)``.
+    """Images ``indices`` (len(indices), *shape) in [-1, 1] from ``visionformers.diffusion.sample``; image i uses its
+    own CPU generator seeded with ``seed + i`` (its starting noise and a stochastic sampler's per-step noise).
 
-    ``cond`` / ``uncond`` hold the model inputs of these images (batch dim = len(indices)); see
-    ``visionformers.diffusion.sample`` for guidance.
+    ``cond`` / ``uncond`` hold the model inputs of these images (batch dim = len(indices)); ``kwargs`` go to
+    ``diffusion.sample`` (sampler, steps, prediction_type, guidance_scale, guidance_rescale, guidance_interval).
     """
-    if sampler not in SAMPLERS:
-        fail("sampler", sampler, f"one of {list(SAMPLERS)}")
-    cond, uncond = cond or {}, uncond or None
     gens = [torch.Generator().manual_seed(seed + i) for i in indices]
-    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, *shape), CPU-drawn
-    fn = functools.partial(sample_ddim, eta=eta) if sampler == "ddim" else SAMPLERS[sampler]
-    kw = dict(prediction_type=prediction_type)
-    if sampler in DETERMINISTIC and not (sampler == "ddim" and eta > 0):
-        return fn(guided_model(model, cond, uncond, guidance_scale), noise, sched, steps, **kw).float()
-    # Stochastic: each image keeps drawing from its own generator, so it runs as its own batch of one.
-    out = []
-    for b, g in enumerate(gens):
-        c = {k: v[b:b + 1] if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
-        u = {k: v[b:b + 1] if isinstance(v, torch.Tensor) else v for k, v in uncond.items()} if uncond else None
-        out.append(fn(guided_model(model, c, u, guidance_scale), noise[b:b + 1], sched, steps, generator=g, **kw))
-    return torch.cat(out).float()
+    return diffusion.sample(model, (len(gens), *shape), sched, generator=gens, device=device,
+                            uncond=uncond or None, **kwargs, **(cond or {})).float()
 
 
 def sample_distributed(
@@ -110,7 +89,13 @@ def sample_distributed(
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8; non-finite values (a diverged sampler) are a ValueError
+    rather than black pixels."""
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise ValueError(f"the sampled images hold {bad} non-finite value(s) (NaN or inf) of {images.numel()}: the "
+                         "sampler diverged, so no image is written; try another --sampler, a lower --guidance_scale "
+                         "or more --num_inference_steps, or check the model's weights")
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
 
@@ -138,13 +123,15 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     import os
     import tempfile
 
+    from visionformers.hub import file_mode
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; images are meant to be shared
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600 files; images follow the umask, as open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,13 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionformers._validate import check_bool, check_image, check_int, check_number, check_probability, fail, is_int
+from visionformers._validate import check_bool, check_choice, check_image, check_int, check_number, check_probability, fail, is_int
 from visionformers.nn import TimestepEmbedding
 from visionformers.nn.grad_checkpoint import checkpointed
+from visionformers.nn.timestep import FourierFeatures
 from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null
 from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, zero_init_
 
 __all__ = ["UNetConfig", "UNet"]
+
+# "positional": sinusoids of t (DDPM); "fourier": Gaussian Fourier features of log t with scale 16 (Song et al. 2021,
+# "Score-Based Generative Modeling through SDEs", NCSN++), where t is a noise level sigma and the output is divided by it
+TIME_EMBEDDINGS = ("positional", "fourier")
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,19 @@ class UNetConfig:
     context_dim: int | None = None  # width of a context sequence to cross-attend (text); None: no cross-attention
     self_condition: bool = False  # extra input channels for the model's own previous x0 estimate
     learn_sigma: bool = False  # output 2x channels: the prediction, then the variance interpolation v
+    # Layout options of published ports (diffusers' UNet2DModel); the defaults are the layout above.
+    downsample_padding: int = 1  # 0: pad right/bottom by one, then an unpadded stride-2 conv (TF "SAME", as DDPM's code)
+    time_embedding_type: str = "positional"  # "fourier": Fourier features of log t, output divided by t (NCSN++)
+    mid_attention_norm: bool = True  # GroupNorm before the middle attention (diffusers' scale-shift UNet has none)
 
     def __post_init__(self):
         for name in ("sample_size", "in_channels", "base_channels", "num_res_blocks", "norm_groups"):
             check_int(name, getattr(self, name))
-        for name in ("mid_attention", "use_scale_shift_norm", "time_flip_sin_to_cos", "self_condition", "learn_sigma"):
+        for name in ("mid_attention", "use_scale_shift_norm", "time_flip_sin_to_cos", "self_condition", "learn_sigma",
+                     "mid_attention_norm"):
             check_bool(name, getattr(self, name))
+        check_choice("downsample_padding", self.downsample_padding, (0, 1))
+        check_choice("time_embedding_type", self.time_embedding_type, TIME_EMBEDDINGS)
         mults = self.channel_mults
         if not isinstance(mults, tuple) or not mults or not all(is_int(m) and m > 0 for m in mults):
             fail("channel_mults", mults, "a non-empty tuple of positive ints, e.g. (1, 2, 2, 2)")
@@ -113,8 +125,10 @@ class UNet(nn.Module):
         super().__init__()
         self.config = c = config
         ch, emb_dim, levels = c.base_channels, 4 * c.base_channels, len(c.channel_mults)
-        self.time_embed = TimestepEmbedding(emb_dim, freq_dim=ch, flip_sin_to_cos=c.time_flip_sin_to_cos,
-                                            freq_shift=c.time_freq_shift)
+        fourier = c.time_embedding_type == "fourier"
+        self.time_embed = TimestepEmbedding(emb_dim, freq_dim=2 * ch if fourier else ch,
+                                            flip_sin_to_cos=c.time_flip_sin_to_cos, freq_shift=c.time_freq_shift)
+        self.time_fourier = FourierFeatures(2 * ch, scale=16.0) if fourier else None
         # one row per class plus the null class, added to the time embedding (guided-diffusion's label_emb)
         self.class_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes is not None else None
         self.conv_in = nn.Conv2d(c.in_channels * (2 if c.self_condition else 1), ch, 3, padding=1)
@@ -122,10 +136,10 @@ class UNet(nn.Module):
         res_kw = dict(dropout=c.dropout, norm_groups=c.norm_groups, norm_eps=c.norm_eps,
                       use_scale_shift_norm=c.use_scale_shift_norm)
 
-        def attention(width: int) -> SpatialAttention:
+        def attention(width: int, norm: bool = True) -> SpatialAttention:
             heads = 1 if c.attention_head_dim is None else width // c.attention_head_dim
             return SpatialAttention(width, heads, norm_groups=c.norm_groups, norm_eps=c.norm_eps,
-                                    context_dim=c.context_dim)
+                                    context_dim=c.context_dim, norm=norm)
 
         self.down_levels = nn.ModuleList()
         skip_widths, width = [ch], ch  # widths of the activations the up path concatenates
@@ -136,12 +150,12 @@ class UNet(nn.Module):
                 attns += [attention(out_w)] if res in c.attention_resolutions else []
                 width = out_w
                 skip_widths.append(width)
-            down = Downsample(width) if i < levels - 1 else None
+            down = Downsample(width, padding=c.downsample_padding) if i < levels - 1 else None
             skip_widths += [width] if down is not None else []
             self.down_levels.append(UNetLevel(resnets, attns, down))
 
         self.mid_res1 = ResBlock(width, width, emb_dim, **res_kw)
-        self.mid_attn = attention(width) if c.mid_attention else None
+        self.mid_attn = attention(width, norm=c.mid_attention_norm) if c.mid_attention else None
         self.mid_res2 = ResBlock(width, width, emb_dim, **res_kw)
 
         self.up_levels = nn.ModuleList()
@@ -197,7 +211,10 @@ class UNet(nn.Module):
         elif x_self_cond is not None:
             fail("x_self_cond", x_self_cond, "None: this model was built without self_condition")
 
-        emb = self.time_embed(t)  # (B, 4 * base_channels)
+        if self.time_fourier is not None:  # t is a noise level sigma > 0 here
+            emb = self.time_embed.project(self.time_fourier(t.log()))  # (B, 4 * base_channels)
+        else:
+            emb = self.time_embed(t)  # (B, 4 * base_channels)
         if labels is not None:
             emb = emb + self.class_embed(labels)
         emb = F.silu(emb)  # every residual block applies SiLU before its projection: do it once
@@ -226,4 +243,5 @@ class UNet(nn.Module):
                     h = checkpointed(level.attentions[i], h, context, context_mask, enabled=ckpt)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out / t.view(-1, 1, 1, 1) if self.time_fourier is not None else out  # NCSN++ predicts score * sigma

@@ -76,9 +76,10 @@ class SpatialAttention(nn.Module):
         norm_groups: int = 32,
         norm_eps: float = 1e-6,
         context_dim: int | None = None,
+        norm: bool = True,  # False: attend to x itself, no GroupNorm first (diffusers' scale-shift middle block)
     ):
         super().__init__()
-        self.norm = nn.GroupNorm(norm_groups, channels, eps=norm_eps)
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=norm_eps) if norm else None
         self.attn = Attention(channels, num_heads, qkv_bias=True)
         zero_init_(self.attn.proj)
         if context_dim is not None:
@@ -94,7 +95,7 @@ class SpatialAttention(nn.Module):
         """x (B, C, H, W); context (B, M, context_dim), context_mask (B, M) bool -> (B, C, H, W)."""
         b, c, height, width = x.shape
         # (B, C, H, W) -> (B, H*W, C): a free view when x is channels_last, one copy otherwise
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)
+        tokens = (self.norm(x) if self.norm is not None else x).permute(0, 2, 3, 1).reshape(b, height * width, c)
         out = x.permute(0, 2, 3, 1).reshape(b, height * width, c) + self.attn(tokens)  # (B, H*W, C)
         if self.cross_attn is not None:
             out = out + self.cross_attn(self.norm_cross(out), context, mask=context_mask)
@@ -103,13 +104,20 @@ class SpatialAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 convolution (DDPM)."""
+    """Halve H and W with a stride-2 3x3 convolution (DDPM).
 
-    def __init__(self, channels: int):
+    ``padding=0`` pads only the right and bottom edge by one, TensorFlow's "SAME" for this stride, as DDPM's own
+    code and its diffusers ports (``downsample_padding=0``) do; ``padding=1`` pads every edge.
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.asymmetric_pad = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))  # (B, C, H+1, W+1)
         return self.conv(x)  # (B, C, H/2, W/2)
 
 
