@@ -1,4 +1,5 @@
-"""nn.linear's native kernel vs F.linear (BLAS) on GPT-2 124M's weight matrices, CPU fp32, same process.
+"""The ``visionformers::linear_rows`` op (native decoding kernel) vs F.linear (BLAS) on GPT-2 124M's weight
+matrices, CPU fp32, same process.
 
 For each number of rows, the 48 per-layer products of one GPT-2 forward step (12 x qkv 768->2304, attention
 output 768->768, MLP 768->3072 and 3072->768) and the tied 50257 x 768 output layer, timed in interleaved
@@ -7,13 +8,11 @@ matrices (a plain streaming read on all threads). Rows 1 is token-by-token decod
 
     python bench/bench_linear.py [--rows 1 2 4 8 16 32] [--runs 9] [--threads N]
 
-The kernel is forced on (``VISIONFORMERS_LINEAR_ROWS=1``) unless that variable is set: models use it only where
-it measures faster than BLAS at first use (``nn/linear.py``), and this script shows by how much either way.
+Models use the op after ``vf.native.optimize(model)``, up to ``MAX_ROWS`` rows.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,9 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env_line, interleaved_times, ratio_text  # noqa: E402
 
-os.environ.setdefault("VISIONFORMERS_LINEAR_ROWS", "1")
-
-from visionformers.nn.linear import NATIVE_MAX_ROWS, linear, native_linear_available  # noqa: E402
+from visionformers.native.ops import kernel_available, linear_rows  # noqa: E402
+from visionformers.native.optimize import MAX_ROWS  # noqa: E402
 
 
 def gpt2_matrices() -> list[torch.Tensor]:
@@ -42,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{env_line('cpu')}, native kernel: {native_linear_available()} (used up to {NATIVE_MAX_ROWS} rows)")
+    print(f"{env_line('cpu')}, native kernel: {kernel_available()} (used up to {MAX_ROWS} rows)")
     torch.manual_seed(0)
     weights = gpt2_matrices()
     gb = sum(w.numel() for w in weights) * 4 / 1e9
@@ -53,11 +51,11 @@ def main() -> None:
             xs = {k: torch.randn(rows, k) for k in (768, 3072)}
             times = interleaved_times({
                 "F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
-                "nn.linear": lambda: [linear(xs[w.shape[1]], w) for w in weights],
+                "linear_rows": lambda: [linear_rows(xs[w.shape[1]], w, None) for w in weights],
             }, runs=args.runs)
             ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
             cells = [f"{name} {t:7.1f} ms ({gb / t * 1e3:5.1f} GB/s)" for name, t in ms.items()]
-            print(f"rows {rows:3d}: " + "  ".join(cells) + f"  {ratio_text(times, 'F.linear', 'nn.linear')}")
+            print(f"rows {rows:3d}: " + "  ".join(cells) + f"  {ratio_text(times, 'F.linear', 'linear_rows')}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Text models, ours vs transformers, same process, same weights (random, converted with from_hf).
 
-1. GPT-2 124M greedy generation: 64 new tokens after a 16-token prompt, batch 1 -> tokens/s; on CPU also ours
-   with nn.linear's native kernel switched off (the BLAS path), to show what the kernel adds.
-2. T5-small greedy generation: 32 new tokens after a 32-token input, batch 1 -> tokens/s (also on the BLAS path).
+1. GPT-2 124M greedy generation: 64 new tokens after a 16-token prompt, batch 1 -> tokens/s; on CPU ours after
+   ``vf.native.optimize`` (the native decoding kernel), and two copies of ours: plain (no optimize) and
+   ``optimize(kernels=False)`` (the layouts only: what a machine without the kernel gets), to show what each adds.
+2. T5-small greedy generation: 32 new tokens after a 32-token input, batch 1 -> tokens/s (the same variants).
 3. BERT-base forward: batch 8, length 128 -> sequences/s.
 Median of --repeats interleaved runs after a warm-up; the ratio (> 1: ours is faster) is the median of the
 per-round ratios, with its quartiles.
@@ -22,24 +23,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_times, ratio_text  # noqa: E402
 
-from visionformers.nn.linear import native_kernel_off, native_linear_available  # noqa: E402
+from visionformers.native import kernel_available, optimize  # noqa: E402
 
 
 def compare_generation(title: str, device: str, repeats: int, run_ref, ours: torch.nn.Module, generate,
                        new_tokens_of) -> tuple[float, float]:
-    """Time transformers' ``run_ref()`` against ``generate(ours)`` in interleaved rounds, and, on CPU where
-    nn.linear's native kernel exists, ``generate`` on a copy of ours with the kernel off (what the kernel adds).
+    """Time transformers' ``run_ref()`` against ``generate(ours)`` in interleaved rounds; on CPU ``ours`` is
+    optimized (``vf.native.optimize``) and two copies run beside it: plain, and with the layouts only.
     ``title`` gets {tokens} (``new_tokens_of`` the reference's first row) and {same} (every output equal)."""
     candidates = {"transformers": run_ref, "ours": lambda: generate(ours)}
-    if device == "cpu" and native_linear_available():
-        blas = type(ours)(ours.config).eval()
-        blas.load_state_dict(ours.state_dict())
-
-        def run_blas():
-            with native_kernel_off():
-                return generate(blas)
-
-        candidates["ours, BLAS"] = run_blas
+    if device == "cpu":
+        copies = {}
+        for name in ("ours, plain", "ours, layouts only"):
+            copies[name] = type(ours)(ours.config).eval()
+            copies[name].load_state_dict(ours.state_dict())
+        optimize(copies["ours, layouts only"], kernels=False)
+        optimize(ours)
+        for name, model in copies.items():
+            candidates[name] = lambda model=model: generate(model)
     expected = run_ref()[0].tolist()
     same = all(run()[0].tolist() == expected for name, run in candidates.items() if name != "transformers")
     tokens = new_tokens_of(expected)
@@ -48,13 +49,11 @@ def compare_generation(title: str, device: str, repeats: int, run_ref, ours: tor
     print(title.format(tokens=tokens, same=same))
     print(f"  transformers {rate['transformers']:8.1f} tokens/s   ours {rate['ours']:8.1f} tokens/s   "
           f"ratio {ratio_text(times, 'transformers', 'ours')}")
-    if device == "cpu" and "ours, BLAS" not in times:
-        print("  (nn.linear's native kernel is not used here: no faster than BLAS on this machine, measured at first"
-              " use; VISIONFORMERS_LINEAR_ROWS=1 forces it)")
-    if "ours, BLAS" in times:
-        print(f"  ours without the native kernel {rate['ours, BLAS']:8.1f} tokens/s: "
-              f"{ratio_text(times, 'transformers', 'ours, BLAS')}; "
-              f"the kernel: {ratio_text(times, 'ours, BLAS', 'ours')}")
+    if device == "cpu":
+        print(f"  native kernel built: {kernel_available()}")
+        for name in ("ours, plain", "ours, layouts only"):
+            print(f"  {name} {rate[name]:8.1f} tokens/s: {ratio_text(times, 'transformers', name)}; "
+                  f"optimize over it: {ratio_text(times, name, 'ours')}")
     return statistics.median(times["transformers"]), statistics.median(times["ours"])
 
 

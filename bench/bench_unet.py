@@ -14,13 +14,15 @@ GPU mode (``--device cuda``): ``--dtype bf16`` autocasts both models' steps (fp3
 compiles each residual and attention block of both in place (regional compilation), and a table gives each
 model's step time, img/s, peak memory and MFU, with the FLOPs of a step counted by ``FlopCounterMode``.
 
-Layout: by default each model runs as a user gets it. On CPU ours converts its activations to channels_last
-inside forward (UNet.cpu_channels_last), diffusers stays NCHW; ``--channels-last`` gives both channels_last
-weights and inputs, which isolates what the layout buys from everything else.
+Layout: by default each model runs as a user gets it (NCHW). On CPU the forward also times a copy of ours after
+``vf.native.optimize`` (channels-last convolution weights), which the DDIM sampling uses, as ``sample_unet.py``
+does; ``--channels-last`` gives both models channels_last weights and inputs, which isolates what the layout
+buys from everything else.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -40,6 +42,7 @@ from common import (  # noqa: E402
 )
 
 from visionformers.diffusion import NoiseSchedule, sample  # noqa: E402
+from visionformers.native import optimize  # noqa: E402
 from visionformers.registry import create_model  # noqa: E402
 from visionformers.training import performance  # noqa: E402
 
@@ -225,7 +228,11 @@ def main() -> None:
                 fns[k](x, t)
         return run
 
-    res = interleaved_times({k: forward(k) for k in models}, runs=args.runs, warmup=1, device=device)
+    candidates = {k: forward(k) for k in models}
+    if device == "cpu" and not args.compile:
+        fns["visionformers+optimize"] = optimize(copy.deepcopy(models["visionformers"]).eval())
+        candidates["visionformers+optimize"] = forward("visionformers+optimize")
+    res = interleaved_times(candidates, runs=args.runs, warmup=1, device=device)
     report(f"forward (inference mode), median of {args.runs}", res, unit="ms")
 
     print("\nmemory of one training step")
@@ -249,7 +256,7 @@ def main() -> None:
         print(line)
 
     if not args.skip_sampling:
-        bench_sampling(fns["visionformers"], device, args.batch, cl)
+        bench_sampling(fns.get("visionformers+optimize", fns["visionformers"]), device, args.batch, cl)
 
 
 if __name__ == "__main__":

@@ -108,9 +108,10 @@ def report(title: str, times: dict[str, list[float]], ours: str = "visionformers
     print(f"\n{title}")
     for name, t in times.items():
         print(f"  {name:<28} {statistics.median(t) * scale:9.2f} {unit}")
-    refs = [n for n in times if n != ours]
+    refs = [n for n in times if not n.startswith(ours)]  # "ours+optimize" and the like are ours too
     if refs:
-        print(f"  ours vs the fastest reference: {ratio_text(times, fastest(times, refs), ours)}")
+        for name in (n for n in times if n.startswith(ours)):
+            print(f"  {name} vs the fastest reference: {ratio_text(times, fastest(times, refs), name)}")
 
 
 def env_line(device: str) -> str:

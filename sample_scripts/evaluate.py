@@ -62,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                + [("kid_subset_size", lambda v: v >= 2, "an int >= 2"),
                   ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
                   ("save_npz", lambda v: v is None or args.model_path is not None, "only with --model_path")])
+    for flag, path in (("--real", args.real), ("--fake", args.fake)):  # before any model is built or image read
+        if path is not None and path != "digits" and not os.path.isdir(path):
+            p.error(f"{flag} {path!r} is neither a folder of images nor 'digits'")
+    if args.cache and os.path.isfile(args.cache) and not args.cache.endswith(".npz"):
+        p.error(f"--cache {args.cache!r} is a file but not a .npz statistics file; expected a directory (one "
+                "statistics file per setting) or a .npz file")
     if "fd_dinov2" in args.metrics and not args.dinov2:
         p.error("--metrics fd_dinov2 needs --dinov2 PATH")
     if args.device is not None:

@@ -13,6 +13,11 @@ import visionformers as vf
 from visionformers._validate import HelpFormatter, check_args, check_device, script_errors
 from visionformers.text import load_tokenizer
 
+try:  # the optional CPU kernels (visionformers/native): without them sampling runs the plain models
+    from visionformers.native import optimize
+except ImportError:
+    optimize = None
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -45,6 +50,8 @@ def main(argv=None) -> list[str]:
         raise FileNotFoundError(f"model_dir={args.model_dir!r} is not a directory; expected one written by train_lm.py")
     tok = load_tokenizer(args.model_dir)
     model = vf.from_pretrained(args.model_dir).to(args.device).eval()
+    if args.device == "cpu" and optimize is not None:
+        optimize(model)  # the decoding kernel and layouts; values unchanged up to rounding
     if not hasattr(model, "generate") or not hasattr(model.config, "max_len"):
         raise ValueError(f"model_dir={args.model_dir!r} holds a {type(model).__name__}; expected a GPT saved by train_lm.py")
     if not args.prompt:

@@ -23,6 +23,11 @@ from visionformers._validate import check_args, script_errors
 from visionformers.pipeline import load_pipeline
 from visionformers.training import pipeline, sampling
 
+try:  # the optional CPU kernels (visionformers/native): without them sampling runs the plain models
+    from visionformers.native import optimize
+except ImportError:
+    optimize = None
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -64,6 +69,8 @@ def main(argv=None) -> None:
     accelerator = Accelerator(cpu=pipeline.force_cpu())
     device = accelerator.device
     pipe = load_pipeline(args.model_path, device, use_ema=not args.no_ema)
+    if device.type == "cpu" and optimize is not None:
+        optimize(pipe.model)  # channels-last convolutions; values unchanged up to rounding
     kind, n = pipe.conditioning, args.num_images
     labels = prompts = None
     if args.prompts and kind != "text":

@@ -27,21 +27,21 @@ def test_a_bad_flag_names_the_variable_the_value_and_the_choices(monkeypatch, va
 
 
 def test_unset_switches_take_their_defaults(monkeypatch):
-    names = ("VISIONFORMERS_NATIVE", "VISIONFORMERS_CACHE", "VISIONFORMERS_PACK_BUDGET_MB", "VISIONFORMERS_TRACEBACK")
+    names = ("VISIONFORMERS_NATIVE", "VISIONFORMERS_CACHE", "VISIONFORMERS_TRACEBACK")
     for name in names:
         monkeypatch.delenv(name, raising=False)
-    assert (_env.native(), _env.cache(), _env.pack_budget_mb(), _env.traceback()) == (True, None, 2048, False)
+    assert (_env.native(), _env.cache(), _env.traceback()) == (True, None, False)
 
 
 @pytest.mark.parametrize("value, parsed", [("512", 512), (" 0 ", 0), ("", None), ("2G", None), ("-1", None),
                                            ("1.5", None), ("1_000", None)])
-def test_pack_budget_is_a_whole_number_of_mib(monkeypatch, value, parsed):
-    monkeypatch.setenv("VISIONFORMERS_PACK_BUDGET_MB", value)
+def test_integer_is_a_whole_number(monkeypatch, value, parsed):
+    monkeypatch.setenv("VISIONFORMERS_TEST_INTEGER", value)
     if parsed is None:
-        with pytest.raises(ValueError, match=f"VISIONFORMERS_PACK_BUDGET_MB={value!r} .*whole number >= 0"):
-            _env.pack_budget_mb()
+        with pytest.raises(ValueError, match=f"VISIONFORMERS_TEST_INTEGER={value!r} .*whole number >= 0"):
+            _env.integer("VISIONFORMERS_TEST_INTEGER", 7)
     else:
-        assert _env.pack_budget_mb() == parsed
+        assert _env.integer("VISIONFORMERS_TEST_INTEGER", 7) == parsed
 
 
 def test_choice_and_directory(monkeypatch, tmp_path):
@@ -60,7 +60,7 @@ def test_choice_and_directory(monkeypatch, tmp_path):
 
 
 def test_bad_switches_never_stop_the_import():
-    env = dict(os.environ, PYTHONPATH=str(REPO), VISIONFORMERS_PACK_BUDGET_MB="2G", VISIONFORMERS_NATIVE="maybe",
+    env = dict(os.environ, PYTHONPATH=str(REPO), VISIONFORMERS_NATIVE="maybe",
                VISIONFORMERS_CACHE="", VISIONFORMERS_TRACEBACK="")
     done = subprocess.run([sys.executable, "-c", "import visionformers, visionformers.vision, visionformers.text"],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -9,10 +9,10 @@ __all__ = ["create_model", "list_models", "save_pretrained", "from_pretrained", 
 
 
 def __getattr__(name):
-    # Subpackages load on first use so `import visionformers` stays light.
+    # Subpackages load on first use so `import visionformers` stays light (native: only where it is installed).
     import importlib
 
-    if name in {"convert", "diffusion", "vision", "text", "training", "data", "metrics", "pipeline"}:
+    if name in {"convert", "diffusion", "vision", "text", "training", "data", "metrics", "pipeline", "native"}:
         return importlib.import_module(f"visionformers.{name}")
     if name == "load_pipeline":  # vf.load_pipeline(dir): a sampling-ready denoiser (ours or a diffusers pipeline)
         return importlib.import_module("visionformers.pipeline").load_pipeline

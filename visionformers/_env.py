@@ -6,7 +6,6 @@ is read, a bad value raises the project's ``ValueError`` naming the variable, th
 - ``VISIONFORMERS_NATIVE``: on ``1 true on yes``, off ``0 false off no``; unset: on (where Linux and a compiler).
 - ``VISIONFORMERS_CACHE``: a directory path; unset: ``$XDG_CACHE_HOME/visionformers``, else
   ``~/.cache/visionformers``.
-- ``VISIONFORMERS_PACK_BUDGET_MB``: a whole number >= 0, MiB of repacked weights; unset: 2048.
 - ``VISIONFORMERS_TRACEBACK``: a flag as ``VISIONFORMERS_NATIVE``; unset: off.
 
 A module with a switch of its own lists it here and reads it with ``flag``, ``integer`` or ``choice``.
@@ -87,11 +86,6 @@ def native() -> bool:
 def cache() -> Path | None:
     """``VISIONFORMERS_CACHE``: the cache directory the user chose, None for the default."""
     return directory("VISIONFORMERS_CACHE")
-
-
-def pack_budget_mb() -> int:
-    """``VISIONFORMERS_PACK_BUDGET_MB``: MiB of repacked weights the native GEMM may keep (default 2048)."""
-    return integer("VISIONFORMERS_PACK_BUDGET_MB", 2048)
 
 
 def traceback() -> bool:

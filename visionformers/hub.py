@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from visionformers._io import atomic_write_bytes, file_mode, fsync_file
 from visionformers._validate import check_choice, check_path, is_int
 from visionformers.registry import model_classes
 
@@ -39,23 +40,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the process umask (``mkstemp``
-    creates 0o600 files, which a team sharing a model directory cannot read)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a written file to disk (before the rename that publishes it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_json(path: str | os.PathLike, what: str = "file"):
     """Parse a JSON file; invalid, non-UTF-8 or absurdly nested content is a ValueError naming the file."""
     try:
@@ -65,24 +49,6 @@ def read_json(path: str | os.PathLike, what: str = "file"):
     except RecursionError:
         raise ValueError(f"{what} {str(path)!r} is nested too deeply to be a config; expected a flat JSON object "
                          "of fields") from None
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync and an atomic rename; the
-    file gets the umask's mode, as ``open`` would give it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -159,112 +159,21 @@ def test_patch_embed_shapes_padding_and_errors():
         loose(torch.randn(1, 3, 30, 32))
 
 
-@pytest.mark.parametrize("name", ["pre_norm", "post_norm", "cross", "adaln_zero", "layer_scale_drop_path", "gqa_qknorm",
-                                  "linear", "differential"])
-@pytest.mark.parametrize("mode", ["inference", "autograd"])
-def test_queries_gives_the_first_tokens_of_the_full_block(name, mode):
-    """Only the first tokens' outputs, the rest still keys and values: the full block's first rows (the fused
-    inference path and the autograd path)."""
-    kw = VARIANTS[name]
-    torch.manual_seed(0)
-    block = TransformerBlock(DIM, H, **kw).eval()
-    if kw.get("cond_dim"):
-        torch.nn.init.normal_(block.adaLN.linear.weight, std=0.1)
-    x, extra = _inputs(kw)
-    bias = torch.randn(1, H, 6, 6) if name == "pre_norm" else None
-    with torch.inference_mode() if mode == "inference" else torch.enable_grad():
-        full = block(x, bias=bias, **extra)
-        first = block(x, bias=bias, queries=2, **extra)
-    assert first.shape == (2, 2, DIM)
-    torch.testing.assert_close(first, full[:, :2], rtol=1e-5, atol=1e-6)
-
-
-def test_queries_keeps_gradients_of_every_token():
-    block = TransformerBlock(DIM, H)
-    x = torch.randn(2, 6, DIM, requires_grad=True)
-    block(x, queries=1).sum().backward()
-    assert x.grad[:, 1:].abs().sum() > 0  # the other tokens reach the output as keys and values
-
-
-def test_queries_is_checked():
-    block = TransformerBlock(DIM, H).eval()
-    x = torch.randn(2, 6, DIM)
-    for bad in (0, 7, 1.5):
-        with pytest.raises(ValueError, match="queries"):
-            block(x, queries=bad)
-    with pytest.raises(ValueError, match="queries"):
-        TransformerBlock(DIM, H, is_causal=True)(x, queries=2)
-    with pytest.raises(ValueError, match="queries"):
-        block(x, queries=2, partition=(lambda t: t, lambda t: t))
-
-
-def _windows_reference(block, x, n, bias, gather):
-    """forward_windows spelled out: reorder, split into windows, the block per window, back to (B, L, C)."""
-    b, length, c = x.shape
-    xw = (x if gather is None else x[:, gather]).reshape(-1, n, c)
-    return block(xw, bias=bias).reshape(b, length, c)
-
-
 @pytest.mark.parametrize("variant", ["pre_norm", "post_norm", "layer_scale_drop_path", "gqa_qknorm"])
-@pytest.mark.parametrize("mode", ["inference", "autograd"])
-def test_forward_windows_is_the_block_per_window(variant, mode):
-    """Every path of forward_windows (the native block where it takes the block, else the gather and a view
-    partition) gives the block run on each window alone, with a per-window bias holding -inf and a reorder."""
+def test_partition_runs_self_attention_per_window(variant):
+    """A (split, merge) partition around self-attention equals the block run on each window alone (norms and MLP
+    are per token), with a per-window bias holding -inf and a reorder of the tokens, as Swin uses it."""
     torch.manual_seed(0)
     kw = {k: v for k, v in VARIANTS[variant].items() if k not in ("attn_drop", "proj_drop", "drop_path")}
     block = TransformerBlock(DIM, H, qkv_bias=True, **kw).eval()
     b, n, windows = 3, 13, 5
-    x, gather = torch.randn(b, windows * n, DIM), torch.randperm(windows * n)
+    x, order = torch.randn(b, windows * n, DIM), torch.randperm(windows * n)
     bias = torch.randn(b * windows, H, n, n).masked_fill(torch.rand(b * windows, 1, n, n) < 0.3, float("-inf"))
     bias[..., torch.arange(n), torch.arange(n)] = 0.0
-    with torch.inference_mode(mode == "inference"):
-        per_image = bias[:windows]  # (L / N, H, N, N): the same for every image, as Swin's shift mask
-        for bias_, gather_, tiled in ((bias, gather, bias), (torch.randn(1, H, n, n), None, None), (None, gather, None),
-                                      (per_image, gather, per_image.repeat(b, 1, 1, 1))):
-            out = block.forward_windows(x, n, bias=bias_, gather=gather_)
-            expected = _windows_reference(block, x, n, bias_ if tiled is None else tiled, gather_)
-            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    if mode == "autograd":
-        block.forward_windows(x, n, bias=bias, gather=gather).sum().backward()
-        assert all(p.grad is not None for p in block.parameters())
-
-
-def test_forward_windows_takes_the_native_block_for_a_plain_pre_norm_block(monkeypatch):
-    import visionformers.nn.blocks as blocks
-    from visionformers.nn.fused import native_epilogue_available
-    from visionformers.nn.linear import gemm_chosen
-    from visionformers.nn.short_attention import native_short_attention_available
-
-    real, results = blocks.window_block, []
-    monkeypatch.setattr(blocks, "window_block", lambda *a: results.append(real(*a)) or results[-1])
-    block = TransformerBlock(DIM, H, qkv_bias=True).eval()
-    x = torch.randn(2, 4 * 16, DIM)
-    with torch.no_grad():
-        block.forward_windows(x, 16)
-        TransformerBlock(DIM, H, pre_norm=False).eval().forward_windows(x, 16)  # post-norm: never offered
-        block.forward_windows(x, 16, bias=torch.randn(2 * 4, H, 16, 16).transpose(-2, -1))  # strided rows: declined
-    block.forward_windows(x, 16)  # autograd: never offered
-    native = native_short_attention_available() and gemm_chosen()
-    offered = [native, False] if native_epilogue_available() else []  # (no native kernels: a plain block is not fusable)
-    assert [out is not None for out in results] == offered
-
-
-def test_forward_windows_checks_its_arguments():
-    block = TransformerBlock(DIM, H).eval()
-    x = torch.randn(2, 12, DIM)
-    with pytest.raises(ValueError, match="x"):
-        block.forward_windows(torch.randn(2, 12, DIM + 1), 4)
-    with pytest.raises(ValueError, match="window_tokens"):
-        block.forward_windows(x, 5)
-    with pytest.raises(ValueError, match="window_tokens"):
-        block.forward_windows(x, 0)
-    with pytest.raises(ValueError, match="gather"):
-        block.forward_windows(x, 4, gather=torch.arange(11))
-    with pytest.raises(ValueError, match="gather"):
-        block.forward_windows(x, 4, gather=torch.arange(12).int())
-    with pytest.raises(ValueError, match="gather"):
-        block.forward_windows(x, 4, gather=torch.arange(12) + 1)  # position 12 is past the stream
-    for bias in (torch.randn(5, H, 4, 4), torch.randn(3, 4, 4), torch.randn(1, H, 4, 5), torch.ones(4, 4, dtype=torch.bool)):
-        with pytest.raises(ValueError, match="bias"):  # 2 images x 3 windows: 1, 3 or 6 rows of H (or 1) heads
-            block.forward_windows(x, 4, bias=bias)
-    block.forward_windows(x, 4, bias=torch.randn(3, 1, 4, 4))  # one per window of an image, shared by the heads
+    split = lambda t: t[:, order].reshape(b * windows, n, DIM)  # noqa: E731
+    merge = lambda o: o.reshape(b, windows * n, DIM)[:, torch.argsort(order)]  # noqa: E731
+    out = block(x, bias=bias, partition=(split, merge))
+    expected = block(split(x), bias=bias).reshape(b, windows * n, DIM)[:, torch.argsort(order)]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in block.parameters())

@@ -3,9 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import visionformers as vf
-from visionformers.nn.linear import native_kernel_off, native_linear_available
 from visionformers.text import GPT, ByteTokenizer, load_tokenizer
-from visionformers.text.generation import use_decoding_layout
 
 
 @pytest.fixture
@@ -54,23 +52,6 @@ def test_kv_cache_generation_equals_recomputation(gpt):
     expected = greedy_without_cache(gpt, ids, 12)
     assert torch.equal(gpt.generate(ids, 12), expected)
     assert len(set(expected[0, 5:].tolist())) > 1  # the check is not vacuous
-
-
-@pytest.mark.skipif(not native_linear_available(), reason="needs the native kernel (Linux with a C compiler)")
-def test_generate_keeps_weights_as_they_are_with_the_native_kernel(gpt):
-    gpt.generate(torch.randint(0, 256, (1, 3)), 2)
-    assert all(p.is_contiguous() for p in gpt.parameters())  # the kernel reads nn.Linear's (out, in) rows
-
-
-def test_decoding_layout_is_lossless_and_trainable(gpt):
-    ids = torch.randint(0, 256, (2, 7))
-    before = gpt(ids).logits
-    with native_kernel_off():  # the layout is for BLAS, where the native kernel is missing
-        use_decoding_layout(gpt)
-    assert gpt.token_embed.weight.stride() == (1, 261)  # (vocab, dim) stored column-major
-    torch.testing.assert_close(gpt(ids).logits, before)
-    gpt(ids, labels=ids).loss.backward()  # training still works after generate() re-laid the weights out
-    assert gpt.token_embed.weight.grad.abs().sum() > 0
 
 
 def test_causal_no_leak(gpt):

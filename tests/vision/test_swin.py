@@ -8,9 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import visionformers as vf
-from visionformers.nn.linear import gemm_chosen
-from visionformers.nn.short_attention import native_short_attention_available
-from visionformers.vision.swin import SwinTransformer, window_layout
+from visionformers.vision.swin import SwinTransformer, shift_regions, shifted_window_bias
 
 # Millions: torchvision's published counts of its ImageNet swin_t / swin_s / swin_b weights (the paper's
 # table 1 rounds them to 28M / 50M / 88M); Swin-L from the paper (197M).
@@ -61,7 +59,7 @@ def test_every_preset_at_tiny_width_forward_backward(name):
 def test_shift_mask_never_crosses_a_region_of_the_rolled_map(res, window, shift):
     """Two tokens of a shifted window may attend each other only if they were within one window of each
     other in the image *without* wrapping around the border (the regions of Liu et al. 2021, fig. 4)."""
-    slots, regions, num_windows = window_layout(res, window, shift)
+    regions = shift_regions(res, window, shift)
     mask = regions[:, :, None] == regions[:, None, :]  # (nW, N, N)
     # independent construction: roll a map of coordinates and partition it
     rows, cols = torch.meshgrid(torch.arange(res[0]), torch.arange(res[1]), indexing="ij")
@@ -71,25 +69,21 @@ def test_shift_mask_never_crosses_a_region_of_the_rolled_map(res, window, shift)
     allowed = (delta[..., 0] < window[0]) & (delta[..., 1] < window[1])
     assert torch.equal(mask, allowed)
     assert not mask.all()  # the last window row/column really is split
-    # and the slots are exactly the rolled, partitioned raster indices
-    raster = (coords[..., 0] * res[1] + coords[..., 1])
-    assert torch.equal(slots, rearrange(raster, "(nh wh) (nw ww) -> (nh nw wh ww)", wh=window[0], ww=window[1]))
 
 
 def test_shifted_block_bias_is_minus_inf_exactly_across_regions():
-    model = tiny()
-    stage = model.layers[0]
-    plan = model.plan((14, 14), "cpu").stages[0]
+    table = tiny().layers[0].rel_bias[1]
     with torch.no_grad():
-        bias = stage.block_bias(1, plan.blocks[1])  # (nW, H, N, N): the same for every image
-    assert bias.shape == (4, 1, 49, 49)
-    assert torch.equal(torch.isinf(bias), ~plan.blocks[1].mask)
-    assert plan.blocks[0].mask is None  # regular windows: no mask
+        bias = shifted_window_bias(table(), (14, 14), (7, 7), (3, 3))  # (nW, H, N, N): the same for every image
+        plain = shifted_window_bias(table(), (14, 14), (7, 7), (0, 0))
+    regions = shift_regions((14, 14), (7, 7), (3, 3))
+    assert bias.shape == (4, 1, 49, 49) and plain.shape == (1, 1, 49, 49)  # regular windows: no mask
+    assert torch.equal(torch.isinf(bias), (regions[:, :, None] != regions[:, None, :])[:, None])
 
 
 def reference_forward(model: SwinTransformer, x: torch.Tensor, stages: list | None = None) -> torch.Tensor:
     """Plain Swin (timm's order of roll -> pad -> partition -> attention -> reverse -> unroll) with the
-    same modules, to check the window-order stream and the plans (incl. padding and odd sizes)."""
+    same modules, written independently of the model (incl. padding and odd sizes)."""
     c = model.config
     x = F.pad(x, (0, -x.shape[-1] % c.patch_size, 0, -x.shape[-2] % c.patch_size))
     x = model.patch_embed.proj(x).permute(0, 2, 3, 1)  # (B, H, W, C)
@@ -99,7 +93,7 @@ def reference_forward(model: SwinTransformer, x: torch.Tensor, stages: list | No
             h, w = x.shape[1:3]
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
             x = rearrange(x, "b (h dy) (w dx) c -> b h w (dx dy c)", dy=2, dx=2)  # x0, x1, x2, x3 order
-            x = stage.downsample(x)
+            x = stage.downsample.reduction(stage.downsample.norm(x))
         b, h, w, ch = x.shape
         tw = model.table_windows[si]
         ws = (min(tw[0], h), min(tw[1], w))
@@ -116,7 +110,7 @@ def reference_forward(model: SwinTransformer, x: torch.Tensor, stages: list | No
             idx = (rel[0] + tw[0] - 1) * (2 * tw[1] - 1) + (rel[1] + tw[1] - 1)
             bias = table[idx.flatten()].view(n, n, -1).permute(2, 0, 1)[None]  # (1, H, N, N)
             if any(sh):
-                _, regions, _ = window_layout((h, w), ws, sh)
+                regions = shift_regions((hp, wp), ws, sh)
                 allowed = regions[:, :, None] == regions[:, None, :]
                 bias = bias.masked_fill(~allowed[:, None], float("-inf")).repeat(b, 1, 1, 1)
             out = block.attn(win, bias=bias)
@@ -129,7 +123,7 @@ def reference_forward(model: SwinTransformer, x: torch.Tensor, stages: list | No
 
 
 @pytest.mark.parametrize("size", [(56, 56), (60, 44), (52, 84), (30, 30)])
-def test_window_order_stream_equals_plain_roll_and_partition(size):
+def test_forward_equals_a_spelled_out_roll_and_partition(size):
     model = tiny()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
@@ -137,11 +131,9 @@ def test_window_order_stream_equals_plain_roll_and_partition(size):
 
 
 def test_window_is_clipped_to_small_stage_grids_without_shift():
-    with torch.device("meta"):  # shapes and plans only: no need for real weights
+    with torch.device("meta"):  # shapes only: no need for real weights
         model = vf.create_model("swin_tiny_patch2_window4_32")
     assert model.table_windows == [(4, 4), (4, 4), (4, 4), (2, 2)]
-    plan = model.plan((16, 16), "cpu")
-    assert [s.blocks[1].mask is not None for s in plan.stages] == [True, True, False, False]
     assert model.layers[3].rel_bias[0].table.shape == (3 * 3, 24)
 
 
@@ -159,21 +151,11 @@ def test_forward_intermediates_and_features_are_in_raster_order():
     torch.testing.assert_close(last, model.norm(feats[-1].permute(0, 2, 3, 1)))
 
 
-def test_batch_sizes_and_bias_cache_follow_table_updates():
+def test_batch_sizes_give_the_same_rows():
     model = tiny()
     x = torch.randn(3, 3, 56, 56)
     with torch.no_grad():
-        full = model(x)
-        torch.testing.assert_close(model(x[:1]), full[:1], atol=1e-5, rtol=1e-5)  # cache keyed by batch size
-        for stage in model.layers:
-            for rb in stage.rel_bias:
-                rb.table.add_(torch.randn_like(rb.table))  # in place, as an optimizer step: the cache must notice
-        after = model(x)
-    fresh = SwinTransformer(model.config).eval()
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(after, fresh(x))
-    assert not torch.allclose(after, full)
+        torch.testing.assert_close(model(x[:1]), model(x)[:1], atol=1e-5, rtol=1e-5)
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -197,64 +179,14 @@ def test_eval_is_deterministic_and_inference_path_matches_autograd_path():
     torch.testing.assert_close(model(x), a)
 
 
-@pytest.mark.parametrize("batch, chunk_windows", [(1, 1), (3, 3)])
-def test_inference_in_chunks_of_windows_equals_the_whole_block(monkeypatch, batch, chunk_windows):
-    """Without the native block, CPU inference runs large blocks window group by window group; forcing small
-    chunks (3 windows straddle images of 4 windows and the shifted-mask tiles) gives the logits of the autograd
-    path, which never chunks."""
-    import visionformers.nn.blocks as blocks
-
-    model = tiny()
-    x = torch.randn(batch, 3, 56, 56)
-    expected = model(x)
-    monkeypatch.setattr(blocks, "_CHUNK_TOKENS", 49 * chunk_windows)
-    monkeypatch.setattr(blocks, "window_block", lambda *a: None)
-    real, calls = blocks._in_chunks, []
-    monkeypatch.setattr(blocks, "_in_chunks", lambda *a: calls.append(1) or real(*a))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), expected)
-    assert len(calls) == 2, "both stage-1 blocks (plain and shifted) run in chunks"
-
-
-def test_native_window_blocks_give_the_autograd_paths_logits(monkeypatch):
-    """CPU inference runs every unpadded block as one native call (gather, shift mask and all) where the kernel
-    is built; its logits are the autograd path's, at a batch of several groups of windows per thread."""
-    import visionformers.nn.blocks as blocks
-
-    model = tiny()
-    x = torch.randn(5, 3, 56, 56)
-    expected = model(x)
-    real, calls = blocks.window_block, []
-    monkeypatch.setattr(blocks, "window_block", lambda *a: calls.append(real(*a)) or calls[-1])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
-    taken = sum(out is not None for out in calls)
-    if native_short_attention_available() and gemm_chosen():
-        assert taken == len(calls) == sum(model.config.depths)
-    else:
-        assert taken == 0
-
-
-def test_plans_built_under_inference_mode_serve_training_later():
-    model = tiny()
-    x = torch.randn(2, 3, 56, 56)
-    with torch.inference_mode():
-        expected = model(x)
-    out = model.train()(x)  # reuses the cached plan: its index tensors must be plain tensors
-    out.sum().backward()
-    torch.testing.assert_close(model.eval()(x), expected)
-
-
 @pytest.mark.parametrize("train", [False, True])
-def test_compiles_without_graph_breaks_once_the_plan_exists(train):
-    """torch.compile sees one graph (dynamo with the eager backend: tracing only, no inductor build); the
-    plan is built once per resolution outside the graph (``torch.compiler.disable``), the inference bias
-    cache is bypassed while compiling."""
+def test_compiles_without_graph_breaks(train):
+    """torch.compile sees one graph (dynamo with the eager backend: tracing only, no inductor build)."""
     torch._dynamo.reset()
     model = tiny().train(train)
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
-        expected = model(x)  # builds the plan
+        expected = model(x)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.set_grad_enabled(train):
         out = compiled(x)
@@ -303,16 +235,12 @@ def test_bad_config_raises_value_error_naming_the_field(overrides, field):
         tiny(**overrides)
 
 
-def test_patch_merging_checks_the_stream_and_the_index():
+def test_patch_merging_checks_its_input_and_pads_odd_sides():
     merging = tiny().layers[1].downsample
-    x = torch.randn(2, 196, 16)
-    index = torch.arange(196)
     with torch.no_grad():
-        assert merging.merge(x, index, pad=False).shape == (2, 49, 32)
+        assert merging(torch.randn(2, 14, 14, 16)).shape == (2, 7, 7, 32)
+        assert merging(torch.randn(2, 13, 15, 16)).shape == (2, 7, 8, 32)
         with pytest.raises(ValueError, match="x"):
-            merging.merge(torch.randn(2, 196, 8), index, pad=False)
-        with pytest.raises(ValueError, match="index"):
-            merging.merge(x, index[:-1], pad=False)  # not 4 per new token
-        with pytest.raises(ValueError, match="index"):
-            merging.merge(x, index + 1, pad=False)  # 196 is the zero token, only with pad
-        assert merging.merge(x, index + 1, pad=True).shape == (2, 49, 32)
+            merging(torch.randn(2, 196, 16))
+        with pytest.raises(ValueError, match="x"):
+            merging(torch.randn(2, 14, 14, 8))

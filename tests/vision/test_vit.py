@@ -238,17 +238,9 @@ def test_bad_config_raises_value_error_naming_the_field(overrides, field):
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(num_reg_tokens=2), dict(global_pool="avg"), dict(pos_embed="rope")])
-def test_forward_is_the_head_of_the_features(overrides, monkeypatch):
-    """forward computes only the class token in the last block (with its pooling); the logits are the same."""
+def test_forward_is_the_head_of_the_features(overrides):
     torch.manual_seed(0)
     model = vf.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, **overrides).eval()
-    calls = []
-    last = model.blocks[-1]
-    original = last.forward
-    monkeypatch.setattr(last, "forward", lambda *a, **k: (calls.append(k.get("queries")), original(*a, **k))[1])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        logits = model(x)
-        assert calls == [None if overrides.get("global_pool") == "avg" else 1]
-        ref = model.forward_head(model.forward_features(x))
-    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model(x), model.forward_head(model.forward_features(x)))

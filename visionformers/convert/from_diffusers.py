@@ -439,10 +439,9 @@ def read_diffusers_config(path: str | os.PathLike) -> dict:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ValueError(f"{str(path)!r} is {path.stat().st_size} bytes; a diffusers config is at most "
                          f"{MAX_CONFIG_BYTES} bytes")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
+    from visionformers.hub import read_json
+
+    data = read_json(path, "diffusers config")
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} holds a {type(data).__name__}; expected a JSON object")
     return data
@@ -499,8 +498,10 @@ def is_diffusers_model_dir(directory: str | os.PathLike) -> bool:
     path = Path(directory) / "config.json"
     if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
         return False
+    from visionformers.hub import read_json
+
     try:
-        return isinstance(data := json.loads(path.read_text()), dict) and "_class_name" in data
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return isinstance(data := read_json(path), dict) and "_class_name" in data
+    except ValueError:  # not JSON, or absurdly nested: from_pretrained's own reading names the problem
         return False
 

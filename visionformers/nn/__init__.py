@@ -11,8 +11,7 @@ from visionformers.nn.attention import (
 )
 from visionformers.nn.blocks import LayerScale, TransformerBlock
 from visionformers.nn.drop import DropPath, drop_path
-from visionformers.nn.embed import PatchEmbed
-from visionformers.nn.linear import Linear
+from visionformers.nn.embed import PatchEmbed, to_2tuple
 from visionformers.nn.mlp import Mlp
 from visionformers.nn.norm import AdaLNModulation, RMSNorm, make_norm, modulate
 from visionformers.nn.positional import (

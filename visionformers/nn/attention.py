@@ -1,7 +1,6 @@
 """The one attention of visionformers.
 
-``attend`` is the only caller of ``F.scaled_dot_product_attention`` in the project (short sequences in CPU
-inference go to the native kernel of ``nn.short_attention`` instead); ``attend_math`` is
+``attend`` is the only caller of ``F.scaled_dot_product_attention`` in the project; ``attend_math`` is
 the plain reference path (softmax(q k^T * scale + bias) v, Vaswani et al. 2017, eq. 1) that can also
 return the weights. ``Attention`` wraps them with projections and covers self- and cross-attention,
 MHA / GQA / MQA, causal and key-padding masks, additive biases (relative, ALiBi), a KV cache,
@@ -23,11 +22,8 @@ from einops import rearrange
 from torch import nn
 
 from visionformers._validate import check_bool, check_dtype, check_int, check_number, check_probability, fail, is_int
-from visionformers.nn.linear import Linear
 from visionformers.nn.norm import RMSNorm
 from visionformers.nn.rope import apply_rotary
-from visionformers.nn.short_attention import MAX_TOKENS as SHORT_MAX_TOKENS
-from visionformers.nn.short_attention import QKV_MAX_TOKENS, qkv_attention, short_attention
 
 __all__ = [
     "attend",
@@ -109,10 +105,6 @@ def attend(
     if is_causal and mask is None and bias is None and nq == nk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     attn_mask = _merge_masks(mask, bias, is_causal, nq, nk, q.dtype, q.device)
-    if dropout_p == 0.0 and nq == nk <= SHORT_MAX_TOKENS and q.is_cpu:  # Swin's windows, ViT: the native kernel (CPU inference)
-        out = short_attention(q, k, v, attn_mask, scale)
-        if out is not None:
-            return out
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
@@ -251,28 +243,18 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
         if context_dim is None:
-            self.qkv = Linear(dim, q_dim + 2 * kv_dim, bias=qkv_bias)  # one matmul for q, k, v
+            self.qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=qkv_bias)  # one matmul for q, k, v
         else:
-            self.q = Linear(dim, q_dim, bias=qkv_bias)
-            self.kv = Linear(context_dim, 2 * kv_dim, bias=qkv_bias)
+            self.q = nn.Linear(dim, q_dim, bias=qkv_bias)
+            self.kv = nn.Linear(context_dim, 2 * kv_dim, bias=qkv_bias)
         self.qk_norm, self.proj_drop_p = qk_norm, proj_drop
         self.q_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
-        self.proj = Linear(self._out_heads_dim(), dim, bias=proj_bias)
+        self.proj = nn.Linear(self._out_heads_dim(), dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _out_heads_dim(self) -> int:
         return self.num_heads * self.head_dim
-
-    @property
-    def _plain_self_attention(self) -> bool:
-        """Softmax self-attention of one qkv product, as many kv heads as query heads, nothing between the product
-        and the attention: what ``nn.short_attention.qkv_attention`` computes in one call."""
-        return (
-            self.context_dim is None and self.window_size is None and not self.qk_norm
-            and self.num_kv_heads == self.num_heads
-            and type(self)._project is Attention._project and type(self)._attend is Attention._attend
-        )
 
     @property
     def is_cross(self) -> bool:
@@ -330,36 +312,18 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: KVCache | None = None,
         return_weights: bool = False,
-        project: bool = True,
-        queries: int | None = None,
     ):
         """x: (B, N, dim); context: (B, M, context_dim) for cross-attention.
 
         ``mask`` (bool, True = attend): (B, Nk) key padding, (B, Nq, Nk), or broadcastable 4D.
         ``bias``: additive, broadcastable to (B, H, Nq, Nk). ``rope``: (cos, sin) for the new positions,
-        broadcastable to (B, H, N, D). Returns (B, N, dim), or (out, weights) with ``return_weights``;
-        ``project=False`` returns the heads before the output projection, (B, N, H*D), for a caller that
-        fuses ``proj`` with what follows (``TransformerBlock``). ``queries``: only the first ``queries`` tokens
-        attend, every token still being a key and a value; the output is (B, queries, dim) (a classifier's last
-        block needs only its class token). Not with a KV cache, causal or sliding-window attention.
+        broadcastable to (B, H, N, D). Returns (B, N, dim), or (out, weights) with ``return_weights``.
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             fail("x", x, f"a (B, N, {self.dim}) tensor")
-        if queries is not None:
-            self._check_queries(queries, x.shape[1], context, kv_cache, is_causal)
         if x.dtype != self.proj.weight.dtype:  # one compare on the usual path; the check itself allows autocast
             check_dtype("x", x, self.proj.weight.dtype)
         b, n, _ = x.shape
-        if (
-            context is None and kv_cache is None and rope is None and mask is None and not is_causal and queries is None
-            and not return_weights and not self.training and n <= QKV_MAX_TOKENS and x.is_cpu
-            and self._plain_self_attention
-            and (bias is None or (isinstance(bias, torch.Tensor) and bias.ndim in (3, 4) and bias.shape[-1] == n
-                                  and bias.shape[-2] in (1, n)))
-        ):  # short sequences (Swin's windows) in CPU inference: projection and attention in one native call
-            out = qkv_attention(x, self.qkv, self.num_heads, bias, self.scale)
-            if out is not None:
-                return self.proj(out) if project else out
         q, k, v = self._project(x, context, kv_cache)
         if self.qk_norm:
             q = self.q_norm(q)
@@ -385,27 +349,14 @@ class Attention(nn.Module):
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.ndim not in (3, 4) or bias.shape[-1] != nk or bias.shape[-2] not in (1, n):
                 fail("bias", bias, f"an additive float tensor broadcastable to (B, H, {n}, {nk})")
-        if queries is not None:  # the first rows of q, and of the masks and biases that have a row per query
-            q = q[:, :, :queries]
-            mask = mask[:, :, :queries] if mask is not None and mask.shape[2] == n else mask
-            bias = bias[..., :queries, :] if bias is not None and bias.shape[-2] == n else bias
-            n = queries
         dropout_p = self.attn_drop if self.training else 0.0
         out, weights = self._attend(q, k, v, mask, bias, is_causal, dropout_p, return_weights)
         # (B, N, H*D) -> (B, N, dim); H*D spelled out, as -1 cannot be inferred for an empty batch
         out = out.transpose(1, 2).reshape(b, n, out.shape[1] * out.shape[3])
-        if not project:
-            return (out, weights) if return_weights else out
         out = self.proj(out)
         if self.proj_drop_p and self.training:
             out = self.proj_drop(out)
         return (out, weights) if return_weights else out
-
-    def _check_queries(self, queries, n: int, context, kv_cache, is_causal) -> None:
-        if not is_int(queries) or not 1 <= queries <= n:
-            fail("queries", queries, f"an int in [1, {n}] (the first tokens of x), or None")
-        if kv_cache is not None or is_causal or self.window_size is not None or context is not None:
-            fail("queries", queries, "None with a KV cache, a context, causal or sliding-window attention")
 
     def _q_heads(self) -> int:
         return self.num_heads

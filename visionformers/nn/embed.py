@@ -1,11 +1,4 @@
-"""Image to patch tokens with one strided convolution (Dosovitskiy et al. 2021, eq. 1).
-
-A convolution whose stride is its kernel is a product of the flattened patches with the kernel: CPU inference
-runs it as one (the patches are a strided copy of the image, then ``nn.linear.linear``), with the norm after it
-in the native GEMM's epilogue where that takes the product. Batch 8 at 224 px, 2 cores (Zen 3), freed memory kept
-by malloc: Swin-T's embedding (patch 4, 96 wide, LayerNorm) took 4.6 ms as oneDNN's convolution and the copy to
-tokens, before its norm, and takes 3.4 ms with the norm; ViT-B/16's 13.6 and 11.0 ms.
-"""
+"""Image to patch tokens with one strided convolution (Dosovitskiy et al. 2021, eq. 1)."""
 from __future__ import annotations
 
 import torch
@@ -14,14 +7,12 @@ from einops import rearrange
 from torch import nn
 
 from visionformers._validate import check_image, check_int, fail, is_int
-from visionformers.nn.fused import is_layer_norm
-from visionformers.nn.gemm import gemm
-from visionformers.nn.linear import gemm_taken, linear, native_inference_ready
 
 __all__ = ["PatchEmbed", "to_2tuple"]
 
 
 def to_2tuple(x) -> tuple[int, int]:
+    """(x, x) for an int, else the pair as a tuple (timm's helper)."""
     return (x, x) if isinstance(x, int) else tuple(x)
 
 
@@ -84,8 +75,6 @@ class PatchEmbed(nn.Module):
         x = self._padded(x)
         if self.output == "nchw":
             return self.proj(x)
-        if self._as_product(x):
-            return self._product_tokens(x)
         return self.norm(rearrange(self.proj(x), "b d h w -> b (h w) d"))
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,32 +83,3 @@ class PatchEmbed(nn.Module):
         ph, pw = self.patch_size
         h, w = x.shape[-2:]
         return F.pad(x, (0, (pw - w % pw) % pw, 0, (ph - h % ph) % ph))
-
-    def _as_product(self, x: torch.Tensor) -> bool:
-        """CPU fp32 inference (the convolution is kept for autograd, other devices and dtypes, and compile)."""
-        bias = self.proj.bias
-        return native_inference_ready(x, self.proj.weight, *(() if bias is None else (bias,)))
-
-    def _flat_weight(self) -> torch.Tensor:
-        """proj.weight as (D, C*ph*pw), one view kept while the weight is the same tensor (the native GEMM keeps
-        its packed copy per weight object, and a view shares the weight's version counter)."""
-        weight = self.proj.weight
-        kept = self.__dict__.get("_flat")
-        if kept is None or kept[0] is not weight or kept[1].data_ptr() != weight.data_ptr():
-            with torch.inference_mode(False):
-                kept = self.__dict__["_flat"] = (weight, weight.view(weight.shape[0], -1))
-        return kept[1]
-
-    def _product_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution as patches (B, N, C*ph*pw) times the flattened kernel, the norm in the product's
-        epilogue where the native GEMM takes it."""
-        b, c, h, w = x.shape
-        ph, pw = self.patch_size
-        gh, gw = h // ph, w // pw
-        patches = x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
-        weight, bias, norm = self._flat_weight(), self.proj.bias, self.norm
-        if is_layer_norm(norm, weight.shape[0]) and gemm_taken(patches, weight, bias, norm.weight, norm.bias):
-            out = gemm(patches, weight, bias, norm=(norm.weight, norm.bias, norm.eps), keep_sum=False)
-            if out is not None:
-                return out[1]
-        return norm(linear(patches, weight, bias))  # (linear takes the native GEMM itself where it may)

@@ -11,9 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers._validate import check_bool, check_choice, check_int, check_probability
-from visionformers.nn.fused import native_bias_act_, native_epilogue_available
-from visionformers.nn.gemm import ACT_CODES, gemm
-from visionformers.nn.linear import NATIVE_MAX_ROWS, Linear, gemm_taken, linear, native_inference_ready
 
 __all__ = ["Mlp", "ACTIVATIONS", "activation"]
 
@@ -33,19 +30,10 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def activation_(name: str, x: torch.Tensor) -> torch.Tensor:
-    """In-place ``activation`` (no new (N, hidden) buffer); only where autograd does not need x."""
+    """``activation`` in place, for a fresh tensor that autograd does not need."""
     if name in ("gelu", "gelu_tanh"):
         return torch.ops.aten.gelu_(x, approximate="tanh" if name == "gelu_tanh" else "none")
-    if name == "relu":
-        return x.relu_()
-    return F.silu(x, inplace=True)
-
-
-def bias_act_(h: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
-    """In-place ``activation(h + bias)``, one fused pass where the native kernel takes it (``nn.fused``)."""
-    if native_bias_act_(h, bias, act):
-        return h
-    return activation_(act, h if bias is None else h.add_(bias))
+    return x.relu_() if name == "relu" else F.silu(x, inplace=True)
 
 
 class Mlp(nn.Module):
@@ -68,8 +56,8 @@ class Mlp(nn.Module):
         check_bool("bias", bias)
         check_probability("drop", drop)
         self.act, self.gated = act, act in _GATED
-        self.fc1 = Linear(dim, 2 * hidden_dim if self.gated else hidden_dim, bias=bias)
-        self.fc2 = Linear(hidden_dim, out_dim or dim, bias=bias)
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim if self.gated else hidden_dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim, bias=bias)
         self.drop = nn.Dropout(drop)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,20 +67,8 @@ class Mlp(nn.Module):
             return activation(_GATED[self.act], gate) * up
         if torch.is_grad_enabled():
             return activation(self.act, self.fc1(x))
-        # inference: nothing keeps fc1's output for backward, so the activation reuses its memory; with many
-        # rows the product runs bias-free and the bias joins the activation's pass
-        w, b = self.fc1.weight, self.fc1.bias
-        if self.act in ACT_CODES and gemm_taken(x, w, b):  # the activation in the product's epilogue
-            out = gemm(x, w, b, act=self.act)
-            if out is not None:
-                return out[0]
-        if x.numel() > NATIVE_MAX_ROWS * x.shape[-1] and b is not None and native_epilogue_available() and native_inference_ready(x, w, b):
-            return bias_act_(linear(x, w), b, self.act)
-        return activation_(self.act, self.fc1(x))
+        return activation_(self.act, self.fc1(x))  # inference: fc1's output is reused, one (N, hidden) buffer less
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (..., out_dim)."""
-        h = self.hidden(x)
-        if self.training and self.drop.p > 0:  # else skip the no-op module calls (decoding runs this per token)
-            return self.drop(self.fc2(self.drop(h)))
-        return self.fc2(h)
+        return self.drop(self.fc2(self.drop(self.hidden(x))))

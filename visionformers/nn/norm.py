@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers._validate import check_bool, check_choice, check_int, check_number
-from visionformers.nn.linear import Linear
 
 __all__ = ["RMSNorm", "make_norm", "modulate", "AdaLNModulation", "NORMS"]
 
@@ -64,7 +63,7 @@ class AdaLNModulation(nn.Module):
     def __init__(self, cond_dim: int, dim: int, num_chunks: int):
         super().__init__()
         self.num_chunks = num_chunks
-        self.linear = Linear(cond_dim, num_chunks * dim)
+        self.linear = nn.Linear(cond_dim, num_chunks * dim)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 

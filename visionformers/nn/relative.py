@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["alibi_slopes", "alibi_bias", "t5_relative_position_bucket", "T5RelativeBias", "WindowRelativeBias"]
+__all__ = ["alibi_slopes", "alibi_bias", "t5_relative_position_bucket", "T5RelativeBias", "WindowRelativeBias",
+           "window_relative_index"]
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -69,12 +70,17 @@ class T5RelativeBias(nn.Module):
         return self.embedding(buckets).permute(2, 0, 1)[None]  # (1, H, Nq, Nk)
 
 
-class WindowRelativeBias(nn.Module):
-    """Swin's relative position bias table over a (Wh, Ww) window (Liu et al. 2021, eq. 4).
+def window_relative_index(window: tuple[int, int], table_window: tuple[int, int]) -> torch.Tensor:
+    """(N, N) rows of a (2Th-1)(2Tw-1) relative-position table for the offsets of a (Wh, Ww) window, N = Wh * Ww;
+    the window may be smaller than the table's (Th, Tw) (Liu et al. 2021, sec. 3.2, "relative position bias")."""
+    (wh, ww), (th, tw) = window, table_window
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): offsets in [-(W-1), W-1]
+    return (rel[0] + th - 1) * (2 * tw - 1) + (rel[1] + tw - 1)
 
-    The index table is a buffer built once; in inference the gathered (H, N, N) bias is cached until
-    the table changes, since it does not depend on the input.
-    """
+
+class WindowRelativeBias(nn.Module):
+    """Swin's relative position bias table over a (Wh, Ww) window (Liu et al. 2021, eq. 4)."""
 
     def __init__(self, window_size: tuple[int, int], num_heads: int):
         super().__init__()
@@ -82,22 +88,10 @@ class WindowRelativeBias(nn.Module):
         self.window_size, self.num_heads = (wh, ww), num_heads
         self.table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         nn.init.trunc_normal_(self.table, std=0.02)
-        coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
-        index = (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
-        self.register_buffer("index", index, persistent=False)
-        self._cache: tuple | None = None
+        self.register_buffer("index", window_relative_index(self.window_size, self.window_size), persistent=False)
 
-    def forward(self) -> torch.Tensor:
-        """-> (H, N, N) with N = Wh * Ww."""
-        # under torch.compile the gather is part of the graph (no Python-side cache to guard on)
-        cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable:
-            key = (self.table.data_ptr(), self.table._version, self.table.device, self.table.dtype)
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
-        n = self.index.shape[0]
-        bias = self.table[self.index.flatten()].view(n, n, -1).permute(2, 0, 1).contiguous()
-        if cacheable:
-            self._cache = (key, bias)
-        return bias
+    def forward(self, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """-> (H, N, N) for the table's window, or for a smaller ``window`` (a stage grid smaller than the table's)."""
+        index = self.index if window in (None, self.window_size) else window_relative_index(window, self.window_size)
+        n = index.shape[0]
+        return self.table[index.flatten().to(self.table.device)].view(n, n, -1).permute(2, 0, 1)  # (H, N, N)

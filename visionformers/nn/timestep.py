@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers._validate import check_bool, check_int, check_number, check_tensor, fail, is_int
-from visionformers.nn.linear import Linear
 
 __all__ = ["timestep_embedding", "TimestepEmbedding", "FourierFeatures"]
 
@@ -50,8 +49,8 @@ class TimestepEmbedding(nn.Module):
         check_number("freq_shift", freq_shift, below=freq_dim // 2,
                      note=f" (half the timestep features, freq_dim // 2 = {freq_dim // 2})")
         self.freq_dim, self.flip_sin_to_cos, self.freq_shift = freq_dim, flip_sin_to_cos, freq_shift
-        self.linear_1 = Linear(freq_dim, dim)
-        self.linear_2 = Linear(dim, dim)
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) -> (B, dim)."""

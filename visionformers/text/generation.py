@@ -10,35 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from visionformers._validate import fail, is_number
 from visionformers.nn import KVCache
-from visionformers.nn.linear import native_linear_available
 from visionformers.text.common import check_token_id
 
-__all__ = ["check_generation_args", "next_token", "decode", "generate_seq2seq", "use_decoding_layout"]
-
-
-def use_decoding_layout(model: nn.Module) -> None:
-    """Where ``nn.linear`` has no native kernel, store each CPU weight matrix with more rows than columns
-    column-major (same values, transposed strides).
-
-    Decoding is a chain of (1, in) x (in, out) products that only stream weights from memory. The native
-    kernel reads nn.Linear's (out, in) rows at full bandwidth and needs them as they are, so with it this
-    does nothing. Without it, CPU BLAS reads a wide (out > in) matrix markedly faster as (in, out) rows
-    (GPT-2 124M decodes ~1.4x faster). Idempotent and lossless; training afterwards works unchanged
-    (PyTorch accepts any strides).
-    """
-    if native_linear_available():
-        return
-    for module in model.modules():
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
-            continue
-        w = module.weight
-        if w.device.type == "cpu" and w.ndim == 2 and w.shape[0] > w.shape[1] and w.stride() != (1, w.shape[0]):
-            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: training may follow
-                w.data = w.data.t().contiguous().t()  # (out, in) view of an (in, out) buffer
+__all__ = ["check_generation_args", "next_token", "decode", "generate_seq2seq"]
 
 
 def check_generation_args(

@@ -11,15 +11,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from visionformers._validate import check_choice, check_number, fail
 from visionformers.nn import KVCache, LearnedPositionEmbedding, TransformerBlock
 from visionformers.nn.grad_checkpoint import set_block_checkpointing
-from visionformers.nn.linear import Linear, linear
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import ModelOutput, check_input_ids, check_token_id, shifted_cross_entropy
-from visionformers.text.generation import check_generation_args, decode, use_decoding_layout
+from visionformers.text.generation import check_generation_args, decode
 
 __all__ = ["GPTConfig", "GPT"]
 
@@ -76,7 +76,7 @@ class GPT(nn.Module):
             for _ in range(c.depth)
         )
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.pre_norm else nn.Identity()
-        self.lm_head = None if c.tie_embeddings else Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
         self.initialize_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -124,7 +124,7 @@ class GPT(nn.Module):
         check_input_ids(input_ids, self.config.vocab_size, self.config.max_len)
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
             fail("labels", labels, f"a tensor of shape {tuple(input_ids.shape)} like input_ids")
-        logits = linear(self._hidden(input_ids), self.output_weight())  # (B, N, vocab)
+        logits = F.linear(self._hidden(input_ids), self.output_weight())  # (B, N, vocab)
         loss = shifted_cross_entropy(logits, labels) if labels is not None else None
         return ModelOutput(logits, loss)
 
@@ -145,9 +145,7 @@ class GPT(nn.Module):
 
         Greedy unless ``do_sample``. Rows that emitted ``eos_token_id`` are padded with ``pad_token_id``
         (default: eos) and decoding stops once every row has finished. Call ``model.eval()`` first:
-        dropout follows the module's mode. On CPU the single-token products run in ``nn.linear``'s native
-        kernel; where it is missing, the wide weight matrices are re-laid out once for BLAS
-        (``use_decoding_layout``; values unchanged).
+        dropout follows the module's mode. ``vf.native.optimize(model)`` speeds up CPU decoding.
         """
         c = self.config
         check_input_ids(input_ids, c.vocab_size, c.max_len)
@@ -158,13 +156,12 @@ class GPT(nn.Module):
         n = input_ids.shape[1]
         if n + max_new_tokens > c.max_len:
             fail("max_new_tokens", max_new_tokens, f"at most max_len - prompt length = {c.max_len} - {n} = {c.max_len - n}")
-        use_decoding_layout(self)
         caches = [KVCache(max_len=n + max_new_tokens) for _ in self.blocks]  # allocated once, filled in place
         weight = self.output_weight()
 
         def step(ids: torch.Tensor) -> torch.Tensor:
             h = self._hidden(ids, caches)[:, -1]  # (B, dim): only the last position is needed
-            return linear(h, weight)  # (B, vocab)
+            return F.linear(h, weight)  # (B, vocab)
 
         new = decode(
             step, input_ids, max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,

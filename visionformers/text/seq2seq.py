@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from visionformers._validate import check_choice, check_int, check_tensor, fail
@@ -28,13 +29,12 @@ from visionformers.nn import (
     make_norm,
 )
 from visionformers.nn.grad_checkpoint import set_block_checkpointing
-from visionformers.nn.linear import Linear, linear
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
     ModelOutput, check_attention_mask, check_batch_match, check_decode_inputs, check_input_ids, check_token_id,
     padding_mask, token_cross_entropy,
 )
-from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
+from visionformers.text.generation import check_generation_args, generate_seq2seq
 
 __all__ = ["POSITIONAL_SCHEMES", "INIT_METHODS", "TransformerStack", "Seq2SeqConfig", "Seq2SeqTransformer", "EncoderConfig", "EncoderClassifier"]
 
@@ -200,7 +200,7 @@ class Seq2SeqTransformer(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.encoder = TransformerStack(depth=c.encoder_depth, **_stack_kwargs(c))
         self.decoder = TransformerStack(depth=c.decoder_depth, causal=True, cross_attention=True, **_stack_kwargs(c))
-        self.lm_head = None if c.tie_embeddings else Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
         init_weights(self, c.init, c.dim)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -253,7 +253,7 @@ class Seq2SeqTransformer(nn.Module):
             self._embed(decoder_input_ids), context=memory, context_mask=memory_mask,
             kv_caches=kv_caches, cross_kv_caches=cross_kv_caches,
         )
-        return self.lm_head(h) if self.lm_head is not None else linear(h, self.embed.weight)
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
 
     def forward(
         self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -285,7 +285,6 @@ class Seq2SeqTransformer(nn.Module):
         check_input_ids(input_ids, c.vocab_size, self._max_len())
         if self._max_len() is not None and max_new_tokens + 1 > c.max_len:
             fail("max_new_tokens", max_new_tokens, f"at most max_len - 1 = {c.max_len - 1} (absolute positions)")
-        use_decoding_layout(self)
         return generate_seq2seq(
             self, input_ids, padding_mask(attention_mask, input_ids), max_new_tokens, start_token_id=c.bos_token_id,
             eos_token_id=eos, pad_token_id=c.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -10,17 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from visionformers._validate import check_choice, fail
 from visionformers.nn import KVCache, RMSNorm, T5RelativeBias, TransformerBlock
 from visionformers.nn.grad_checkpoint import set_block_checkpointing
-from visionformers.nn.linear import Linear, linear
 from visionformers.nn.mlp import ACTIVATIONS
 from visionformers.text.common import (
     check_batch_match, check_decode_inputs, check_input_ids, check_token_id, padding_mask,
 )
-from visionformers.text.generation import check_generation_args, generate_seq2seq, use_decoding_layout
+from visionformers.text.generation import check_generation_args, generate_seq2seq
 
 __all__ = ["T5Config", "T5", "T5Encoder"]
 
@@ -153,7 +153,7 @@ class T5(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.dim)  # shared by encoder, decoder and (tied) output
         self.encoder = T5Stack(c, is_decoder=False)
         self.decoder = T5Stack(c, is_decoder=True)
-        self.lm_head = None if c.tie_embeddings else Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
         _init_t5(self, c)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -202,7 +202,7 @@ class T5(nn.Module):
         )
         if self.lm_head is not None:
             return self.lm_head(h)
-        return linear(h * self.config.dim**-0.5, self.embed.weight)  # tied: rescale as Mesh-TF / HF
+        return F.linear(h * self.config.dim**-0.5, self.embed.weight)  # tied: rescale as Mesh-TF / HF
 
     def forward(
         self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -237,7 +237,6 @@ class T5(nn.Module):
         check_generation_args(max_new_tokens, temperature, top_k, top_p, do_sample, eos, vocab_size=c.vocab_size)
         check_input_ids(input_ids, c.vocab_size)
         mask = padding_mask(attention_mask, input_ids)
-        use_decoding_layout(self)
         return generate_seq2seq(
             self, input_ids, mask, max_new_tokens, start_token_id=c.decoder_start_token_id, eos_token_id=eos,
             pad_token_id=c.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from visionformers._io import atomic_write_bytes
 from visionformers._validate import check_choice, check_device, check_path, fail
 
 __all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "load_tokenizer", "SPECIAL_TOKENS", "TOKENIZER_NAME"]
@@ -144,8 +145,6 @@ class Tokenizer(ABC):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` into ``directory`` (atomically), beside ``config.json`` of a model."""
-        from visionformers.hub import atomic_write_bytes
-
         check_path("directory", directory)
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,7 @@ from visionformers.nn import TimestepEmbedding
 from visionformers.nn.grad_checkpoint import checkpointed
 from visionformers.nn.timestep import FourierFeatures
 from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null
-from visionformers.nn.group_norm import group_norm_act
-from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, relayout, zero_init_
+from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, zero_init_
 
 __all__ = ["UNetConfig", "UNet"]
 
@@ -171,35 +170,12 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(c.norm_groups, width, eps=c.norm_eps)
         self.conv_out = zero_init_(nn.Conv2d(width, c.out_channels, 3, padding=1))  # the net starts at 0
-        # Run the activations NHWC (channels_last) on CPU whatever the caller's layout, and store the convolution
-        # weights NHWC there: oneDNN's convolutions read and write NHWC directly, while from NCHW activations each
-        # of the ~65 convolutions reorders its input into a blocked layout and its output back, and from NCHW
-        # weights it reorders every weight on every call, forward and backward (bench/bench_unet.py: the weights
-        # alone make a CPU training step 1.26x faster). Values are unchanged up to float summation order, the state
-        # dict is the same, and the output comes back in x's layout. Elsewhere (CUDA) weights stay NCHW: NHWC
-        # weights with NCHW activations make cuDNN copy every convolution's input, and autograd keeps the copies.
-        self.cpu_channels_last = True
-        self._set_weight_layout()
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each residual and attention block's activations in the backward pass (same gradients)."""
         check_bool("enable", enable)
         self.grad_checkpointing = enable
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)  # .to(device), .cuda(), .float(), ... keep each weight's strides
-        self._set_weight_layout()
-        return self
-
-    def _set_weight_layout(self) -> None:
-        """Convolution weights channels_last on CPU (with ``cpu_channels_last``), contiguous NCHW elsewhere."""
-        for p in self.parameters():
-            if p.ndim == 4:
-                fmt = torch.channels_last if p.device.type == "cpu" and self.cpu_channels_last else torch.contiguous_format
-                if not p.is_contiguous(memory_format=fmt):
-                    with torch.no_grad():
-                        p.data = p.data.contiguous(memory_format=fmt)
 
     def forward(
         self,
@@ -243,10 +219,7 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(labels)
         emb = F.silu(emb)  # every residual block applies SiLU before its projection: do it once
 
-        out_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        if self.cpu_channels_last and x.device.type == "cpu":
-            x = relayout(x, torch.channels_last)
-        h = self.conv_in(x)  # keeps x's layout: conv, GroupNorm, cat, upsampling and attention below all do
+        h = self.conv_in(x)  # (B, C0, H, W)
         skips, ckpt = [h], self.grad_checkpointing
         for level in self.down_levels:
             for i, resnet in enumerate(level.resnets):
@@ -270,5 +243,5 @@ class UNet(nn.Module):
                     h = checkpointed(level.attentions[i], h, context, context_mask, enabled=ckpt)
             if level.resample is not None:
                 h = level.resample(h)
-        out = relayout(self.conv_out(group_norm_act(h, self.norm_out, "silu")), out_format)
+        out = self.conv_out(F.silu(self.norm_out(h)))
         return out / t.view(-1, 1, 1, 1) if self.time_fourier is not None else out  # NCSN++ predicts score * sigma

@@ -11,42 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionformers.nn import Attention
-from visionformers.nn.conv import Conv2d
-from visionformers.nn.drop import dropout
-from visionformers.nn.group_norm import group_norm_act
 
-__all__ = ["ResBlock", "SpatialAttention", "Downsample", "Upsample", "relayout", "silu", "zero_init_"]
-
-
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU of a fresh activation, in place when autograd is off.
-
-    Under autograd an in-place SiLU gains nothing: its backward needs the input, so autograd clones it first.
-    """
-    return F.silu(x, inplace=not torch.is_grad_enabled())
-
-
-class _Relayout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, memory_format):
-        ctx.source = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        return x.contiguous(memory_format=memory_format)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous(memory_format=ctx.source), None
-
-
-def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
-    """``x.contiguous(memory_format=...)`` whose gradient comes back in x's own layout.
-
-    Plain ``contiguous`` passes the gradient through in the new layout, so a channels-last network that returns
-    NCHW would run its whole backward on NCHW gradients against channels-last saved tensors: mixed-layout
-    elementwise kernels, 3-7x slower than matching ones.
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Relayout.apply(x, memory_format)
-    return x.contiguous(memory_format=memory_format)
+__all__ = ["ResBlock", "SpatialAttention", "Downsample", "Upsample", "zero_init_"]
 
 
 def zero_init_(module: nn.Module) -> nn.Module:
@@ -74,26 +40,25 @@ class ResBlock(nn.Module):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
         self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=norm_eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels)
         self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=norm_eps)
         self.dropout = dropout
-        self.conv2 = zero_init_(Conv2d(out_channels, out_channels, 3, padding=1))
+        self.conv2 = zero_init_(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         # a 1x1 conv ("NIN shortcut" in DDPM) only where the width changes
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x (B, Cin, H, W), emb (B, emb_dim) already passed through SiLU -> (B, Cout, H, W)."""
-        h = self.conv1(group_norm_act(x, self.norm1, "silu"))  # one fused step on CPU channels-last maps
-        e = self.emb_proj(emb)[:, :, None, None]  # (B, C or 2C, 1, 1)
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, Cout, H, W)
+        e = self.emb_proj(emb)[:, :, None, None]  # (B, Cout or 2 Cout, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = silu(torch.addcmul(shift, group_norm_act(h, self.norm2), 1 + scale))
+            h = F.silu(self.norm2(h) * (1 + scale) + shift)
         else:
-            h = group_norm_act(h.add_(e), self.norm2, "silu")  # in place: no backward reads conv1's output
-        h = dropout(h, self.dropout, self.training, inplace=True)  # h is a fresh activation
-        h = self.conv2(h)
-        return h.add_(x if self.skip is None else self.skip(x))
+            h = F.silu(self.norm2(h + e))
+        h = self.conv2(F.dropout(h, self.dropout, self.training))
+        return h + (x if self.skip is None else self.skip(x))
 
 
 class SpatialAttention(nn.Module):
@@ -130,7 +95,7 @@ class SpatialAttention(nn.Module):
         """x (B, C, H, W); context (B, M, context_dim), context_mask (B, M) bool -> (B, C, H, W)."""
         b, c, height, width = x.shape
         # (B, C, H, W) -> (B, H*W, C): a free view when x is channels_last, one copy otherwise
-        tokens = (group_norm_act(x, self.norm) if self.norm is not None else x).permute(0, 2, 3, 1).reshape(b, height * width, c)
+        tokens = (self.norm(x) if self.norm is not None else x).permute(0, 2, 3, 1).reshape(b, height * width, c)
         out = x.permute(0, 2, 3, 1).reshape(b, height * width, c) + self.attn(tokens)  # (B, H*W, C)
         if self.cross_attn is not None:
             out = out + self.cross_attn(self.norm_cross(out), context, mask=context_mask)
@@ -161,7 +126,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)

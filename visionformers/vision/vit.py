@@ -32,6 +32,7 @@ from visionformers.nn import (
     TransformerBlock,
     resample_pos_embed,
     sincos_2d,
+    to_2tuple,
 )
 
 __all__ = ["ViTConfig", "VisionTransformer", "vit_grid_size"]
@@ -40,13 +41,9 @@ POS_EMBEDS = ("learned", "sincos", "rope", "none")
 POOLS = ("cls", "avg")
 
 
-def _pair(x) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else tuple(x)
-
-
 def vit_grid_size(img_size, patch_size: int, pad: bool = False) -> tuple[int, int]:
     """Patch grid (h, w) of an image size; with ``pad`` a partial patch at the edge counts."""
-    h, w = _pair(img_size)
+    h, w = to_2tuple(img_size)
     return (-(-h // patch_size), -(-w // patch_size)) if pad else (h // patch_size, w // patch_size)
 
 
@@ -80,7 +77,7 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly from 0 to this at the last block
 
     def __post_init__(self):
-        size = _pair(self.img_size) if isinstance(self.img_size, (int, tuple, list)) else None
+        size = to_2tuple(self.img_size) if isinstance(self.img_size, (int, tuple, list)) else None
         if size is None or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             fail("img_size", self.img_size, "a positive int or an (H, W) tuple of positive ints")
         for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -196,8 +193,8 @@ class VisionTransformer(nn.Module):
         c = self.config
         check_image("images", images, channels=c.in_chans, dtype=self.patch_embed.proj.weight.dtype)
         h, w = images.shape[-2:]
-        if not (c.dynamic_img_size or c.dynamic_img_pad) and (h, w) != _pair(c.img_size):
-            fail("images", images, f"spatial size (H, W)={_pair(c.img_size)} (build with dynamic_img_size=True for others)")
+        if not (c.dynamic_img_size or c.dynamic_img_pad) and (h, w) != to_2tuple(c.img_size):
+            fail("images", images, f"spatial size (H, W)={to_2tuple(c.img_size)} (build with dynamic_img_size=True for others)")
         if not c.dynamic_img_pad and (h % c.patch_size or w % c.patch_size):
             fail("images", images, f"height and width divisible by patch_size={c.patch_size} (or dynamic_img_pad=True)")
 
@@ -228,14 +225,9 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> normed tokens (B, P + h*w, D), prefix tokens first."""
-        return self._features(images)
-
-    def _features(self, images: torch.Tensor, last_queries: int | None = None) -> torch.Tensor:
-        """``forward_features``; with ``last_queries``, the last block's output for the first tokens only."""
         x, rope = self._embed(images)
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, queries=last_queries if i == last else None)
+        for block in self.blocks:
+            x = block(x, rope=rope)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -256,14 +248,8 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> logits (B, num_classes) (pooled features (B, D) when num_classes=0).
-
-        ``forward_head(forward_features(images))``, except that with the class token's pooling the last block
-        computes the class token's output only (the patch tokens still its keys and values): the same logits,
-        with the last block's attention, projection and MLP on one row per image (ViT-B/16: ~6% fewer
-        multiply-adds; its qkv product stays whole, as the keys and values need it).
-        """
-        return self.forward_head(self._features(images, 1 if self.config.global_pool == "cls" else None))
+        """images (B, C, H, W) -> logits (B, num_classes) (pooled features (B, D) when num_classes=0)."""
+        return self.forward_head(self.forward_features(images))
 
     def get_attention_maps(self, images: torch.Tensor, block_idx: int = -1) -> torch.Tensor:
         """Softmax attention weights of one block, (B, heads, N, N) with N = P + h*w; rows sum to 1.

@@ -1,0 +1,47 @@
+"""Atomic file writes: a temporary file in the target's directory, fsync, then one rename.
+
+A reader (another process, a resumed run) sees the old file or the new one, never a half-written one. The
+lowest-level module of the package: it imports nothing from visionformers, so any module may use it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_write_bytes", "file_mode", "fsync_file"]
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the process umask (``mkstemp``
+    creates 0o600 files, which a team sharing a model directory cannot read)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file to disk (before the rename that publishes it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync and an atomic rename; the
+    file gets the umask's mode, as ``open`` would give it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
