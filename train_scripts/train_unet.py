@@ -13,7 +13,7 @@ import sys
 import time
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import DistributedType
 from tqdm.auto import tqdm
 
 from visionformers import data, diffusion, training
@@ -142,11 +142,7 @@ def sample_prompts(dataset, n: int) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=pipeline.force_cpu(),
-                              mixed_precision=args.mixed_precision or pipeline.default_mixed_precision(),
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
-    track.setup_logging(accelerator.is_main_process)
+    accelerator = train_args.accelerator_from_args(args)
     pipeline.check_distributed(accelerator)
     run = run_dir.open_run(args.output_dir, vars(args), resume=args.resume_from_checkpoint,
                            overwrite=args.overwrite_output_dir, accelerator=accelerator)

@@ -14,7 +14,6 @@ import sys
 import time
 
 import torch
-from accelerate import Accelerator
 
 from visionformers import data, registry, training
 from visionformers._validate import check_args, script_errors
@@ -68,11 +67,7 @@ def build_dataset(args):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=pipeline.force_cpu(),
-                              mixed_precision=args.mixed_precision or pipeline.default_mixed_precision(),
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
-    track.setup_logging(accelerator.is_main_process)
+    accelerator = train_args.accelerator_from_args(args)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     training.seed_everything(args.seed)  # the same initial weights on every process
 

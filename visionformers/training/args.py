@@ -1,13 +1,17 @@
 """The command-line options every step-based training script shares (train_unet.py, train_vae.py): batching,
-AdamW and its lr schedule, mixed precision, EMA, seeding, checkpoints and tracking, with their checks."""
+AdamW and its lr schedule, mixed precision, EMA, seeding, checkpoints and tracking, with their checks, and the
+``Accelerator`` these options describe."""
 from __future__ import annotations
 
 import argparse
 import os
 
+from accelerate import Accelerator
+
 from visionformers._validate import check_args
-from visionformers.training.logging import REPORT_TO
+from visionformers.training.logging import REPORT_TO, log_with, setup_logging
 from visionformers.training.optim import LR_SCHEDULES
+from visionformers.training.pipeline import default_mixed_precision, force_cpu
 
 
 def add_training_arguments(parser, *, output_dir: str, output_dir_help: str, max_train_steps: int = 1000,
@@ -54,3 +58,14 @@ def check_training_arguments(args) -> None:
         ("adam_weight_decay", lambda v: v >= 0, "a number >= 0"),
         ("lr_warmup_steps", lambda v: v >= 0, "an int >= 0"),
         ("output_dir", lambda v: not os.path.isfile(v), "a directory (this path is an existing file)")])
+
+
+def accelerator_from_args(args) -> Accelerator:
+    """The ``Accelerator`` of a training script's --mixed_precision (default: bf16 where supported),
+    --gradient_accumulation_steps and --report_to (tracker logs under <output_dir>/logs), with ``logging`` set up
+    (INFO on the main process only)."""
+    accelerator = Accelerator(cpu=force_cpu(), mixed_precision=args.mixed_precision or default_mixed_precision(),
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
+    setup_logging(accelerator.is_main_process)
+    return accelerator
