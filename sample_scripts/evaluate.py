@@ -63,17 +63,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                + [("kid_subset_size", lambda v: v >= 2, "an int >= 2"),
                   ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
                   ("save_npz", lambda v: v is None or args.model_path is not None, "only with --model_path")])
-    for flag, path in (("--real", args.real), ("--fake", args.fake)):  # before any model is built or image read
-        if path is not None and path != "digits" and not os.path.isdir(path):
-            p.error(f"{flag} {path!r} is neither a folder of images nor 'digits'")
-    if args.cache and os.path.isfile(args.cache) and not args.cache.endswith(".npz"):
-        p.error(f"--cache {args.cache!r} is a file but not a .npz statistics file; expected a directory (one "
-                "statistics file per setting) or a .npz file")
     if "fd_dinov2" in args.metrics and not args.dinov2:
         p.error("--metrics fd_dinov2 needs --dinov2 PATH")
     if args.device is not None:
         check_device("--device", args.device)
     return args
+
+
+def check_sources(args: argparse.Namespace) -> None:
+    """The image folders and the cache path, checked before any model is built or image read."""
+    for flag, path in (("--real", args.real), ("--fake", args.fake)):
+        if path is not None and path != "digits" and not os.path.isdir(path):
+            raise FileNotFoundError(f"{flag} {path!r} is neither a folder of images nor 'digits'")
+    if args.cache and os.path.isfile(args.cache) and not args.cache.endswith(".npz"):
+        raise ValueError(f"--cache {args.cache!r} is a file but not a .npz statistics file; expected a directory "
+                         "(one statistics file per setting) or a .npz file")
 
 
 def image_source(path: str, args: argparse.Namespace, flag: str):
@@ -120,8 +124,16 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     accelerator = Accelerator(cpu=args.device == "cpu" or pipeline.force_cpu())
+    try:
+        return evaluate(args, accelerator)
+    finally:
+        accelerator.end_training()  # every process leaves the process group before exit (no gloo teardown abort)
+
+
+def evaluate(args: argparse.Namespace, accelerator) -> int:
     device = torch.device(args.device) if args.device else accelerator.device
     try:
+        check_sources(args)
         extractors = [build_feature_extractor(args.feature_extractor, resize=args.resize).to(device)]
         inception_only = [m for m in args.metrics if m in ("is", "sfid")]
         if inception_only and not hasattr(extractors[0], "outputs"):  # checked before any feature is computed

@@ -11,6 +11,7 @@ from torch import nn
 import visionformers as vf
 from visionformers import hub, registry
 from visionformers.hub import load_weights_file
+from visionformers.vision.unet import UNetConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,3 +247,23 @@ def test_item11_deep_json_bad_init_std_and_a_disguised_pt_are_clear_errors(gpt_d
     disguised.write_bytes((gpt_dir / hub.WEIGHTS_NAME).read_bytes())
     with pytest.raises(ValueError, match=r"weights\.pt' is a safetensors file .*rename it"):
         load_weights_file(disguised)
+
+
+def test_a_unet_saved_before_its_added_fields_loads_as_the_same_network(tmp_path):
+    """UNetConfig.added_fields may be absent from an older config.json; any other missing field is still refused."""
+    torch.manual_seed(0)
+    model = vf.create_model("unet_tiny").eval()
+    directory = vf.save_pretrained(model, tmp_path / "unet")
+    path = directory / hub.CONFIG_NAME
+    saved = json.loads(path.read_text())
+    for name in UNetConfig.added_fields:
+        del saved["config"][name]
+    path.write_text(json.dumps(saved))
+    loaded = vf.from_pretrained(directory).eval()
+    x, t = torch.randn(2, model.config.in_channels, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), model(x, t))
+    del saved["config"]["num_res_blocks"]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"num_res_blocks.* missing"):
+        vf.from_pretrained(directory)

@@ -64,11 +64,16 @@ def digit_classifier(seed: int = 0, steps: int = 600) -> tuple[nn.Module, float]
     return classify, acc
 
 
+def _as_png(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] quantised to 8 bits, as a PNG stores them."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 def grade_images(images: torch.Tensor, labels: torch.Tensor, classifier=None) -> dict:
     """Top-1 agreement of the digit classifier with ``labels``, on (N, 1, H, W) images in [-1, 1] quantised to 8 bits
     as a PNG stores them. ``classifier``: a (classify, test accuracy) pair of :func:`digit_classifier` to reuse."""
     classify, test_acc = classifier or digit_classifier()
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    images = _as_png(images)
     with torch.no_grad():
         logits = classify(images)
     acc = (logits.argmax(1) == labels).float().mean().item()
@@ -79,11 +84,7 @@ def grade_images(images: torch.Tensor, labels: torch.Tensor, classifier=None) ->
 
 def grade(samples_dir: Path) -> dict:
     """Top-1 agreement of the classifier with the class each sample (a PNG of sample_unet.py) was drawn for, and
-    FID / KID of the samples against the train digits on the classifier's 128-d hidden features (not Inception's:
-    a sanity figure)."""
-    from visionformers.data import DigitsDataset
-    from visionformers.metrics import feature_statistics, fid, kid, protocol_note
-
+    :func:`grade_distribution` of the samples."""
     import numpy as np
     from PIL import Image
 
@@ -94,15 +95,25 @@ def grade(samples_dir: Path) -> dict:
     ]).unsqueeze(1)  # (N, 1, H, W)
     labels = torch.tensor([item["class_label"] for item in record["images"]])
     classifier = digit_classifier()
-    graded = grade_images(images, labels, classifier)
-    classify = classifier[0]
+    return {**grade_images(images, labels, classifier), **grade_distribution(images, classifier)}
+
+
+def grade_distribution(images: torch.Tensor, classifier=None) -> dict:
+    """FID / KID of (N, 1, H, W) images in [-1, 1], quantised to 8 bits as a PNG stores them, against the train
+    digits on the digit classifier's 128-d hidden features (not Inception's: a sanity figure). ``classifier``: a
+    pair of :func:`digit_classifier` to reuse."""
+    from visionformers.data import DigitsDataset
+    from visionformers.metrics import feature_statistics, fid, kid, protocol_note
+
+    classify = (classifier or digit_classifier())[0]
     features = lambda x: classify(x, pre_logits=True)  # noqa: E731
     features.name = "digits-classifier"
     real = feature_statistics(DigitsDataset("train", image_size=images.shape[-1], channels=1).images, features)
-    fake = feature_statistics(images, features)
+    fake = feature_statistics(_as_png(images), features)
     f, k = fid(real, fake), kid(real, fake)
     note = protocol_note("fid", real.num_samples, fake.num_samples)
-    return {**graded, "fid": f.value, "kid": k.value, "kid_std": k.std, "fid_kid_line": f"{f}; {k} [{note}]"}
+    return {"fid": f.value, "kid": k.value, "kid_std": k.std, "num_real": real.num_samples,
+            "fid_kid_line": f"{f}; {k} [{note}]"}
 
 
 def main(argv=None) -> None:

@@ -139,8 +139,10 @@ def config_from_dict(config_cls: type, data: dict, source: str = "config"):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown} for {config_cls.__name__}; accepted: {sorted(names)}")
-    missing = sorted(names - set(data))
-    if missing:  # save_pretrained writes every field: a gap means an edited or foreign file, not a default
+    # save_pretrained writes every field: a gap means an edited or foreign file, not a default, except for the
+    # fields a config class gained later (``added_fields``), whose defaults rebuild the network saved before them.
+    missing = sorted(names - set(data) - set(getattr(config_cls, "added_fields", ())))
+    if missing:
         raise ValueError(f"{source}: field(s) {missing} of {config_cls.__name__} are missing; save_pretrained writes "
                          "every field")
     kwargs = {k: _coerce(v, hints[k], k, source) for k, v in data.items()}

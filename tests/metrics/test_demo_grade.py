@@ -39,3 +39,20 @@ def test_grade_reports_fid_and_kid_with_counts_extractor_and_protocol(tmp_path, 
     line = real["fid_kid_line"]
     assert "FID: " in line and "KID: " in line and "(real n=1433, fake n=40, digits-classifier)" in line
     assert line.endswith("[below the standard protocol: real n=1433 < 10,000, fake n=40 < 50,000]")
+
+
+def test_grade_distribution_of_tensors_equals_grade_of_the_same_pngs(tmp_path, one_thread):
+    """examples/quality_per_call.py grades sampled tensors: the same figures as the demo's PNG path."""
+    test = DigitsDataset("test", image_size=8, channels=1)
+    images = test.images[:40] + 0.01 * torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "images").mkdir()
+    items = []
+    for i in range(40):
+        arr = ((images[i, 0].clamp(-1, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / "images" / f"{i:06d}.png")
+        items.append({"file": f"images/{i:06d}.png", "class_label": int(test.labels[i])})
+    (tmp_path / "settings.json").write_text(json.dumps({"images": items}))
+    from_pngs, from_tensors = demo.grade(tmp_path), demo.grade_distribution(images)
+    assert from_tensors["num_real"] == 1433
+    for key in ("fid", "kid", "kid_std"):
+        assert from_tensors[key] == pytest.approx(from_pngs[key], rel=1e-6, abs=1e-9), key

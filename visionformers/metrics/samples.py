@@ -5,6 +5,7 @@ calls :func:`model_dir_sampler` and feeds its chunks to the feature extractors a
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -33,30 +34,36 @@ def model_dir_sampler(
     seed: int = 0,
     use_ema: bool = True,
 ) -> tuple[Callable[[range], torch.Tensor], dict]:
-    """(``sample(indices) -> (B, C, H, W)`` 8-bit-quantised images in [-1, 1], the model's diffusion settings).
+    """(``sample(indices) -> (B, C, H, W)`` 8-bit-quantised images in [-1, 1], ``{"conditioning", "num_classes"}``).
 
-    Image ``i`` uses seed ``seed + i`` and, for a class-conditional model, class ``i % num_classes`` (balanced
-    classes); text-conditional models are refused (they need prompts).
+    The model directory is read by ``vf.load_pipeline`` (ours or a diffusers pipeline; latent models are decoded by
+    their VAE). Image ``i`` uses seed ``seed + i`` and, for a class-conditional model, class ``i % num_classes``
+    (balanced classes); text-conditional models are refused (they need prompts).
     """
-    from visionformers.training import pipeline, sampling
+    from visionformers import diffusion
+    from visionformers.pipeline import load_pipeline
+    from visionformers.training import sampling
 
-    model, settings, conditioner = pipeline.load_denoiser(model_path, device, use_ema=use_ema)
-    kind = settings["conditioning"]
+    pipe = load_pipeline(model_path, device, use_ema=use_ema)
+    kind = pipe.conditioning
     if kind == "text":
         fail("model_path", os.fspath(model_path), "a class-conditional or unconditional model (a text-conditional "
              "one needs prompts: sample it with sample_unet.py and evaluate the folder with --fake)")
-    shape = (settings["channels"], settings["resolution"], settings["resolution"])
+    diffusion.check_sampler(sampler, pipe.schedule)
+    if eta and sampler != "ddim":
+        fail("eta", eta, "0 unless sampler is 'ddim'")
+    fn = functools.partial(diffusion.sample_ddim, eta=eta) if eta else sampler
 
     def sample(indices: range) -> torch.Tensor:
-        labels = [i % settings["num_classes"] for i in indices] if kind == "class" else None
-        cond, uncond = pipeline.model_inputs(settings, conditioner, device, class_labels=labels)
-        images = sampling.sample_chunk(
-            model, indices, pipeline.schedule_from(settings), shape, seed=seed, sampler=sampler, steps=steps,
-            eta=eta, prediction_type=settings["prediction_type"],
-            guidance_scale=guidance_scale if kind != "none" else 1.0, cond=cond, uncond=uncond, device=device)
-        return quantize_8bit(images)
+        labels = [i % pipe.num_classes for i in indices] if kind == "class" else None
+        cond, uncond = pipe.inputs(class_labels=labels, device=device)
+        latents = sampling.sample_chunk(
+            pipe.denoiser, indices, pipe.schedule, pipe.sample_shape, seed=seed, sampler=fn, steps=steps,
+            prediction_type=pipe.prediction_type, guidance_scale=guidance_scale if kind != "none" else 1.0,
+            cond=cond, uncond=uncond, device=device)
+        return quantize_8bit(pipe.decode(latents).cpu())
 
-    return sample, settings
+    return sample, {"conditioning": kind, "num_classes": pipe.num_classes}
 
 
 def save_npz(path: str | os.PathLike, images, labels=None) -> None:

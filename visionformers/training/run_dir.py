@@ -69,9 +69,15 @@ def stored_run_config(output_dir: str | os.PathLike) -> tuple[dict | None, str]:
     return None, ""
 
 
+EXPORT_DIRS = ("model", "best")  # what the training scripts export into their --output_dir
+
+
 def check_same_run(output_dir: str | os.PathLike, config: dict, overwrite: bool = False) -> None:
     """Refuse to start a new run in a directory that holds another run (its stored arguments differ), unless
     ``overwrite``: that run's checkpoints are then removed so they cannot be resumed by mistake."""
+    held = ckpt.candidates(Path(output_dir)) or [d for d in EXPORT_DIRS if (Path(output_dir) / d).is_dir()]
+    if not held:  # nothing to lose (e.g. a run that stopped on a bad argument): the new run takes the directory
+        return
     stored, source = stored_run_config(output_dir)
     if stored is None:
         return

@@ -11,6 +11,7 @@ Imagen), self-conditioning (Chen et al. 2023, "Analog Bits", sec. 3) and a learn
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,9 @@ class UNetConfig:
     downsample_padding: int = 1  # 0: pad right/bottom by one, then an unpadded stride-2 conv (TF "SAME", as DDPM's code)
     time_embedding_type: str = "positional"  # "fourier": Fourier features of log t, output divided by t (NCSN++)
     mid_attention_norm: bool = True  # GroupNorm before the middle attention (diffusers' scale-shift UNet has none)
+
+    # Fields newer than the first saved UNets: a config.json without them loads with these defaults (the old network).
+    added_fields: ClassVar[frozenset[str]] = frozenset({"downsample_padding", "time_embedding_type", "mid_attention_norm"})
 
     def __post_init__(self):
         for name in ("sample_size", "in_channels", "base_channels", "num_res_blocks", "norm_groups"):
