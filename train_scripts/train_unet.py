@@ -7,7 +7,6 @@ Resume with --resume_from_checkpoint latest; the continuation is bit-identical t
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -287,16 +286,8 @@ def main(argv=None) -> None:
                     accelerator.backward(loss)
                     loss_sum, loss_count = loss_sum + loss.detach().nan_to_num(0.0), loss_count + 1
             # One optimizer update per `gradient_accumulation_steps` micro-batches (accelerate's sync point).
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-            bad = accelerator.reduce(bad, "sum") if world > 1 else bad  # every process takes the same decision
-            is_bad = bool(bad > 0) or not math.isfinite(float(grad_norm))
-            if not is_bad or accelerator.scaler is not None:  # the fp16 scaler skips inf steps by itself
-                optimizer.step()
-                is_bad = is_bad or optimizer.step_was_skipped
-            if ema is not None and not is_bad:
-                ema.update(model)
-            optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
+            is_bad, grad_norm = training.optimizer_update(accelerator, model, optimizer, lr_scheduler, ema, bad,
+                                                          args.max_grad_norm)
             step += 1
             progress.update(1)
             guard.update(is_bad, step)

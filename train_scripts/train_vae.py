@@ -8,7 +8,6 @@ With no arguments: a vae_tiny (factor 4) on the embedded digits at 16 px, L1 + K
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -138,16 +137,7 @@ def main(argv=None) -> None:
                 accelerator.backward(loss)
                 for k, v in {"loss": loss.detach(), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v.nan_to_num(0.0) / args.gradient_accumulation_steps
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-        bad = accelerator.reduce(bad, "sum") if world > 1 else bad
-        is_bad = bool(bad > 0) or not math.isfinite(float(grad_norm))
-        if not is_bad or accelerator.scaler is not None:
-            optimizer.step()
-            is_bad = is_bad or optimizer.step_was_skipped
-        if ema is not None and not is_bad:
-            ema.update(model)
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
+        is_bad, _ = training.optimizer_update(accelerator, model, optimizer, lr_scheduler, ema, bad, args.max_grad_norm)
         step += 1
         guard.update(is_bad, step)
         logged += 1

@@ -21,7 +21,8 @@ def add_training_arguments(parser, *, output_dir: str, output_dir_help: str, max
     a = parser.add_argument
     a("--train_batch_size", type=int, default=64, help="per process")
     a("--dataloader_num_workers", type=int, default=0, help="data loading processes (0: in the main process)")
-    a("--max_train_steps", type=int, default=max_train_steps, help="optimizer steps of the whole run (sets the lr schedule)")
+    a("--max_train_steps", type=int, default=max_train_steps,
+      help="optimizer steps of the whole run (sets the lr schedule)")
     a("--stop_after_steps", type=int, default=None, help="stop this process after N steps (checkpoint kept)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
