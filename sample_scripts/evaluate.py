@@ -21,6 +21,7 @@ import torch
 from visionformers import diffusion
 from visionformers._validate import HelpFormatter, check_args, check_device, script_errors
 from visionformers.data import DigitsDataset, ImageFolderDataset
+from visionformers.data.image_folder import folder_fingerprint
 from visionformers.metrics import build_feature_extractor, dinov2_features, protocol, reference, samples
 from visionformers.training import pipeline
 
@@ -99,7 +100,7 @@ def reference_features(args, extractors, accelerator, device) -> list[dict]:
     """Each extractor's reference features: from the cache when its key matches, else computed (and cached)."""
     ds = image_source(args.real, args, "--real")
     source = (f"digits:{args.digits_split}" if args.real == "digits" else
-              f"folder:{os.path.abspath(args.real)}:{reference.folder_fingerprint(ds.paths, ds.root)}")
+              f"folder:{os.path.abspath(args.real)}:{folder_fingerprint(ds.paths, ds.root)}")
     keys = [reference.reference_key(e, source, resolution=args.resolution, channels=args.channels,
                                     resize=args.resize, num_images=len(ds)) for e in extractors]
     files = [reference.cache_file(args.cache, k) if args.cache else None for k in keys]

@@ -13,10 +13,10 @@ import sys
 import time
 
 import torch
-from accelerate import Accelerator
 
 from visionformers import data, training
 from visionformers._validate import script_errors
+from visionformers.training import args as train_args
 from visionformers.training import callbacks as cb
 from visionformers.training import classification as clf
 from visionformers.training import logging as track
@@ -184,12 +184,7 @@ def setup(args, accelerator):
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        accelerator = Accelerator(cpu=pipeline.force_cpu(),
-                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                  mixed_precision=args.mixed_precision or pipeline.default_mixed_precision(),
-                                  log_with=track.log_with(args.report_to),
-                                  project_dir=os.path.join(args.output_dir, "logs"))
-        track.setup_logging(accelerator.is_main_process)
+        accelerator = train_args.accelerator_from_args(args)
         pipeline.check_distributed(accelerator)
         run = run_dir.open_run(args.output_dir, vars(args), overwrite=args.overwrite_output_dir, accelerator=accelerator)
         training.seed_everything(args.seed, accelerator.process_index)

@@ -7,18 +7,18 @@ Resume with --resume_from_checkpoint latest; the continuation is bit-identical t
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import DistributedType
 from tqdm.auto import tqdm
 
 from visionformers import data, diffusion, training
 from visionformers._validate import check_args, script_errors
 from visionformers.data import latent_cache
+from visionformers.training import args as train_args
 from visionformers.training import callbacks as cb
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import latents
@@ -62,38 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--resolution", type=int, default=8, help="8: the digits' native size")
     a("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="center crop (else a random crop)")
     a("--random_flip", action="store_true", help="horizontal flips with probability 1/2")
-    a("--train_batch_size", type=int, default=64, help="per process")
-    a("--dataloader_num_workers", type=int, default=0, help="data loading processes (0: in the main process)")
-    a("--max_train_steps", type=int, default=600, help="optimizer steps of the whole run (sets the lr schedule)")
-    a("--stop_after_steps", type=int, default=None, help="stop this process after N steps (checkpoint kept)")
-    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
-    a("--lr_scheduler", default="cosine", choices=training.LR_SCHEDULES, help="shape of the lr schedule after warm-up")
-    a("--lr_warmup_steps", type=int, default=50, help="linear warm-up steps")
-    a("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    a("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    a("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping (the norm is still checked)")
-    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 if supported")
-    a("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights (exported)")
-    a("--ema_max_decay", type=float, default=0.999, help="upper bound of the EMA decay")
+    train_args.add_training_arguments(p, output_dir="outputs/train_unet", output_dir_help="checkpoints, samples and the "
+                                      "exported model/ (locked while the run uses it)", max_train_steps=600, use_ema=True)
     a("--ema_power", type=float, default=3 / 4, help="EMA warm-up: decay = 1 - (1 + step)^-power")
-    a("--seed", type=int, default=0, help="seed of weights, data order and noise")
-    a("--output_dir", default="outputs/train_unet", help="checkpoints, samples and the exported model/ (locked while the run uses it)")
     a("--overwrite_output_dir", action="store_true",
       help="start a new run in an --output_dir holding another run (its checkpoints are removed)")
-    a("--checkpointing_steps", type=int, default=200, help="save a checkpoint every N steps (0: none)")
-    a("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints (default: all)")
-    a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
     a("--sample_every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
     a("--num_samples", type=int, default=40, help="images in each sample grid")
     a("--sampler", default=None, choices=list(diffusion.SAMPLERS), help="default: ddim (VP), heun (flow)")
     a("--num_inference_steps", type=int, default=40, help="sampler steps of the sample grids")
     a("--guidance_scale", type=float, default=2.0, help="classifier-free guidance weight of the sample grids (1: none)")
-    a("--report_to", default="none", choices=track.REPORT_TO, help="experiment tracker")
-    a("--tracker_project_name", default="visionformers", help="project name of the tracker")
-    a("--logging_steps", type=int, default=10, help="log the loss every N steps")
-    a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
     a("--eval_steps", type=int, default=0, help="every N steps, the loss of a fixed evaluation batch (the digits' "
       "test split, or the first images of --train_data_dir) under fixed noise (0: never)")
     cb.add_early_stopping_arguments(p, METRICS, default="eval_loss")
@@ -101,23 +79,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--debug_inject_nan_at", type=int, nargs="*", default=[], help="(testing) make the loss NaN at these steps")
     args = p.parse_args(argv)
     check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
-        "num_inference_steps", "resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-        "num_samples", "logging_steps")] + [
-        ("checkpointing_steps", lambda v: v >= 0, "an int >= 0 (0: no checkpoints)"),
+        "num_inference_steps", "resolution", "num_samples")] + [
         ("num_train_timesteps", lambda v: v >= 2, "an int >= 2"),
         ("flow_shift", lambda v: v > 0, "a number > 0 (1: no shift)"),
         ("logit_std", lambda v: v > 0, "a number > 0"),
         ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
         ("cond_drop_prob", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-        ("learning_rate", lambda v: v > 0, "a number > 0"),
-        ("max_grad_norm", lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
-        ("stop_after_steps", lambda v: v is None or v >= 1, "an int >= 1"),
-        ("adam_beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        ("adam_beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        ("adam_weight_decay", lambda v: v >= 0, "a number >= 0"),
-        ("lr_warmup_steps", lambda v: v >= 0, "an int >= 0"),
-        ("eval_steps", lambda v: v >= 0, "an int >= 0 (0: never)"),
-        ("output_dir", lambda v: not os.path.isfile(v), "a directory (this path is an existing file)")])
+        ("eval_steps", lambda v: v >= 0, "an int >= 0 (0: never)")])
+    train_args.check_training_arguments(args)
     if args.train_data_dir is None:  # the embedded digits: these options only apply to an image folder
         given = [flag for flag, on in (("--captions_file", args.captions_file is not None),
                                        ("--random_flip", args.random_flip), ("--no-center_crop", not args.center_crop)) if on]
@@ -172,11 +141,7 @@ def sample_prompts(dataset, n: int) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=pipeline.force_cpu(),
-                              mixed_precision=args.mixed_precision or pipeline.default_mixed_precision(),
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
-    track.setup_logging(accelerator.is_main_process)
+    accelerator = train_args.accelerator_from_args(args)
     pipeline.check_distributed(accelerator)
     run = run_dir.open_run(args.output_dir, vars(args), resume=args.resume_from_checkpoint,
                            overwrite=args.overwrite_output_dir, accelerator=accelerator)
@@ -321,16 +286,8 @@ def main(argv=None) -> None:
                     accelerator.backward(loss)
                     loss_sum, loss_count = loss_sum + loss.detach().nan_to_num(0.0), loss_count + 1
             # One optimizer update per `gradient_accumulation_steps` micro-batches (accelerate's sync point).
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-            bad = accelerator.reduce(bad, "sum") if world > 1 else bad  # every process takes the same decision
-            is_bad = bool(bad > 0) or not math.isfinite(float(grad_norm))
-            if not is_bad or accelerator.scaler is not None:  # the fp16 scaler skips inf steps by itself
-                optimizer.step()
-                is_bad = is_bad or optimizer.step_was_skipped
-            if ema is not None and not is_bad:
-                ema.update(model)
-            optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
+            is_bad, grad_norm = training.optimizer_update(accelerator, model, optimizer, lr_scheduler, ema, bad,
+                                                          args.max_grad_norm)
             step += 1
             progress.update(1)
             guard.update(is_bad, step)

@@ -8,16 +8,15 @@ With no arguments: a vae_tiny (factor 4) on the embedded digits at 16 px, L1 + K
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 
 import torch
-from accelerate import Accelerator
 
 from visionformers import data, registry, training
 from visionformers._validate import check_args, script_errors
+from visionformers.training import args as train_args
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import logging as track
 from visionformers.training import pipeline, sampling
@@ -40,47 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--perceptual_weight", type=float, default=1.0, help="weight of the perceptual loss")
     a("--scale_latents", action=argparse.BooleanOptionalAction, default=True,
       help="export with scaling_factor = 1 / std of the data's latents (else the preset's)")
-    a("--train_batch_size", type=int, default=64, help="per process")
-    a("--dataloader_num_workers", type=int, default=0, help="data loading processes (0: in the main process)")
-    a("--max_train_steps", type=int, default=1000, help="optimizer steps of the whole run (sets the lr schedule)")
-    a("--stop_after_steps", type=int, default=None, help="stop this process after N steps (checkpoint kept)")
-    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
-    a("--lr_scheduler", default="cosine", choices=training.LR_SCHEDULES, help="shape of the lr schedule after warm-up")
-    a("--lr_warmup_steps", type=int, default=50, help="linear warm-up steps")
-    a("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    a("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    a("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping (the norm is still checked)")
-    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 if supported")
-    a("--use_ema", action=argparse.BooleanOptionalAction, default=False, help="keep an EMA of the weights (exported)")
-    a("--ema_max_decay", type=float, default=0.999, help="upper bound of the EMA decay")
-    a("--seed", type=int, default=0, help="seed of weights, data order and noise")
-    a("--output_dir", default="outputs/train_vae", help="checkpoints and the exported VAE")
-    a("--checkpointing_steps", type=int, default=200, help="save a checkpoint every N steps (0: none)")
-    a("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints (default: all)")
-    a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+    train_args.add_training_arguments(p, output_dir="outputs/train_vae", output_dir_help="checkpoints and the exported VAE",
+                                      max_train_steps=1000, use_ema=False)
     a("--sample_every", type=int, default=0, help="write a reconstruction grid every N steps (0: only at the end)")
     a("--num_samples", type=int, default=16, help="images in each reconstruction grid")
-    a("--report_to", default="none", choices=track.REPORT_TO, help="experiment tracker")
-    a("--tracker_project_name", default="visionformers", help="project name of the tracker")
-    a("--logging_steps", type=int, default=10, help="log the loss every N steps")
-    a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
     args = p.parse_args(argv)
-    check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in (
-        "resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps", "num_samples",
-        "logging_steps")] + [
-        ("checkpointing_steps", lambda v: v >= 0, "an int >= 0 (0: no checkpoints)"),
+    check_args(args, [(name, lambda v: v >= 1, "an int >= 1") for name in ("resolution", "num_samples")] + [
         ("kl_weight", lambda v: v >= 0, "a number >= 0"),
-        ("perceptual_weight", lambda v: v >= 0, "a number >= 0"),
-        ("learning_rate", lambda v: v > 0, "a number > 0"),
-        ("max_grad_norm", lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
-        ("stop_after_steps", lambda v: v is None or v >= 1, "an int >= 1"),
-        ("adam_beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        ("adam_beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        ("adam_weight_decay", lambda v: v >= 0, "a number >= 0"),
-        ("lr_warmup_steps", lambda v: v >= 0, "an int >= 0"),
-        ("output_dir", lambda v: not os.path.isfile(v), "a directory (this path is an existing file)")])
+        ("perceptual_weight", lambda v: v >= 0, "a number >= 0")])
+    train_args.check_training_arguments(args)
     if args.train_data_dir is None and (args.random_flip or not args.center_crop):
         raise ValueError("--random_flip / --no-center_crop apply to --train_data_dir, which is not given")
     return args
@@ -99,11 +66,7 @@ def build_dataset(args):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=pipeline.force_cpu(),
-                              mixed_precision=args.mixed_precision or pipeline.default_mixed_precision(),
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=track.log_with(args.report_to), project_dir=os.path.join(args.output_dir, "logs"))
-    track.setup_logging(accelerator.is_main_process)
+    accelerator = train_args.accelerator_from_args(args)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     training.seed_everything(args.seed)  # the same initial weights on every process
 
@@ -174,16 +137,7 @@ def main(argv=None) -> None:
                 accelerator.backward(loss)
                 for k, v in {"loss": loss.detach(), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v.nan_to_num(0.0) / args.gradient_accumulation_steps
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-        bad = accelerator.reduce(bad, "sum") if world > 1 else bad
-        is_bad = bool(bad > 0) or not math.isfinite(float(grad_norm))
-        if not is_bad or accelerator.scaler is not None:
-            optimizer.step()
-            is_bad = is_bad or optimizer.step_was_skipped
-        if ema is not None and not is_bad:
-            ema.update(model)
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
+        is_bad, _ = training.optimizer_update(accelerator, model, optimizer, lr_scheduler, ema, bad, args.max_grad_norm)
         step += 1
         guard.update(is_bad, step)
         logged += 1

@@ -16,6 +16,7 @@ or "" (flat).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Callable
@@ -63,6 +64,16 @@ def find_images(root: str) -> tuple[list[str], list[int], list[str], int]:
         labels = [i for i, c in enumerate(classes) for _ in per_class[c]]
         return paths, labels, classes, len(top_images)
     return top_images, [-1] * len(top_images), [], 0
+
+
+def folder_fingerprint(paths: list[str], root: str) -> str:
+    """SHA-256 over each image's path relative to ``root``, size and modification time, in order: the key of
+    caches of a folder's images (latent caches, reference features), which changes when a file does."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.relpath(p, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _inspect(path: str, check: str) -> tuple[bool, str, tuple[int, int]]:

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from visionformers._validate import check_int, check_path, fail
+from visionformers.data.image_folder import folder_fingerprint
 from visionformers.hub import atomic_write_bytes, save_state_dict
 
 __all__ = ["LatentDataset", "build_latent_cache", "folder_fingerprint", "vae_fingerprint", "posterior_sample"]
@@ -50,15 +51,6 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
         t = t.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def folder_fingerprint(paths: list[str], root: str) -> str:
-    """sha256 of an image list: each file's path under ``root``, size and modification time."""
-    h = hashlib.sha256()
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -22,15 +22,6 @@ from visionformers._validate import fail
 CACHE_FORMAT = 1  # bump when the layout changes: older files are then refused, not misread
 
 
-def folder_fingerprint(paths: list[str], root: str) -> str:
-    """SHA-256 over each image's path relative to ``root``, size and modification time, in order."""
-    h = hashlib.sha256()
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{os.path.relpath(p, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 def reference_key(extractor, source: str, *, resolution: int, channels: int, resize: str, num_images: int) -> dict:
     """The cache key of one extractor's features of one reference set (``source`` names the set and its split)."""
     if not getattr(extractor, "fingerprint", ""):

@@ -21,6 +21,7 @@ from visionformers.training.loop import (
     capture_rng_state,
     make_generator,
     mix_seed,
+    optimizer_update,
     restore_rng_state,
     seed_everything,
 )
@@ -32,7 +33,7 @@ __all__ = [
     "export_pretrained", "is_complete", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
     "prune_checkpoints", "resolve_checkpoint", "save_checkpoint",
     "BadStepGuard", "DataStream", "EpochBatchSampler", "SeededItems", "TrainingDiverged", "all_finite",
-    "capture_rng_state", "make_generator", "mix_seed", "restore_rng_state", "seed_everything",
+    "capture_rng_state", "make_generator", "mix_seed", "optimizer_update", "restore_rng_state", "seed_everything",
     "StopOnSignal", "stopped_message",
     "LR_SCHEDULES", "WarmupSchedule", "build_lr_scheduler", "build_optimizer", "param_groups",
 ]

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterable, Iterator
 
@@ -242,6 +243,28 @@ def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """True when every given tensor holds only finite values (one sync for the whole set)."""
     flags = [torch.isfinite(t).all() for t in tensors if t is not None]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+def optimizer_update(accelerator, model: torch.nn.Module, optimizer, lr_scheduler, ema, bad: torch.Tensor,
+                     max_grad_norm: float) -> tuple[bool, torch.Tensor]:
+    """One optimizer update at accelerate's sync point, with the same decision on every process.
+
+    Clips the gradients to ``max_grad_norm`` (0: the norm is only measured); the step is bad when any process
+    saw a non-finite loss (``bad`` > 0) or the norm is not finite, and is then skipped (under fp16 the scaler
+    skips it by itself). ``ema`` (or None) follows good steps only; the gradients are zeroed and the lr schedule
+    advances either way. Returns (bad, gradient norm): ``bad`` goes to :meth:`BadStepGuard.update`.
+    """
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    bad = accelerator.reduce(bad, "sum") if accelerator.num_processes > 1 else bad
+    is_bad = bool(bad > 0) or not math.isfinite(float(grad_norm))
+    if not is_bad or accelerator.scaler is not None:
+        optimizer.step()
+        is_bad = is_bad or optimizer.step_was_skipped
+    if ema is not None and not is_bad:
+        ema.update(model)
+    optimizer.zero_grad(set_to_none=True)
+    lr_scheduler.step()
+    return is_bad, grad_norm
 
 
 class BadStepGuard:

@@ -25,6 +25,7 @@ from torch import nn
 
 from visionformers._validate import check_bool, check_image, check_int, check_number, check_tensor, fail, is_int
 from visionformers.nn import Attention
+from visionformers.vision.unet_blocks import Downsample, Upsample
 
 __all__ = ["AutoencoderKLConfig", "AutoencoderKL", "DiagonalGaussian"]
 
@@ -145,28 +146,6 @@ class MidBlock(nn.Module):
         return self.res2(x)
 
 
-class Downsample(nn.Module):
-    """Halve H and W: pad one pixel right and bottom, then a stride-2 3x3 conv (LDM; odd sizes round up)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, ceil(H/2), ceil(W/2))
-
-
-class Upsample(nn.Module):
-    """Double H and W by nearest-neighbour repetition, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
-
-
 class Level(nn.Module):
     """Residual blocks at one resolution, then an optional resampler."""
 
@@ -191,7 +170,8 @@ class Encoder(nn.Module):
         levels, prev = [], widths[0]
         for i, w in enumerate(widths):
             resnets = [ResnetBlock(prev if j == 0 else w, w, g, eps) for j in range(c.layers_per_block)]
-            levels.append(Level(resnets, Downsample(w) if i < len(widths) - 1 else None))
+            # LDM pads right and bottom before the stride-2 conv (odd sizes round up)
+            levels.append(Level(resnets, Downsample(w, padding=0) if i < len(widths) - 1 else None))
             prev = w
         self.levels = nn.ModuleList(levels)
         self.mid = MidBlock(widths[-1], g, eps, c.mid_block_attention)
