@@ -65,8 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     train_args.add_training_arguments(p, output_dir="outputs/train_unet", output_dir_help="checkpoints, samples and the "
                                       "exported model/ (locked while the run uses it)", max_train_steps=600, use_ema=True)
     a("--ema_power", type=float, default=3 / 4, help="EMA warm-up: decay = 1 - (1 + step)^-power")
-    a("--overwrite_output_dir", action="store_true",
-      help="start a new run in an --output_dir holding another run (its checkpoints are removed)")
     a("--sample_every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
     a("--num_samples", type=int, default=40, help="images in each sample grid")
     a("--sampler", default=None, choices=list(diffusion.SAMPLERS), help="default: ddim (VP), heun (flow)")

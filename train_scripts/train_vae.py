@@ -19,7 +19,7 @@ from visionformers._validate import check_args, script_errors
 from visionformers.training import args as train_args
 from visionformers.training import checkpoint as ckpt
 from visionformers.training import logging as track
-from visionformers.training import pipeline, sampling
+from visionformers.training import pipeline, run_dir, sampling
 from visionformers.training import vae as vae_lib
 
 
@@ -67,6 +67,8 @@ def build_dataset(args):
 def main(argv=None) -> None:
     args = parse_args(argv)
     accelerator = train_args.accelerator_from_args(args)
+    run = run_dir.open_run(args.output_dir, vars(args), resume=args.resume_from_checkpoint,
+                           overwrite=args.overwrite_output_dir, accelerator=accelerator)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     training.seed_everything(args.seed)  # the same initial weights on every process
 
@@ -93,15 +95,13 @@ def main(argv=None) -> None:
     state_objs = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
                       generators={"posterior": gen}, accelerator=accelerator)
 
-    step, resumed_from = 0, ckpt.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    step, resumed_from = 0, run.resume_from
     if resumed_from is not None:
         saved = ckpt.load_checkpoint(resumed_from, **state_objs)["train_state"]
         step, accelerator.step = saved["step"], saved["accumulation_step"]
         stream.load_state_dict(saved["data"])
         guard.load_state_dict(saved["bad_steps"])
         accelerator.print(f"resumed from {resumed_from} at step {step}")
-    if accelerator.is_main_process:
-        ckpt.remove_stale(args.output_dir)
     track.init_trackers(accelerator, args.tracker_project_name, vars(args), args.output_dir)
     with torch.random.fork_rng(devices=[]):  # a random flip here must not move the training RNG
         fixed = torch.stack([dataset[i]["pixel_values"] for i in range(min(args.num_samples, len(dataset)))])
@@ -124,32 +124,44 @@ def main(argv=None) -> None:
     stop_at = min(args.max_train_steps, step + (args.stop_after_steps or args.max_train_steps))
     sums = {}
     model.train()
-    while step < stop_at:
-        bad = torch.zeros((), device=device)
-        for _ in range(args.gradient_accumulation_steps):
-            batch = next(stream)
-            with accelerator.accumulate(model):
-                x = batch["pixel_values"].to(device, non_blocking=True)
-                loss, parts = vae_lib.vae_loss(model, x, gen, reconstruction=args.reconstruction_loss,
-                                               kl_weight=args.kl_weight, perceptual=perceptual,
-                                               perceptual_weight=args.perceptual_weight)
-                bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
-                accelerator.backward(loss)
-                for k, v in {"loss": loss.detach(), **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v.nan_to_num(0.0) / args.gradient_accumulation_steps
-        is_bad, _ = training.optimizer_update(accelerator, model, optimizer, lr_scheduler, ema, bad, args.max_grad_norm)
-        step += 1
-        guard.update(is_bad, step)
-        logged += 1
-        if step % args.logging_steps == 0 or step == stop_at:
-            means = {f"train/{k}": (accelerator.reduce(v, "mean") / logged).item() for k, v in sums.items()}
-            accelerator.print(f"step {step}: " + ", ".join(f"{k[6:]} {v:.5f}" for k, v in means.items()))
-            track.log_scalars(accelerator, {**means, "train/lr": lr_scheduler.get_last_lr()[0]}, step)
-            sums, logged = {}, 0
-        if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at):
-            save(step)
-        if args.sample_every and step % args.sample_every == 0 and step < args.max_train_steps:
-            write_grid(accelerator.unwrap_model(model), f"samples/step-{step:06d}.png", step)
+    stop = training.StopOnSignal(accelerator)  # SIGTERM / Ctrl-C: checkpoint at the next step boundary, then exit
+    try:
+        while step < stop_at:
+            bad = torch.zeros((), device=device)
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(stream)
+                with accelerator.accumulate(model):
+                    x = batch["pixel_values"].to(device, non_blocking=True)
+                    loss, parts = vae_lib.vae_loss(model, x, gen, reconstruction=args.reconstruction_loss,
+                                                   kl_weight=args.kl_weight, perceptual=perceptual,
+                                                   perceptual_weight=args.perceptual_weight)
+                    bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+                    accelerator.backward(loss)
+                    for k, v in {"loss": loss.detach(), **parts}.items():
+                        sums[k] = sums.get(k, 0.0) + v.nan_to_num(0.0) / args.gradient_accumulation_steps
+            is_bad, _ = training.optimizer_update(accelerator, model, optimizer, lr_scheduler, ema, bad, args.max_grad_norm)
+            step += 1
+            guard.update(is_bad, step)
+            logged += 1
+            if step % args.logging_steps == 0 or step == stop_at:
+                means = {f"train/{k}": (accelerator.reduce(v, "mean") / logged).item() for k, v in sums.items()}
+                accelerator.print(f"step {step}: " + ", ".join(f"{k[6:]} {v:.5f}" for k, v in means.items()))
+                track.log_scalars(accelerator, {**means, "train/lr": lr_scheduler.get_last_lr()[0]}, step)
+                sums, logged = {}, 0
+            stopping = stop.requested()
+            if stopping or args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at):
+                save(step)
+            if stopping:
+                break
+            if args.sample_every and step % args.sample_every == 0 and step < args.max_train_steps:
+                write_grid(accelerator.unwrap_model(model), f"samples/step-{step:06d}.png", step)
+    finally:
+        stop.close()
+    if stop.signum is not None and step < args.max_train_steps:
+        accelerator.print(training.stopped_message(step, args.max_train_steps, args.output_dir, stop.reason))
+        accelerator.end_training()
+        run.close()
+        raise SystemExit(stop.exit_code())
     if step >= args.max_train_steps:
         weights = (ckpt.ema_state_dict(model, ema) if ema is not None else ckpt.full_model_state_dict(model))
         final = type(accelerator.unwrap_model(model))(accelerator.unwrap_model(model).config)
@@ -164,7 +176,11 @@ def main(argv=None) -> None:
         ckpt.export_pretrained(final, os.path.join(args.output_dir, "model"), accelerator=accelerator)
         write_grid(final, "samples.png", step)
         accelerator.print(f"done: {step} steps in {time.time() - t0:.0f} s; VAE in {args.output_dir}/model")
+    else:
+        accelerator.print(training.stopped_message(step, args.max_train_steps, args.output_dir, "--stop_after_steps",
+                                                   saved=bool(args.checkpointing_steps)))
     accelerator.end_training()
+    run.close()
 
 
 if __name__ == "__main__":

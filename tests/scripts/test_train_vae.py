@@ -47,3 +47,30 @@ def test_bad_inputs(tmp_path, train):
         train([*TINY, "--random_flip", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="feature_extractor"):
         train([*TINY, "--perceptual_model", "nonsense", "--output_dir", str(tmp_path / "o")])
+
+
+def test_another_runs_directory_is_refused_and_a_signal_checkpoints(tmp_path, train, monkeypatch):
+    """The output-dir lock, run identity and stop-on-signal machinery of train_unet.py, here too."""
+    import os
+    import signal
+
+    from visionformers.training import stop
+
+    out = tmp_path / "run"
+    train([*TINY, "--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", str(out)])
+    with pytest.raises(ValueError, match=r"holds another run .*--max_train_steps 3 \(saved: 2\)"):
+        train([*TINY, "--max_train_steps", "3", "--output_dir", str(out)])
+    polls = []
+
+    def requested(self):  # the signal arrives during step 2: the loop sees it at the next step boundary
+        polls.append(1)
+        if len(polls) == 2 and self.signum is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.signum is not None
+
+    monkeypatch.setattr(stop.StopOnSignal, "requested", requested)
+    with pytest.raises(SystemExit) as info:
+        train([*TINY, "--max_train_steps", "50", "--checkpointing_steps", "0", "--output_dir", str(tmp_path / "b")])
+    assert info.value.code == 128 + signal.SIGTERM
+    assert ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "b"))["step"] == 2
+    assert not (tmp_path / "b" / ".lock").exists()

@@ -37,6 +37,8 @@ def add_training_arguments(parser, *, output_dir: str, output_dir_help: str, max
     a("--ema_max_decay", type=float, default=0.999, help="upper bound of the EMA decay")
     a("--seed", type=int, default=0, help="seed of weights, data order and noise")
     a("--output_dir", default=output_dir, help=output_dir_help)
+    a("--overwrite_output_dir", action="store_true",
+      help="start a new run in an --output_dir holding another run (its checkpoints are removed)")
     a("--checkpointing_steps", type=int, default=200, help="save a checkpoint every N steps (0: none)")
     a("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints (default: all)")
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
