@@ -114,25 +114,3 @@ def test_training_and_resume_are_bit_identical_whatever_the_switch(tmp_path):
     for k in on:
         assert torch.equal(on[k], off[k]) and torch.equal(on[k], resumed[k]), k
     assert torch.equal(tokens_on, tokens_off)
-
-
-def test_onednn_linear_keeps_the_values_and_attaches_by_the_cpu_alone():
-    from visionformers.native import OneDNNLinear, onednn_pays
-    from visionformers.native.optimize import ONEDNN_MIN_K, onednn_available
-
-    torch.manual_seed(0)
-    model = vf.create_model("vit_tiny_patch4_32", embed_dim=ONEDNN_MIN_K, depth=1, num_heads=6, num_classes=10).eval()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(images)
-    optimize(model, kernels=False, onednn=True)
-    swapped = [m for m in model.modules() if isinstance(m, OneDNNLinear)]
-    assert bool(swapped) == onednn_available()
-    assert all(m.in_features >= ONEDNN_MIN_K for m in swapped) and all(m.weight.is_contiguous() for m in swapped)
-    with torch.no_grad():
-        torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
-        assert torch.equal(model(images), model(images))  # the same bits on every call
-    default = optimize(vf.create_model("vit_tiny_patch4_32", embed_dim=ONEDNN_MIN_K, depth=1, num_heads=6).eval(), kernels=False)
-    assert any(isinstance(m, OneDNNLinear) for m in default.modules()) == (onednn_pays() and onednn_available())
-    with pytest.raises(ValueError, match="onednn"):
-        optimize(_gpt(), onednn=1.0)

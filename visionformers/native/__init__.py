@@ -6,6 +6,6 @@ changes what a model computes beyond float rounding, and training code never cal
 ``vision/``, ``text/`` or ``diffusion/`` imports this package; without it the models run unchanged.
 """
 from visionformers.native.ops import kernel_available
-from visionformers.native.optimize import OneDNNLinear, RowsLinear, kernels_pay, onednn_pays, optimize
+from visionformers.native.optimize import RowsLinear, kernels_pay, optimize
 
-__all__ = ["optimize", "RowsLinear", "OneDNNLinear", "kernel_available", "kernels_pay", "onednn_pays"]
+__all__ = ["optimize", "RowsLinear", "kernel_available", "kernels_pay"]

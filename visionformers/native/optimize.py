@@ -8,11 +8,6 @@ What it does, each chosen by what the machine has (never by a timing), in place:
   MKL runs a one-row product on a single core, which is what it does on CPUs without AVX-512; on AVX-512 CPUs
   MKL's one-row products already read memory at full bandwidth, and the kernel is not attached unless asked
   (``kernels=True``);
-- on CPUs with AVX-512 (or AMX), every other ``nn.Linear`` with at least ``ONEDNN_MIN_K`` inputs becomes a
-  ``OneDNNLinear``: its CPU fp32 inference products of more than ``MAX_ROWS`` rows (a ViT's or a UNet attention's
-  token matrices) run oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor emits for CPU
-  linears) instead of MKL's; on AVX2 machines MKL's is as fast or faster, and it is kept (``onednn=True`` /
-  ``False`` forces either way);
 - every other CPU weight matrix with more rows than columns (embeddings, tied output heads, and every linear
   weight where the kernel is missing) is stored column-major: same values, transposed strides. Decoding multiplies
   one row by each matrix, and CPU BLAS streams a wide (out > in) matrix markedly faster as (in, out) rows;
@@ -32,21 +27,10 @@ from torch import nn
 from visionformers._validate import check_bool, fail
 from visionformers.native import ops
 
-__all__ = ["optimize", "kernels_pay", "onednn_pays", "RowsLinear", "OneDNNLinear", "MAX_ROWS", "ONEDNN_MIN_K"]
+__all__ = ["optimize", "kernels_pay", "RowsLinear", "MAX_ROWS"]
 
 # Rows up to which RowsLinear takes the kernel: decoding's 1-16 rows per step; beyond, a blocked BLAS product wins.
 MAX_ROWS = 16
-# Inputs from which OneDNNLinear takes oneDNN: with 96-192 inputs (Swin-T's first stages) it is no faster than MKL.
-ONEDNN_MIN_K = 384
-
-
-def _inference_fp32_cpu(x: torch.Tensor, w: torch.Tensor, in_features: int) -> bool:
-    """A CPU fp32 product that autograd does not record, of an input whose last dimension is ``in_features``."""
-    return (
-        x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
-        and x.ndim > 0 and x.shape[-1] == in_features
-        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-    )
 
 
 class RowsLinear(nn.Linear):
@@ -54,18 +38,12 @@ class RowsLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if _inference_fp32_cpu(x, w, self.in_features) and x.numel() <= MAX_ROWS * self.in_features:
+        if (
+            x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+            and x.numel() <= MAX_ROWS * self.in_features and x.ndim and x.shape[-1] == self.in_features
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        ):
             return ops.linear_rows(x, w, b)
-        return F.linear(x, w, b)
-
-
-class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` whose CPU fp32 inference products of more than ``MAX_ROWS`` rows run oneDNN's matmul."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if _inference_fp32_cpu(x, w, self.in_features) and x.numel() > MAX_ROWS * self.in_features:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return F.linear(x, w, b)
 
 
@@ -83,40 +61,22 @@ def kernels_pay() -> bool:
     return not torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
 
 
-def onednn_available() -> bool:
-    """oneDNN's matmul is in this PyTorch build and enabled (``torch.backends.mkldnn``)."""
-    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def onednn_pays() -> bool:
-    """Whether OneDNNLinear is attached by default here: a CPU with AVX-512 or AMX, where oneDNN's matmul runs
-    ViT-B's products faster than MKL's (``bench/RESULTS.md``); a static choice, the same on every run."""
-    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
-
-
-def optimize(model: nn.Module, kernels: bool | None = None, onednn: bool | None = None) -> nn.Module:
+def optimize(model: nn.Module, kernels: bool | None = None) -> nn.Module:
     """Attach the CPU inference speed-ups to ``model`` in place (see the module docstring); returns it.
 
     ``kernels``: None attaches the native kernel where it pays (``kernels_pay``), True wherever it is built,
-    False nowhere (the layouts only: what a machine without the kernel gets). ``onednn``: None attaches
-    ``OneDNNLinear`` where it pays (``onednn_pays``), True wherever oneDNN is built, False nowhere. Idempotent.
-    Values are unchanged up to float rounding; state dicts and parameter names are unchanged.
+    False nowhere (the layouts only: what a machine without the kernel gets). Idempotent. Values are unchanged up
+    to float rounding; state dicts and parameter names are unchanged.
     """
     if not isinstance(model, nn.Module):
         fail("model", model, "a torch.nn.Module")
     check_bool("kernels", kernels, optional=True)
-    check_bool("onednn", onednn, optional=True)
     kernel = (kernels_pay() if kernels is None else kernels) and ops.kernel_available()
-    dnn = (onednn_pays() if onednn is None else onednn) and onednn_available()
-    rows = []  # weights read as (out, in) rows (the kernel's, oneDNN's): left as they are even where an embedding shares one
+    rows = []  # weights the kernel reads as (out, in) rows: left as they are even where an embedding shares one
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.device.type == "cpu":
-            if kernel:
-                module.__class__ = RowsLinear  # same object, same parameters: only forward changes
-            elif dnn and module.in_features >= ONEDNN_MIN_K:
-                module.__class__ = OneDNNLinear
-        if isinstance(module, (RowsLinear, OneDNNLinear)):
+        if kernel and type(module) is nn.Linear and module.weight.device.type == "cpu":
+            module.__class__ = RowsLinear  # same object, same parameters: only forward changes
+        if isinstance(module, RowsLinear):
             rows.append(module.weight)
             if not module.weight.is_contiguous():
                 with torch.inference_mode(False), torch.no_grad():
