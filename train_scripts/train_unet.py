@@ -320,11 +320,7 @@ def main(argv=None) -> None:
         stop.close()
     progress.close()
     callbacks.on_train_end(state)
-    if stop.signum is not None and step < args.max_train_steps:
-        accelerator.print(training.stopped_message(step, args.max_train_steps, args.output_dir, stop.reason))
-        accelerator.end_training()
-        run.close()
-        raise SystemExit(stop.exit_code())
+    stop.leave_if_stopped(step, args.max_train_steps, args.output_dir, accelerator, run)
     if state.should_stop:
         accelerator.print(state.stop_reason)
     if step >= args.max_train_steps or state.should_stop:

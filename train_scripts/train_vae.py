@@ -157,11 +157,7 @@ def main(argv=None) -> None:
                 write_grid(accelerator.unwrap_model(model), f"samples/step-{step:06d}.png", step)
     finally:
         stop.close()
-    if stop.signum is not None and step < args.max_train_steps:
-        accelerator.print(training.stopped_message(step, args.max_train_steps, args.output_dir, stop.reason))
-        accelerator.end_training()
-        run.close()
-        raise SystemExit(stop.exit_code())
+    stop.leave_if_stopped(step, args.max_train_steps, args.output_dir, accelerator, run)
     if step >= args.max_train_steps:
         weights = (ckpt.ema_state_dict(model, ema) if ema is not None else ckpt.full_model_state_dict(model))
         final = type(accelerator.unwrap_model(model))(accelerator.unwrap_model(model).config)

@@ -70,6 +70,16 @@ class StopOnSignal:
     def exit_code(self) -> int:
         return 128 + int(self.signum) if self.signum is not None else 0
 
+    def leave_if_stopped(self, step: int, max_steps: int, output_dir: str, accelerator, run) -> None:
+        """After the loop: when a signal ended the run before ``max_steps``, print the one line, release the output
+        directory and exit with 128 + the signal's number (the checkpoint was saved at the step boundary)."""
+        if self.signum is None or step >= max_steps:
+            return
+        accelerator.print(stopped_message(step, max_steps, output_dir, self.reason))
+        accelerator.end_training()
+        run.close()
+        raise SystemExit(self.exit_code())
+
 
 def stopped_message(step: int, max_steps: int, output_dir: str, reason: str, saved: bool = True) -> str:
     """The one line a run prints when it ends before ``max_steps``."""
