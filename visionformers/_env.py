@@ -20,7 +20,7 @@ from pathlib import Path
 
 from visionformers._validate import fail
 
-__all__ = ["flag", "integer", "choice", "directory", "native", "cache", "pack_budget_mb", "traceback"]
+__all__ = ["flag", "integer", "choice", "directory", "native", "cache", "traceback"]
 
 TRUE = ("1", "true", "on", "yes")
 FALSE = ("0", "false", "off", "no")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "file_mode", "fsync_file"]
+__all__ = ["atomic_write", "atomic_write_bytes", "file_mode", "fsync_file"]
 
 
 def file_mode() -> int:
@@ -29,19 +30,24 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync and an atomic rename; the
-    file gets the umask's mode, as ``open`` would give it."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Publish the file that ``write(tmp_path)`` writes at ``path``: a temporary file in the same directory, the
+    umask's mode (as ``open`` would give it), fsync, then an atomic rename. Returns ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from visionformers._io import atomic_write_bytes, file_mode, fsync_file
+from visionformers._io import atomic_write, atomic_write_bytes
 from visionformers._validate import check_choice, check_path, is_int
 from visionformers.registry import model_classes
 
@@ -63,17 +62,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, met
         if key is not None:
             seen[key] = k
         tensors[k] = v.detach().contiguous().cpu()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, file_mode())
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -481,7 +481,8 @@ def load_diffusers_model(directory: str | os.PathLike, device: str | torch.devic
 
 def save_diffusers_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` that diffusers' ``from_pretrained`` loads."""
-    from visionformers.hub import atomic_write_bytes, save_state_dict
+    from visionformers._io import atomic_write_bytes
+    from visionformers.hub import save_state_dict
 
     config, state = to_diffusers(model)
     out = Path(directory)

@@ -33,7 +33,8 @@ from torch.utils.data import Dataset
 
 from visionformers._validate import check_int, check_path, fail
 from visionformers.data.image_folder import folder_fingerprint
-from visionformers.hub import atomic_write_bytes, save_state_dict
+from visionformers._io import atomic_write_bytes
+from visionformers.hub import save_state_dict
 
 __all__ = ["LatentDataset", "build_latent_cache", "folder_fingerprint", "vae_fingerprint", "posterior_sample"]
 

@@ -177,7 +177,7 @@ def kid(real: FeatureStats, fake: FeatureStats, num_subsets: int = 100, subset_s
 
 def save_statistics(path: str | os.PathLike, stats: FeatureStats) -> None:
     """Write statistics to a .npz (plain arrays only, so it loads with allow_pickle=False); atomic."""
-    from visionformers.hub import atomic_write_bytes  # lazy: hub imports the model zoo
+    from visionformers._io import atomic_write_bytes
 
     path = os.fspath(path)
     arrays = {

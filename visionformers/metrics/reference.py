@@ -46,7 +46,7 @@ def cache_file(cache: str | os.PathLike, key: dict) -> str:
 
 def save_reference(path: str | os.PathLike, key: dict, features: dict[str, np.ndarray]) -> None:
     """Write ``features`` (name -> array) with their key; atomic (temporary file, fsync, rename)."""
-    from visionformers.hub import atomic_write_bytes
+    from visionformers._io import atomic_write_bytes
 
     path = os.fspath(path)
     if "key" in features:

@@ -73,7 +73,7 @@ def save_npz(path: str | os.PathLike, images, labels=None) -> None:
 
     import numpy as np
 
-    from visionformers.hub import atomic_write_bytes
+    from visionformers._io import atomic_write_bytes
 
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:

@@ -239,7 +239,7 @@ def _exclusive(library: Path) -> Iterator[None]:
 def _compile(name: str, source: Path, command: list[str], flags: list[str], target: Path) -> bool:
     """Compile ``source`` into ``target`` through a temporary file; record its digest. False where it failed (a
     compiler error leaves the marker)."""
-    from visionformers.hub import atomic_write_bytes  # (hub imports the models, which import this module)
+    from visionformers._io import atomic_write_bytes
 
     fd, tmp = tempfile.mkstemp(prefix=f".build-{os.getpid()}-{_host_tag()}-", suffix=".so", dir=target.parent)
     os.close(fd)

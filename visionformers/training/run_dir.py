@@ -21,7 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
-from visionformers.hub import atomic_write_bytes, read_json
+from visionformers._io import atomic_write_bytes
+from visionformers.hub import read_json
 from visionformers.training import checkpoint as ckpt
 from visionformers.training.lock import OutputDirLock, check_writable
 

@@ -119,21 +119,9 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, u
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG via a temporary name and an atomic rename."""
-    import os
-    import tempfile
-
-    from visionformers.hub import file_mode
+    """Write a PNG atomically, with the umask's mode (``visionformers._io.atomic_write``)."""
+    from visionformers._io import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600 files; images follow the umask, as open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
