@@ -5,12 +5,13 @@ lowest-level module of the package: it imports nothing from visionformers, so an
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_bytes", "file_mode", "fsync_file"]
+__all__ = ["atomic_write", "atomic_write_bytes", "file_mode", "fsync_file", "sha256_file"]
 
 
 def file_mode() -> int:
@@ -51,3 +52,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def sha256_file(*paths: str | os.PathLike) -> str:
+    """SHA-256 over the bytes of ``paths`` in order, read a MiB at a time (checkpoint and cache checksums, the
+    fingerprint of a feature extractor's weights)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -31,9 +31,9 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from visionformers._io import atomic_write_bytes, sha256_file
 from visionformers._validate import check_int, check_path, fail
 from visionformers.data.image_folder import folder_fingerprint
-from visionformers._io import atomic_write_bytes
 from visionformers.hub import save_state_dict
 
 __all__ = ["LatentDataset", "build_latent_cache", "folder_fingerprint", "vae_fingerprint", "posterior_sample"]
@@ -55,12 +55,6 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _key_hash(key: dict) -> str:
@@ -168,7 +162,7 @@ def build_latent_cache(
         if same_key:
             if not path.is_file():
                 why = "missing"
-            elif _sha256_file(path) != manifest["shards"][k]:
+            elif sha256_file(path) != manifest["shards"][k]:
                 why = "corrupt or partial (checksum mismatch)"
             else:
                 continue
@@ -179,7 +173,7 @@ def build_latent_cache(
     vae.train(was_training)
     barrier()
     if rank == 0:
-        shards = [_sha256_file(directory / name) for name in names]
+        shards = [sha256_file(directory / name) for name in names]
         if not same_key or shards != manifest["shards"]:
             record = {"key": full_key, "shards": shards}
             atomic_write_bytes(directory / MANIFEST, json.dumps(record, indent=1).encode())

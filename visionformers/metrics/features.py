@@ -8,7 +8,6 @@ Input channels: grey (1) is repeated to RGB, RGB is used as is, other channel co
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 
@@ -18,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from visionformers._io import sha256_file
 from visionformers._validate import check_choice, check_tensor, fail
 from visionformers.metrics.inception import inception_from_state_dict
 
@@ -69,16 +69,6 @@ def resize_images(x: torch.Tensor, size: int | tuple[int, int] | None, policy: s
         return torch.from_numpy(out).to(x.device, x.dtype) / 127.5 - 1
     mode = "bilinear" if policy == "bilinear_antialias" else "bicubic"
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
-
-
-def file_sha256(*paths: str | os.PathLike) -> str:
-    """SHA-256 over the bytes of ``paths`` in order: what identifies an extractor's weights in a cache key."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def extractor_outputs(extractor, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -156,7 +146,7 @@ class InceptionFeatures(nn.Module):
         self.net = inception_from_state_dict(state, f"weights_path={os.fspath(weights_path)!r}")
         self.resize = resize
         self.name = "inception-pytorch-fid" if self.net.variant == "pytorch_fid" else "inception-torchvision"
-        self.fingerprint = file_sha256(weights_path)
+        self.fingerprint = sha256_file(weights_path)
 
     def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 1 or 3, H, W) in [-1, 1] -> {"pool": (B, 2048), "logits": (B, classes), "spatial": (B, 2023)}."""
@@ -185,7 +175,7 @@ def dinov2_features(path: str | os.PathLike, image_size: int = 224, num_heads: i
     path = os.fspath(path)
     if os.path.isdir(path):
         model = from_pretrained(path)
-        fingerprint = file_sha256(os.path.join(path, WEIGHTS_NAME), os.path.join(path, "config.json"))
+        fingerprint = sha256_file(os.path.join(path, WEIGHTS_NAME), os.path.join(path, "config.json"))
     else:
         state = load_weights_file(path, "dinov2")
         if "blocks.0.attn.qkv.weight" not in state or "cls_token" not in state:
@@ -193,7 +183,7 @@ def dinov2_features(path: str | os.PathLike, image_size: int = 224, num_heads: i
                  "'blocks.N.attn.qkv.weight', 'norm.weight') or a visionformers ViT directory")
         config, converted = convert.from_timm(state, img_size=image_size, num_heads=num_heads, return_config=True)
         model = convert.build_model(config, converted)
-        fingerprint = file_sha256(path)
+        fingerprint = sha256_file(path)
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         fail("dinov2", path, f"a ViT; it holds a {type(model).__name__}")
     extractor = ClassifierFeatures(model.eval(), in_chans=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -246,7 +236,7 @@ def build_feature_extractor(spec: str, resize: str = "pytorch_fid") -> nn.Module
             fail("feature_extractor", spec, f"a classifier directory (ViT / Swin); {arg!r} holds a {type(model).__name__}")
         extractor = ClassifierFeatures(model, resize=resize)
         extractor.name = f"visionformers({os.path.basename(os.path.normpath(arg))})"
-        extractor.fingerprint = file_sha256(os.path.join(arg, WEIGHTS_NAME), os.path.join(arg, "config.json"))
+        extractor.fingerprint = sha256_file(os.path.join(arg, WEIGHTS_NAME), os.path.join(arg, "config.json"))
         return extractor
     if kind == "random_conv" and (not arg or arg.isdigit()):
         return RandomConvFeatures(seed=int(arg or 0))

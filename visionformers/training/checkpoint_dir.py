@@ -4,13 +4,13 @@ and SHA-256 checksums, ``latest`` resolution, pruning, and the leftovers (``.tmp
 killed run."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
+from visionformers._io import sha256_file
 from visionformers._validate import fail, is_int
 from visionformers.hub import read_json
 
@@ -89,14 +89,6 @@ def read_state(path: str | os.PathLike) -> dict:
     if not file.is_file() or file.is_symlink():
         raise FileNotFoundError(f"{str(file)!r} is missing: {str(path)!r} is not a complete checkpoint")
     return validate_state(read_json(file, "checkpoint state"), repr(str(file)))
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _file_entries(state: dict) -> dict[str, tuple[int, str | None]]:
