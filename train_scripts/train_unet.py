@@ -24,6 +24,7 @@ from visionformers.training import checkpoint as ckpt
 from visionformers.training import latents
 from visionformers.training import logging as track
 from visionformers.training import performance, pipeline, run_dir, sampling
+from visionformers.training.text_denoiser import JointTextDenoiser
 
 METRICS = {"eval_loss": "min"}  # what each evaluation (--eval_steps) reports: early stopping's choices
 
@@ -37,7 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="class: the labels of class subfolders (or the digits); text: captions; none: unconditional")
     a("--text_encoder", default="t5_tiny_encoder",
       help="for --conditioning text: a text preset (randomly initialised) or a transformers model dir (T5 / T5 "
-           "encoder, BERT, GPT-2 written by save_pretrained, with its tokenizer.json); frozen")
+           "encoder, BERT, GPT-2 written by save_pretrained, with its tokenizer.json); frozen unless "
+           "--train_text_encoder")
+    a("--train_text_encoder", action="store_true", help="train the text encoder jointly with the denoiser (one "
+      "optimizer, gradient sync and EMA over both); the export carries the trained encoder")
+    a("--text_encoder_learning_rate", type=float, default=None, help="peak learning rate of the text encoder with "
+      "--train_text_encoder (default: --learning_rate; a pretrained encoder usually wants a smaller one)")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
     a("--prediction_type", default=None, choices=diffusion.PREDICTION_TYPES,
       help="default: v for a VP schedule (keeps the x0 estimate bounded at high noise), flow for --noise_schedule flow")
@@ -83,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("logit_std", lambda v: v > 0, "a number > 0"),
         ("guidance_scale", lambda v: v >= 0, "a number >= 0 (1: no guidance)"),
         ("cond_drop_prob", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-        ("eval_steps", lambda v: v >= 0, "an int >= 0 (0: never)")])
+        ("eval_steps", lambda v: v >= 0, "an int >= 0 (0: never)"),
+        ("text_encoder_learning_rate", lambda v: v is None or v > 0, "a number > 0")])
     train_args.check_training_arguments(args)
     if args.train_data_dir is None:  # the embedded digits: these options only apply to an image folder
         given = [flag for flag, on in (("--captions_file", args.captions_file is not None),
@@ -96,6 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("--no-center_crop is not accepted with --vae: cached latents need a deterministic crop")
     if args.latent_cache_dir is not None and args.vae is None:
         raise ValueError("--latent_cache_dir applies to --vae, which is not given")
+    if args.train_text_encoder and args.conditioning != "text":
+        raise ValueError(f"--train_text_encoder needs --conditioning text (given: --conditioning {args.conditioning}); "
+                         "class labels and unconditional models have no text encoder")
+    if args.text_encoder_learning_rate is not None and not args.train_text_encoder:
+        raise ValueError("--text_encoder_learning_rate applies to --train_text_encoder, which is not given")
     if args.early_stopping_patience is not None and not args.eval_steps:
         raise ValueError("--early_stopping_patience needs --eval_steps N (the evaluations it counts)")
     flow = args.noise_schedule == "flow"
@@ -151,7 +163,7 @@ def main(argv=None) -> None:
     # the denoiser's input: the VAE's latents (resolution / factor) or the pixels themselves
     in_channels, size = (latents.denoiser_shape(vae, args.resolution, args.model_overrides, channels) if vae is not None
                          else (channels, args.resolution))
-    conditioner = (pipeline.build_text_conditioner(args.text_encoder, device, args.seed)
+    conditioner = (pipeline.build_text_conditioner(args.text_encoder, device, args.seed, train=args.train_text_encoder)
                    if args.conditioning == "text" else None)
     num_classes = num_classes if args.conditioning == "class" else None
     context_dim = conditioner.context_dim if conditioner is not None else None
@@ -161,6 +173,13 @@ def main(argv=None) -> None:
     except ValueError as e:  # the config names its field (sample_size, ...); say which flags set it
         given = " with --model_overrides" if args.model_overrides else ""
         raise ValueError(f"--model={args.model} at --resolution={args.resolution}{given}: {e}") from None
+    if args.train_text_encoder:  # one module: one DDP wrapper, optimizer, EMA and checkpoint for both
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("--train_text_encoder runs on one process or under DDP; the accelerate config asks for "
+                             "FSDP: use a config without FSDP, or drop --train_text_encoder")
+        model = JointTextDenoiser(model, conditioner)
+    # the frozen encoder encodes the captions outside the model; a trained one inside it (None here)
+    frozen_conditioner = None if args.train_text_encoder else conditioner
     settings = pipeline.diffusion_settings(args, num_classes, class_names, channels, context_dim)
     if vae is not None:  # encoded once, reused by later runs and resumes; flips cached as latents of their own
         settings["latent"] = latents.latent_settings(vae, args.resolution)
@@ -183,8 +202,9 @@ def main(argv=None) -> None:
         raise ValueError(f"--noise_schedule={args.noise_schedule}: {e}") from None
     memory_format = performance.configure_training(model, device, gradient_checkpointing=args.gradient_checkpointing,
                                                    compile=args.compile, compile_backend=args.compile_backend)
+    lrs = {"text_encoder": args.text_encoder_learning_rate} if args.text_encoder_learning_rate else None
     optimizer = training.build_optimizer(model, "adamw", args.learning_rate, args.adam_weight_decay,
-                                         (args.adam_beta1, args.adam_beta2))
+                                         (args.adam_beta1, args.adam_beta2), lrs=lrs)
     lr_scheduler = training.build_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the lr schedule steps once per update, by us
     training.seed_everything(args.seed, rank + 1)  # from here on each process has its own streams (dropout)
@@ -193,7 +213,7 @@ def main(argv=None) -> None:
     stream = training.DataStream(dataset, args.train_batch_size, args.seed, world, rank, args.dataloader_num_workers,
                                  batch_flag="--train_batch_size")
     guard = training.BadStepGuard(args.max_bad_steps, accelerator.mixed_precision, args.learning_rate)
-    text_encoder = {pipeline.TEXT_ENCODER_DIR: conditioner.encoder} if conditioner is not None else None
+    text_encoder = {pipeline.TEXT_ENCODER_DIR: conditioner.encoder} if frozen_conditioner is not None else None
     extra_models = {**(text_encoder or {}), **({latents.VAE_DIR: vae} if vae is not None else {})} or None
     stopper = cb.early_stopping_from_args(args, METRICS)
     callbacks, state = cb.CallbackList([stopper]), cb.LoopState(model=model, accelerator=accelerator)
@@ -218,7 +238,7 @@ def main(argv=None) -> None:
         train_state = {"step": at_step, "accumulation_step": accelerator.step, "data": stream.state_dict(),
                        "bad_steps": guard.state_dict(), "callbacks": callbacks.state_dict()}
         extra = {pipeline.DIFFUSION_FILE: settings, ckpt.CONFIG_NAME: ckpt.model_config_json(model),
-                 **pipeline.text_encoder_files(conditioner)}
+                 **pipeline.text_encoder_files(conditioner, config=args.train_text_encoder)}
         ckpt.save_checkpoint(args.output_dir, at_step, train_state=train_state, config=vars(args),
                              total_limit=args.checkpoints_total_limit, keep=(resumed_from,), extra_files=extra,
                              extra_models=extra_models, **state_objs)
@@ -274,8 +294,8 @@ def main(argv=None) -> None:
                     x0 = (latent_cache.posterior_sample(batch, noise_gen, device).contiguous(memory_format=memory_format)
                           if vae is not None else
                           batch["pixel_values"].to(device, non_blocking=True, memory_format=memory_format))
-                    cond = pipeline.training_inputs(batch, settings, conditioner, args.cond_drop_prob, noise_gen,
-                                                    device)
+                    cond = pipeline.training_inputs(batch, settings, frozen_conditioner, args.cond_drop_prob,
+                                                    noise_gen, device)
                     loss = diffusion.training_loss(model, x0, sched, args.prediction_type, args.snr_gamma,
                                                    generator=noise_gen, **loss_options, **cond)
                     if step + 1 in args.debug_inject_nan_at:
@@ -301,8 +321,8 @@ def main(argv=None) -> None:
                                   step)
                 loss_sum, loss_count = torch.zeros((), device=device), 0
             if args.eval_steps and step % args.eval_steps == 0:
-                value = pipeline.evaluation_loss(model, eval_batch, settings, conditioner, sched, args.prediction_type,
-                                                 args.seed, device, **loss_options)
+                value = pipeline.evaluation_loss(model, eval_batch, settings, frozen_conditioner, sched,
+                                                 args.prediction_type, args.seed, device, **loss_options)
                 track.log_scalars(accelerator, {"eval/loss": value}, step)
                 callbacks.on_evaluate(state, {"eval_loss": value})
             stopping = stop.requested()

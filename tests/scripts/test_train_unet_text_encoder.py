@@ -1,5 +1,6 @@
 """train_unet.py --text_encoder <transformers dir>: pretrained T5 weights + its tokenizer, carried by the export;
-sample grids prompt with the user's captions; a captions file that names no image is an error."""
+sample grids prompt with the user's captions; a captions file that names no image is an error;
+--train_text_encoder trains it jointly, resumes bit-identically (one process and two) and exports it."""
 import json
 import sys
 from pathlib import Path
@@ -7,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _unet_script_helpers import SAMPLE, TINY, TRAIN, load_script
+from _unet_script_helpers import SAMPLE, TINY, TRAIN, assert_same_files, load_script, run, tensors
 from PIL import Image
+from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "text"))
 transformers = pytest.importorskip("transformers")
@@ -25,12 +27,17 @@ def _folder(root):
     return root
 
 
-def test_pretrained_t5_dir_trains_exports_and_samples(tmp_path):
-    t5 = tmp_path / "t5"
+def _t5_dir(path):
     cfg = transformers.T5Config(vocab_size=16, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
                                 relative_attention_num_buckets=8)
-    transformers.T5EncoderModel(cfg).save_pretrained(t5)
-    _tokenizer(t5)
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(cfg).save_pretrained(path)
+    _tokenizer(path)
+    return path
+
+
+def test_pretrained_t5_dir_trains_exports_and_samples(tmp_path):
+    t5 = _t5_dir(tmp_path / "t5")
     (tmp_path / "imgs").mkdir()
     images = _folder(tmp_path / "imgs")
     out = tmp_path / "out"
@@ -63,3 +70,76 @@ def test_sample_prompts_come_from_the_captions(tmp_path):
     (tmp_path / "other.jsonl").write_text(json.dumps({"file_name": "elsewhere/x.png", "text": "x"}))
     with pytest.raises(ValueError, match="captions_file"):
         data.ImageFolderDataset(tmp_path, 8, captions_file=tmp_path / "other.jsonl")
+
+
+def test_train_text_encoder_resumes_bit_identically_and_exports_the_trained_encoder(tmp_path):
+    t5 = _t5_dir(tmp_path / "t5")
+    (tmp_path / "imgs").mkdir()
+    images = _folder(tmp_path / "imgs")
+    common = [*TINY, "--conditioning", "text", "--text_encoder", str(t5), "--train_text_encoder",
+              "--text_encoder_learning_rate", "3e-4", "--train_data_dir", str(images), "--captions_file",
+              str(images / "captions.jsonl"), "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
+              "--max_train_steps", "6", "--checkpointing_steps", "3", "--ema_max_decay", "0.5"]
+    train = load_script(TRAIN)
+    train.main([*common, "--output_dir", str(tmp_path / "a")])
+    train.main([*common, "--output_dir", str(tmp_path / "b"), "--stop_after_steps", "3"])
+    train.main([*common, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert_same_files(a / "checkpoint-6", b / "checkpoint-6")
+    assert_same_files(a / "model", b / "model", names=("model.safetensors", "text_encoder/model.safetensors"))
+    # one optimizer over both models, keyed by name, with the encoder's own learning rate
+    moments = tensors(a / "checkpoint-6" / "optimizer.safetensors")
+    assert {k.split(".")[0] for k in moments} == {"denoiser", "text_encoder"}
+    with safe_open(str(a / "checkpoint-6" / "optimizer.safetensors"), "pt") as f:
+        skeleton = json.loads(f.metadata()["skeleton"])
+    assert sorted({g["initial_lr"] for g in skeleton["param_groups"]}) == [3e-4, 1e-3]
+
+    from visionformers import load_pipeline
+    from visionformers.text.pretrained import load_text_encoder
+
+    exported = tensors(a / "model" / "text_encoder" / "model.safetensors")
+    ema = tensors(a / "checkpoint-6" / "ema.safetensors")
+    original = load_text_encoder(t5)[0].state_dict()
+    assert exported.keys() == original.keys()
+    for k in exported:  # the exported encoder is the EMA of the trained one, which moved away from the T5 it began as
+        assert torch.equal(exported[k], ema["text_encoder.encoder." + k]), k
+    assert max((exported[k] - original[k]).abs().max() for k in exported) > 1e-4
+    from_export, from_checkpoint = load_pipeline(a / "model"), load_pipeline(a / "checkpoint-6")
+    for x, y in ((from_export.model, from_checkpoint.model), (from_export.text_encoder, from_checkpoint.text_encoder)):
+        for (k, v), w in zip(x.state_dict().items(), y.state_dict().values()):
+            assert torch.equal(v, w), k
+    images = from_export.sample(2, prompts=["blue zero"], steps=2, guidance_scale=2.0,
+                                generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()  # the folder loads as RGB
+
+
+def test_train_text_encoder_two_processes_resume(tmp_path):
+    common = [*TINY, "--conditioning", "text", "--train_text_encoder", "--max_train_steps", "4",
+              "--checkpointing_steps", "2"]
+    run(TRAIN, [*common, "--output_dir", str(tmp_path / "split"), "--stop_after_steps", "2"], nproc=2)
+    run(TRAIN, [*common, "--output_dir", str(tmp_path / "split"), "--resume_from_checkpoint", "latest"], nproc=2)
+    run(TRAIN, [*common, "--output_dir", str(tmp_path / "straight")], nproc=2)
+    # equal up to fp32 round-off (gloo all-reduce order), encoder included
+    assert_same_files(tmp_path / "split" / "checkpoint-4", tmp_path / "straight" / "checkpoint-4", atol=1e-6)
+    weights = tensors(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
+    assert {k.split(".")[0] for k in weights} == {"denoiser", "text_encoder"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_text_encoder"], "--train_text_encoder needs --conditioning text"),
+    (["--conditioning", "text", "--text_encoder_learning_rate", "1e-4"], "applies to --train_text_encoder"),
+    (["--conditioning", "text", "--train_text_encoder", "--text_encoder_learning_rate", "0"],
+     "--text_encoder_learning_rate"),
+])
+def test_train_text_encoder_bad_flags(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        load_script(TRAIN).main([*TINY, *flags, "--max_train_steps", "1", "--output_dir", str(tmp_path)])
+
+
+def test_resume_must_keep_train_text_encoder(tmp_path):
+    common = [*TINY, "--conditioning", "text", "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--output_dir", str(tmp_path)]
+    train = load_script(TRAIN)
+    train.main([*common, "--train_text_encoder", "--stop_after_steps", "2"])
+    with pytest.raises(ValueError, match="--train_text_encoder false"):
+        train.main([*common, "--resume_from_checkpoint", "latest"])

@@ -19,9 +19,16 @@ from visionformers.text.gpt import GPT
 from visionformers.text.t5 import T5, T5Encoder
 from visionformers.text.tokenizer import ByteTokenizer, Tokenizer
 
-__all__ = ["TextConditioner"]
+__all__ = ["TextConditioner", "unused_by_encoding"]
 
 BACKBONES = (Bert, T5Encoder, T5, GPT)
+
+
+def unused_by_encoding(encoder: nn.Module) -> list[nn.Module]:
+    """The parts of a backbone that encoding (``forward_features``) never runs: BERT's pooler, GPT's untied LM head,
+    T5's decoder and untied LM head (T5's shared embedding is the encoder's input table, so it is used)."""
+    parts = {Bert: ("pooler",), GPT: ("lm_head",), T5: ("decoder", "lm_head")}.get(type(encoder), ())
+    return [m for m in (getattr(encoder, name, None) for name in parts) if m is not None]
 
 
 class TextConditioner(nn.Module):
@@ -34,6 +41,7 @@ class TextConditioner(nn.Module):
         *,
         max_length: int = 77,  # prompts are cut to this many tokens (CLIP's 77), keeping the final <eos>
         freeze: bool = True,  # frozen: eval mode, no gradients; False trains jointly with the diffusion model
+        # (then the parts encoding never runs, see unused_by_encoding, stay frozen)
         pad_to_max_length: bool = False,  # fixed (B, max_length) context instead of the longest prompt's length
         **overrides,  # config overrides when ``encoder`` is a preset name
     ):
@@ -65,6 +73,9 @@ class TextConditioner(nn.Module):
         if freeze:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
+        else:  # trained: what encoding never runs gets no gradient, so it is frozen (DDP needs every trained one used)
+            for module in unused_by_encoding(encoder):
+                module.requires_grad_(False)
 
     @property
     def context_dim(self) -> int:

@@ -300,9 +300,31 @@ def _model_class(model: nn.Module) -> type[nn.Module]:
     return next((c for c in type(model).__mro__ if c.__name__ in known), type(model))
 
 
+def exported_parts(model: nn.Module) -> dict[str, str]:
+    """{sub-directory: sub-module name} of what exporting ``model`` writes: the model itself in the directory
+    (``{"": ""}``), or, for a module that trains several models as one and says so in ``exported_parts`` (e.g.
+    ``JointTextDenoiser``: the denoiser, and its text encoder in ``text_encoder/``), each model in its own."""
+    return getattr(unwrap_model(model), "exported_parts", {"": ""})
+
+
+def split_state_dict(state: dict[str, torch.Tensor], parts: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """A state dict of a module with :func:`exported_parts` -> {sub-directory: the state dict of that part}; a
+    tensor that belongs to no part is a ValueError."""
+    out = {sub: {} for sub in parts}
+    for key, value in state.items():
+        sub = next((sub for sub, name in parts.items() if not name or key.startswith(name + ".")), None)
+        if sub is None:
+            raise ValueError(f"state dict entry {key!r} belongs to none of the parts {sorted(parts.values())}")
+        name = parts[sub]
+        out[sub][key[len(name) + 1:] if name else key] = value
+    return out
+
+
 def model_config_json(model: nn.Module) -> dict:
-    """The ``config.json`` content of ``save_pretrained`` for ``model``, so a checkpoint rebuilds its model."""
+    """The ``config.json`` content of ``save_pretrained`` for ``model`` (for a module of :func:`exported_parts`, its
+    main part, the one exported in the directory itself), so a checkpoint rebuilds its model."""
     base = unwrap_model(model)
+    base = base.get_submodule(exported_parts(base)[""])
     return {"architecture": _model_class(base).__name__, "format_version": HUB_FORMAT_VERSION,
             "config": config_to_dict(base.config)}
 
@@ -314,6 +336,7 @@ def export_pretrained(model: nn.Module, save_directory: str | os.PathLike, ema=N
                       accelerator=None, extra_models: dict[str, nn.Module] | None = None) -> Path:
     """Write a ``from_pretrained`` directory (the EMA weights when given) atomically; every process calls it.
 
+    A module that trains several models as one (:func:`exported_parts`) writes each part in its sub-directory.
     ``extra_files``: {name: JSON-able dict} written beside config.json (e.g. the diffusion settings);
     ``extra_models``: {sub-directory: model} saved with ``save_pretrained`` (e.g. a frozen text encoder). The
     directory appears under its final name only when complete; an older export is replaced.
@@ -325,10 +348,13 @@ def export_pretrained(model: nn.Module, save_directory: str | os.PathLike, ema=N
         tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         base = unwrap_model(model)
-        with torch.device("meta"):  # an empty shell of the same class and config, filled with the full weights
-            shell = _model_class(base)(base.config)
-        shell.load_state_dict(state, strict=True, assign=True)
-        save_pretrained(shell, tmp)
+        parts = exported_parts(base)
+        for sub, part_state in split_state_dict(state, parts).items():
+            part = base.get_submodule(parts[sub])
+            with torch.device("meta"):  # an empty shell of the same class and config, filled with the full weights
+                shell = _model_class(part)(part.config)
+            shell.load_state_dict(part_state, strict=True, assign=True)
+            save_pretrained(shell, tmp / sub)
         for name, data in (extra_files or {}).items():
             _write_json(tmp / name, data)
         for name, module in (extra_models or {}).items():
@@ -343,5 +369,6 @@ __all__ = [
     "checkpoint_problem", "sha256_file", "recover_interrupted",
     "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "prune_checkpoints", "remove_stale",
     "full_model_state_dict", "load_model_state", "ema_state_dict", "optimizer_to_safetensors",
-    "optimizer_from_safetensors", "model_config_json", "save_checkpoint", "load_checkpoint", "export_pretrained",
+    "optimizer_from_safetensors", "exported_parts", "split_state_dict", "model_config_json", "save_checkpoint",
+    "load_checkpoint", "export_pretrained",
 ]

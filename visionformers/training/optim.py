@@ -28,17 +28,28 @@ def adamw(groups, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool 
     return cls(groups, lr=lr, betas=tuple(betas), eps=eps, fused=use_fused(fused) or None)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lrs: dict[str, float] | None = None) -> list[dict]:
     """Two groups: decayed matrices / conv kernels, and undecayed biases, norm scales and embeddings' 1-D tables.
 
     The usual rule (nanoGPT, timm): weight decay on tensors with >= 2 dims only, since decaying a bias or a
     LayerNorm gain pulls it toward 0 rather than regularising a linear map. Frozen parameters are left out.
+    ``lrs``: {sub-module name: learning rate} for the parameters under that sub-module (two more groups each, with
+    their own ``lr``), e.g. ``{"text_encoder": 1e-5}``; the other parameters use the optimizer's rate.
     """
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    lrs = lrs or {}
+    for name in lrs:
+        if not any(n == name or n.startswith(name + ".") for n, _ in model.named_parameters()):
+            fail("lrs", name, "the name of a sub-module with parameters, e.g. 'text_encoder'")
+    buckets: dict[tuple[str | None, bool], list] = {}
+    for pname, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            owner = next((name for name in lrs if pname.startswith(name + ".")), None)
+            buckets.setdefault((owner, p.ndim >= 2), []).append(p)
+    groups = []
+    for owner in (None, *lrs):
+        extra = {} if owner is None else {"lr": lrs[owner]}
+        groups += [{"params": buckets.get((owner, True), []), "weight_decay": weight_decay, **extra},
+                   {"params": buckets.get((owner, False), []), "weight_decay": 0.0, **extra}]
     return [g for g in groups if g["params"]]
 
 
@@ -50,16 +61,21 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    lrs: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019), Adam or SGD with momentum 0.9 over :func:`param_groups`; ``fused``:
-    see :func:`use_fused` (default: on CUDA)."""
+    see :func:`use_fused` (default: on CUDA); ``lrs``: learning rates of sub-modules (see :func:`param_groups`)."""
     check_choice("name", name, OPTIMIZERS)
     check_number("learning_rate", learning_rate, above=0)
     check_number("weight_decay", weight_decay, at_least=0)
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
         fail("betas", betas, "two numbers in [0, 1), e.g. (0.9, 0.999)")
     check_number("eps", eps, above=0)
-    groups = param_groups(model, weight_decay)
+    if lrs is not None and not isinstance(lrs, dict):
+        fail("lrs", lrs, "None or a dict {sub-module name: learning rate}")
+    for key, value in (lrs or {}).items():
+        check_number(f"lrs[{key!r}]", value, above=0)
+    groups = param_groups(model, weight_decay, lrs)
     if not groups:
         fail("model", type(model).__name__, "a model with at least one trainable parameter")
     if name == "sgd":

@@ -2,7 +2,8 @@
 
 An exported model directory (``save_pretrained``) or a training checkpoint holds, beside the weights,
 ``diffusion.json``: the schedule, prediction type and conditioning the network was trained with, so sampling
-needs nothing but the directory. With text conditioning the frozen text encoder is saved in ``text_encoder/``.
+needs nothing but the directory. With text conditioning the text encoder (frozen, or trained with
+``--train_text_encoder``) is saved in ``text_encoder/`` with its tokenizer.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def diffusion_settings(args, num_classes: int | None, class_names, channels: int
         "num_classes": num_classes,
         "class_names": list(class_names) if class_names is not None else None,
         "text_encoder": args.text_encoder if args.conditioning == "text" else None,
+        "train_text_encoder": bool(getattr(args, "train_text_encoder", False)),
         "context_dim": context_dim,
         "channels": channels,
         "resolution": args.resolution,
@@ -109,13 +111,17 @@ def build_denoiser(name: str, in_channels: int, sample_size: int, num_classes: i
 
 def training_inputs(batch: dict, settings: dict, conditioner, drop_prob: float, generator: torch.Generator,
                     device) -> dict:
-    """The denoiser's conditioning keywords for a training batch, with classifier-free-guidance dropout."""
+    """The denoiser's conditioning keywords for a training batch, with classifier-free-guidance dropout. Text is
+    encoded by the frozen ``conditioner``; with ``conditioner=None`` the captions themselves are passed, for a model
+    that encodes them with its own trained encoder (``JointTextDenoiser``)."""
     kind = settings["conditioning"]
     if kind == "class":
         labels = batch["label"].to(device)
         return {"class_labels": unconditional_dropout(labels, kind, drop_prob, settings["num_classes"], generator)}
     if kind == "text":
         captions = unconditional_dropout(batch["caption"], kind, drop_prob, None, generator)
+        if conditioner is None:
+            return {"captions": captions}
         with torch.no_grad():
             context, mask = conditioner(captions)
         return {"context": context, "context_mask": mask}
@@ -174,11 +180,18 @@ def build_text_conditioner(preset: str, device: torch.device | str = "cpu", seed
     return cond if train else cond.eval()
 
 
-def text_encoder_files(conditioner) -> dict:
-    """{relative file name: JSON} that a model directory carries for its text encoder's tokenizer."""
+def text_encoder_files(conditioner, config: bool = False) -> dict:
+    """{relative file name: JSON} that a model directory carries for its text encoder: the tokenizer, and with
+    ``config`` the encoder's ``config.json`` (a checkpoint of ``--train_text_encoder`` keeps the encoder's weights
+    in its own state dict, beside the denoiser's)."""
     if conditioner is None:
         return {}
-    return {f"{TEXT_ENCODER_DIR}/tokenizer.json": conditioner.tokenizer.to_dict()}
+    files = {f"{TEXT_ENCODER_DIR}/tokenizer.json": conditioner.tokenizer.to_dict()}
+    if config:
+        from visionformers.training.checkpoint import CONFIG_NAME, model_config_json
+
+        files[f"{TEXT_ENCODER_DIR}/{CONFIG_NAME}"] = model_config_json(conditioner.encoder)
+    return files
 
 
 def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", use_ema: bool = True):
@@ -202,6 +215,7 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
     check_choice("conditioning", settings.get("conditioning"), CONDITIONINGS)
     from visionformers.training.checkpoint import EMA_FILE, MODEL_FILE, checkpoint_problem
 
+    encoder_state = None  # the text encoder's weights when a checkpoint holds them beside the denoiser's
     if (path / MODEL_FILE).is_file() and (path / "state.json").is_file():  # a training checkpoint
         problem = checkpoint_problem(path, verify=True)
         if problem is not None:
@@ -209,7 +223,17 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
         cls, config = read_config(path)
         model = cls(config)
         weights = path / (EMA_FILE if use_ema and (path / EMA_FILE).is_file() else MODEL_FILE)
-        load_into(model, load_state_dict(weights), source=str(weights))
+        state = load_state_dict(weights)
+        if settings.get("train_text_encoder"):  # one state dict of the denoiser and the encoder trained with it
+            from visionformers.training.checkpoint import split_state_dict
+            from visionformers.training.text_denoiser import JointTextDenoiser
+
+            try:
+                parts = split_state_dict(state, JointTextDenoiser.exported_parts)
+            except ValueError as e:
+                raise ValueError(f"{str(weights)!r}: {e}") from None
+            state, encoder_state = parts[""], parts[TEXT_ENCODER_DIR]
+        load_into(model, state, source=str(weights))
     else:
         model = from_pretrained(path)  # loads on the CPU (safetensors rejects names like "cpu:0"), moved below
     model = model.to(device)
@@ -223,8 +247,13 @@ def load_denoiser(path: str | os.PathLike, device: torch.device | str = "cpu", u
             from visionformers.text.pretrained import load_saved_tokenizer
 
             tokenizer = load_saved_tokenizer(enc_dir)
-        conditioner = build_text_conditioner(settings["text_encoder"], device, encoder=from_pretrained(enc_dir),
-                                             tokenizer=tokenizer)
+        if encoder_state is None:
+            encoder = from_pretrained(enc_dir)
+        else:
+            cls, config = read_config(enc_dir)
+            encoder = cls(config)
+            load_into(encoder, encoder_state, source=f"{weights} (text encoder)")
+        conditioner = build_text_conditioner(settings["text_encoder"], device, encoder=encoder, tokenizer=tokenizer)
     return model.eval(), settings, conditioner
 
 

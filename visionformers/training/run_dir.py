@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Arguments whose change makes saved weights meaningless for the current run: resuming with another value is refused.
 MUST_MATCH = ("model", "model_overrides", "resolution", "image_size", "channels", "conditioning", "text_encoder",
-              "vae", "noise_schedule", "prediction_type", "num_train_timesteps", "flow_shift", "tokenizer",
-              "vocab_size", "block_size")
+              "train_text_encoder", "vae", "noise_schedule", "prediction_type", "num_train_timesteps", "flow_shift",
+              "tokenizer", "vocab_size", "block_size")
 # Arguments that do not change what a run computes (logging, sampling, bookkeeping): ignored when deciding whether
 # a directory holds another run.
 IGNORED = frozenset({
