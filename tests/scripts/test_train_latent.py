@@ -43,6 +43,10 @@ def test_latent_dit_resumes_exactly_then_samples_pixels(tmp_path, vae_dir, train
     out = capsys.readouterr().out
     assert "reused" in out and "encoded" not in out  # the resumed run reads the cache the first one wrote
     assert_same_files(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
+    # the frozen VAE's bytes exist once per run: later checkpoints (of the resumed run too) hard-link them
+    for run in "ab":
+        inodes = {(tmp_path / run / f"checkpoint-{i}" / "vae" / "model.safetensors").stat().st_ino for i in (2, 4)}
+        assert len(inodes) == 1, run
     model = tmp_path / "b" / "model"
     settings = json.loads((model / "diffusion.json").read_text())
     assert settings["latent"] == {"vae": "vae", "channels": 4, "size": 4, "factor": 2, "scaling_factor": 0.7,

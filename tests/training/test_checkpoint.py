@@ -212,3 +212,40 @@ def test_load_rejects_incomplete(tmp_path):
     d = _fake_checkpoint(tmp_path, 5, complete=False)
     with pytest.raises(ValueError, match="incomplete"):
         ckpt.load_checkpoint(d, model=Net(NetConfig()))
+
+
+def test_an_unchanged_extra_model_is_hard_linked_not_written_again(tmp_path, monkeypatch):
+    model, opt, sched, ema, gen = _setup()
+    frozen = Net(NetConfig(width=5))  # a frozen VAE / text encoder stand-in
+    first = _save(tmp_path, 1, model, opt, sched, ema, gen, extra_models={"vae": frozen})
+    second = _save(tmp_path, 2, model, opt, sched, ema, gen, extra_models={"vae": frozen})
+    for name in ("vae/model.safetensors", "vae/config.json"):
+        a, b = (first / name).stat(), (second / name).stat()
+        assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev) and a.st_nlink == 2, name
+    records = [ckpt.read_state(c)["files"]["vae/model.safetensors"] for c in (first, second)]
+    assert records[0] == records[1]  # size and SHA-256 carried over
+    ckpt.prune_checkpoints(tmp_path, 1)  # the first goes; the second keeps its bytes
+    assert not first.exists() and ckpt.checkpoint_problem(second, verify=True) is None
+    assert torch.equal(vf.from_pretrained(second / "vae").a.weight, frozen.a.weight)
+
+    with torch.no_grad():  # changed weights: written anew, never linked to the old ones
+        frozen.a.weight.add_(1.0)
+    third = _save(tmp_path, 3, model, opt, sched, ema, gen, extra_models={"vae": frozen})
+    assert (third / "vae/model.safetensors").stat().st_nlink == 1
+    assert torch.equal(vf.from_pretrained(third / "vae").a.weight, frozen.a.weight)
+
+    def no_links(src, dst):  # a filesystem without hard links: the files are written
+        raise OSError("links not supported")
+
+    monkeypatch.setattr(ckpt.os, "link", no_links)
+    fourth = _save(tmp_path, 4, model, opt, sched, ema, gen, extra_models={"vae": frozen})
+    assert (fourth / "vae/model.safetensors").stat().st_nlink == 1
+    assert ckpt.checkpoint_problem(fourth, verify=True) is None
+
+
+def test_model_fingerprint():
+    a, b = Net(NetConfig()), Net(NetConfig())
+    assert ckpt.model_fingerprint(a) != ckpt.model_fingerprint(b)  # other random weights
+    b.load_state_dict(a.state_dict())
+    assert ckpt.model_fingerprint(a) == ckpt.model_fingerprint(b)
+    assert ckpt.model_fingerprint(a) != ckpt.model_fingerprint(b.to(torch.bfloat16))

@@ -8,6 +8,7 @@ A checkpoint is a directory ``<output_dir>/checkpoint-<step>`` holding
     scheduler.json          lr scheduler state (ints and floats)
     scaler.json             fp16 grad-scaler state, when there is one
     rng-<rank>.pt           every RNG state of process <rank>: tensors and ints, torch.load(weights_only=True)
+    <name>/                 each extra model (a frozen VAE or text encoder), as save_pretrained writes it
     state.json              step, data position, counters, run config, and the size and SHA-256 of every file above
 
 It is written under ``.tmp-checkpoint-<step>``; every file is fsynced, ``state.json`` goes last and the directory
@@ -19,6 +20,12 @@ between the two renames gets it back from :func:`recover_interrupted`, so the la
 Pruning renames a directory to ``.trash-...`` before deleting it, so a half-deleted checkpoint is never
 mistaken for a usable one.
 
+An extra model whose weights have not changed since the newest checkpoint (a frozen VAE or text encoder: 335 MB for
+SD's VAE, gigabytes for a T5 encoder) is not written again: its files are hard links to that checkpoint's, which
+files are never modified in place, so every checkpoint stays complete on its own while the bytes exist once.
+``state.json`` records a fingerprint of each extra model's config and weights to decide it; where links are not
+possible (another filesystem), the files are written.
+
 Finding, validating, pruning and cleaning checkpoints lives in :mod:`visionformers.training.checkpoint_dir`
 (re-exported here).
 
@@ -28,6 +35,7 @@ directory must be on a filesystem every process sees (as for ``accelerate``'s ow
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -143,6 +151,49 @@ def _publish(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def model_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's class, config and state dict (names, dtypes, shapes and bytes): equal fingerprints,
+    equal ``save_pretrained`` directories."""
+    h = hashlib.sha256(type(module).__name__.encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        h.update(json.dumps(config_to_dict(config), sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"\n{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _link_unchanged(previous: Path | None, name: str, fingerprint: str, tmp: Path) -> dict | None:
+    """Hard-link ``previous/<name>/*`` into ``tmp/<name>`` when ``previous`` (the newest checkpoint) recorded the
+    same fingerprint for that extra model; returns the linked files' entries of its state.json, or None (nothing
+    linked: the caller writes the model)."""
+    if previous is None:
+        return None
+    try:
+        state = read_state(previous)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    if (state.get("extra_models") or {}).get(name) != fingerprint:
+        return None
+    entries = {rel: entry for rel, entry in state["files"].items() if rel.startswith(name + "/")}
+    try:
+        if not entries:
+            return None
+        for rel, entry in entries.items():
+            source, target = previous / rel, tmp / rel
+            if source.is_symlink() or source.stat().st_size != entry["size"]:
+                raise OSError(f"{source} is not the file recorded")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, target)
+    except OSError as e:
+        logger.info("writing %s again instead of linking the copy in %s (%s)", name, previous, e)
+        shutil.rmtree(tmp / name, ignore_errors=True)
+        return None
+    return entries
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -168,7 +219,8 @@ def save_checkpoint(
     :param config: the run's arguments, stored for the record and for ``sample_unet.py``.
     :param total_limit: keep at most this many checkpoints (never the newest, nor those in ``keep``).
     :param extra_files: {file name: JSON-able dict} stored beside the state (e.g. the model's config.json).
-    :param extra_models: {sub-directory: model} saved with ``save_pretrained`` (e.g. a frozen text encoder).
+    :param extra_models: {sub-directory: model} saved with ``save_pretrained`` (e.g. a frozen text encoder); one
+        unchanged since the newest checkpoint is hard-linked to its files there (see the module docstring).
     """
     dist = _Dist(accelerator)
     output_dir = Path(output_dir)
@@ -204,15 +256,21 @@ def save_checkpoint(
             _write_json(tmp / SCALER_FILE, scaler.state_dict())
         for name, content in (extra_files or {}).items():
             _write_json(tmp / name, content)
+        previous, fingerprints, linked = latest_checkpoint(output_dir), {}, {}
         for name, module in (extra_models or {}).items():
-            save_pretrained(module, tmp / name)
+            fingerprints[name] = model_fingerprint(module)
+            entries = _link_unchanged(previous, name, fingerprints[name], tmp)
+            if entries is None:
+                save_pretrained(module, tmp / name)
+            else:
+                linked.update(entries)  # the same bytes: their recorded size and SHA-256 carry over
     dist.barrier()  # every rank's RNG file is on disk
     if dist.is_main:
-        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {rel: linked.get(rel) or {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file() for rel in [p.relative_to(tmp).as_posix()]}
         state = {"format_version": FORMAT_VERSION, "step": int(step), "world_size": dist.world,
                  "train_state": train_state or {}, "config": config or {}, "files": files,
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                 "extra_models": fingerprints, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _pause()
         _write_json(tmp / STATE_NAME, state)
         _publish(tmp, final)  # an existing step (a resumed run reaching it again) is replaced keeping a copy
@@ -369,6 +427,7 @@ __all__ = [
     "checkpoint_problem", "sha256_file", "recover_interrupted",
     "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "prune_checkpoints", "remove_stale",
     "full_model_state_dict", "load_model_state", "ema_state_dict", "optimizer_to_safetensors",
-    "optimizer_from_safetensors", "exported_parts", "split_state_dict", "model_config_json", "save_checkpoint",
+    "optimizer_from_safetensors", "exported_parts", "split_state_dict", "model_config_json", "model_fingerprint",
+    "save_checkpoint",
     "load_checkpoint", "export_pretrained",
 ]
