@@ -249,3 +249,12 @@ def test_model_fingerprint():
     b.load_state_dict(a.state_dict())
     assert ckpt.model_fingerprint(a) == ckpt.model_fingerprint(b)
     assert ckpt.model_fingerprint(a) != ckpt.model_fingerprint(b.to(torch.bfloat16))
+
+
+def test_resuming_into_another_network_names_the_fields(tmp_path):
+    model, opt, sched, ema, gen = _setup()
+    path = _save(tmp_path, 1, model, opt, sched, ema, gen, extra_files={ckpt.CONFIG_NAME: ckpt.model_config_json(model)})
+    ckpt.load_checkpoint(path, model=model, generators={"noise": gen})  # the same network: fine
+    other = Net(NetConfig(width=7))
+    with pytest.raises(ValueError, match=r"width=6 \(this run: 7\).*--model_overrides"):
+        ckpt.load_checkpoint(path, model=other, optimizer=build_optimizer(other))

@@ -34,11 +34,11 @@ PRESETS = vf.list_models("dit_*")
 
 
 @pytest.mark.parametrize("name", PRESETS)
-@pytest.mark.parametrize("with_context", [False, True])
+@pytest.mark.parametrize("with_context", [False, True, "pooled"])
 def test_presets_forward_backward_every_parameter_gets_gradient(name, with_context):
     overrides = dict(TINY, sample_size=8, class_dropout_prob=0.0)
     if with_context:
-        overrides["context_dim"] = 12
+        overrides.update(context_dim=12, pooled_context=with_context == "pooled")
     model = perturb_zero_init(vf.create_model(name, **overrides))
     c = model.config
     x = torch.randn(2, c.in_channels, 8, 8)
@@ -103,8 +103,9 @@ def test_unpatchify_inverts_the_patch_layout():
     torch.testing.assert_close(out, x)
 
 
-def test_cross_attention_ignores_masked_context_tokens():
-    model = perturb_zero_init(tiny_dit(context_dim=6)).eval()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_cross_attention_ignores_masked_context_tokens(pooled):
+    model = perturb_zero_init(tiny_dit(context_dim=6, pooled_context=pooled)).eval()
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 700])
     context = torch.randn(2, 4, 6)
     mask = torch.tensor([[True, True, False, False], [True, False, True, False]])

@@ -43,6 +43,7 @@ def assert_all_grads(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> None
     + [
         ("unet_tiny", dict(num_classes=10)),
         ("unet_tiny", dict(use_scale_shift_norm=False, context_dim=12, num_classes=3)),
+        ("unet_tiny", dict(context_dim=12, pooled_context=True)),
         ("unet_tiny", dict(self_condition=True, learn_sigma=True, dropout=0.1)),
         ("unet_ddpm_cifar10", dict(use_scale_shift_norm=True, attention_head_dim=8, context_dim=6)),
     ],
@@ -96,8 +97,9 @@ def test_output_is_zero_at_init(scale_shift):
             assert not module.conv2.weight.any()
 
 
-def test_cross_attention_ignores_masked_context_tokens():
-    model = perturb_zero_init(tiny_unet(context_dim=6)).eval()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_cross_attention_ignores_masked_context_tokens(pooled):
+    model = perturb_zero_init(tiny_unet(context_dim=6, pooled_context=pooled)).eval()
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 700])
     context = torch.randn(2, 4, 6)
     mask = torch.tensor([[True, True, False, False], [True, False, True, False]])
@@ -109,9 +111,11 @@ def test_cross_attention_ignores_masked_context_tokens():
     assert not torch.allclose(model(x, t, context=edited, context_mask=mask), ref, atol=1e-5)
 
 
-def test_fully_masked_context_gives_a_finite_output():
-    """An empty prompt may mask every token; the cross-attention then adds only its bias, never NaN."""
-    model = perturb_zero_init(tiny_unet(context_dim=6)).eval()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_fully_masked_context_gives_a_finite_output(pooled):
+    """An empty prompt may mask every token; the cross-attention then adds only its bias (and the pooled embedding
+    of nothing is zero), never NaN."""
+    model = perturb_zero_init(tiny_unet(context_dim=6, pooled_context=pooled)).eval()
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 700])
     mask = torch.tensor([[False] * 4, [True, False, False, False]])
     out = model(x, t, context=torch.randn(2, 4, 6), context_mask=mask)
@@ -257,3 +261,35 @@ def test_tiny_unet_overfits_eight_digits():
     start, end = sum(losses[:3]) / 3, sum(losses[-10:]) / 10
     assert start > 0.8  # the zero-initialised output predicts eps = 0: loss E[eps^2] = 1
     assert end < 0.3 * start, (start, end, losses)
+
+
+def test_pooled_context_is_the_masked_mean_added_to_the_time_embedding():
+    from visionformers.vision.denoiser_inputs import pooled_context
+
+    context = torch.randn(2, 3, 6)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    pooled = pooled_context(context, mask)
+    torch.testing.assert_close(pooled[0], (context[0, 0] + context[0, 2]) / 2)
+    assert torch.equal(pooled[1], torch.zeros(6))  # nothing to pool: no signal, no NaN
+    torch.testing.assert_close(pooled_context(context, None), context.mean(1))
+
+    model = perturb_zero_init(tiny_unet(context_dim=6, pooled_context=True)).eval()
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 700])
+    ref = model(x, t, context=context, context_mask=mask)
+    with torch.no_grad():
+        model.context_embed.bias.add_(1.0)  # the pooled path reaches the output
+    assert not torch.allclose(model(x, t, context=context, context_mask=mask), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["unet_tiny", "dit_tiny"])
+def test_pooled_context_needs_a_context_and_old_configs_load_without_it(tmp_path, name):
+    import json
+
+    with pytest.raises(ValueError, match="pooled_context"):
+        vf.create_model(name, pooled_context=True)
+    model = vf.create_model(name, **TINY if name == "unet_tiny" else {}, context_dim=4)
+    vf.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["config"]["pooled_context"]  # a directory saved before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert vf.from_pretrained(tmp_path).config.pooled_context is False

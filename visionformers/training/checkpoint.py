@@ -55,6 +55,7 @@ from visionformers.hub import (
     config_to_dict,
     read_json,
     load_state_dict,
+    read_config,
     save_pretrained,
     save_state_dict,
     unwrap_model,
@@ -305,6 +306,7 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {str(path)!r} is not usable: {problem}")
     dist = _Dist(accelerator)
     state = read_state(path)
+    check_model_config(path, model)
     missing = [k for k in train_state_keys if k not in state["train_state"]]
     if missing:
         raise ValueError(f"checkpoint {str(path / STATE_NAME)!r}: train_state lacks {missing}; it was written by "
@@ -378,6 +380,26 @@ def split_state_dict(state: dict[str, torch.Tensor], parts: dict[str, str]) -> d
     return out
 
 
+def check_model_config(path: str | os.PathLike, model: nn.Module) -> None:
+    """A ValueError naming the fields when the checkpoint's ``config.json`` (where it has one) describes another
+    network than ``model``: a preset whose defaults changed, or other ``--model_overrides``, would otherwise fail
+    deep in ``load_state_dict`` or, worse, load into a network of the same shapes that computes something else."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        return
+    cls, saved = read_config(path)  # fields added since the checkpoint was written read as their defaults
+    base = unwrap_model(model)
+    base = base.get_submodule(exported_parts(base)[""])
+    if cls is not _model_class(base):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {cls.__name__}; this run builds a "
+                         f"{_model_class(base).__name__}: pass the checkpoint's --model")
+    saved, built = config_to_dict(saved), config_to_dict(base.config)
+    diffs = [f"{k}={saved[k]!r} (this run: {built[k]!r})" for k in saved if saved[k] != built.get(k)]
+    if diffs:
+        raise ValueError(f"checkpoint {str(path)!r} holds a {cls.__name__} with {', '.join(diffs)}; pass these "
+                         "fields in --model_overrides to resume it")
+
+
 def model_config_json(model: nn.Module) -> dict:
     """The ``config.json`` content of ``save_pretrained`` for ``model`` (for a module of :func:`exported_parts`, its
     main part, the one exported in the directory itself), so a checkpoint rebuilds its model."""
@@ -427,7 +449,8 @@ __all__ = [
     "checkpoint_problem", "sha256_file", "recover_interrupted",
     "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "prune_checkpoints", "remove_stale",
     "full_model_state_dict", "load_model_state", "ema_state_dict", "optimizer_to_safetensors",
-    "optimizer_from_safetensors", "exported_parts", "split_state_dict", "model_config_json", "model_fingerprint",
+    "optimizer_from_safetensors", "exported_parts", "split_state_dict", "check_model_config", "model_config_json",
+    "model_fingerprint",
     "save_checkpoint",
     "load_checkpoint", "export_pretrained",
 ]

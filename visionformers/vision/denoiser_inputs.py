@@ -9,7 +9,7 @@ import torch
 
 from visionformers._validate import check_dtype, check_tensor, fail
 
-__all__ = ["check_timesteps", "class_labels_or_null", "check_context"]
+__all__ = ["check_timesteps", "class_labels_or_null", "check_context", "pooled_context"]
 
 
 def check_timesteps(t, batch: int, device: torch.device) -> torch.Tensor:
@@ -66,3 +66,16 @@ def check_context(context, context_mask, context_dim: int | None, batch: int, dt
         check_tensor("context_mask", context_mask, ndim=2)
         if context_mask.dtype != torch.bool or tuple(context_mask.shape) != (batch, context.shape[1]):
             fail("context_mask", context_mask, f"a bool tensor of shape ({batch}, {context.shape[1]}), True = attend")
+
+
+def pooled_context(context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, M, C) context -> (B, C), the mean of its real tokens (of all M without a mask).
+
+    The pooled text embedding that Imagen's U-Net adds to the timestep embedding, beside cross-attention to the whole
+    sequence (Saharia et al. 2022, "Neural network architecture"; after GLIDE, Nichol et al. 2022, whose text
+    transformer's final token replaces the class embedding): a global signal every residual block sees.
+    """
+    if context_mask is None:
+        return context.mean(1)
+    weights = context_mask.to(context.dtype).unsqueeze(-1)  # (B, M, 1)
+    return (context * weights).sum(1) / weights.sum(1).clamp(min=1)

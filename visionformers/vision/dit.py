@@ -9,6 +9,7 @@ The network knows nothing of the noise process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from einops import rearrange
@@ -16,7 +17,7 @@ from torch import nn
 
 from visionformers._validate import check_bool, check_image, check_int, check_number, check_probability, fail, is_int
 from visionformers.nn import AdaLNModulation, PatchEmbed, TimestepEmbedding, TransformerBlock, modulate, sincos_2d
-from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null
+from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null, pooled_context
 
 __all__ = ["DiTConfig", "DiT"]
 
@@ -36,8 +37,12 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # training only: labels replaced by the null class, as DiT's LabelEmbedder
     learn_sigma: bool = True  # output 2x channels: the prediction, then the variance interpolation v
     context_dim: int | None = None  # width of a context sequence to cross-attend (text); None: no cross-attention
+    pooled_context: bool = False  # also add a projection of the context's mean to the adaLN condition (SD3's pooled)
     freq_dim: int = 256  # sinusoidal features of t before the timestep MLP (DiT's frequency_embedding_size)
     time_freq_shift: float = 0.0  # DiT divides log(10000) by freq_dim/2; diffusers' DiT port by freq_dim/2 - 1
+
+    # Fields newer than the first saved DiTs: a config.json without them loads with these defaults (the old network).
+    added_fields: ClassVar[frozenset[str]] = frozenset({"pooled_context"})
 
     def __post_init__(self):
         for name in ("sample_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -48,6 +53,7 @@ class DiTConfig:
         check_number("time_freq_shift", self.time_freq_shift, below=self.freq_dim // 2,
                      note=f" (half the timestep features, freq_dim // 2 = {self.freq_dim // 2})")
         check_bool("learn_sigma", self.learn_sigma)
+        check_bool("pooled_context", self.pooled_context)
         if self.sample_size % self.patch_size:
             fail("sample_size", self.sample_size, f"a multiple of patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
@@ -58,6 +64,8 @@ class DiTConfig:
         check_probability("class_dropout_prob", self.class_dropout_prob)
         if self.context_dim is not None and (not is_int(self.context_dim) or self.context_dim <= 0):
             fail("context_dim", self.context_dim, "None (no cross-attention) or a positive int")
+        if self.pooled_context and self.context_dim is None:
+            fail("pooled_context", self.pooled_context, "False unless context_dim is set (it pools the text context)")
 
     @property
     def out_channels(self) -> int:
@@ -77,6 +85,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(grid, d)[None], persistent=False)  # (1, N, D)
         self.t_embed = TimestepEmbedding(d, freq_dim=c.freq_dim, freq_shift=c.time_freq_shift)  # [cos, sin] + MLP
         self.class_embed = nn.Embedding(c.num_classes + 1, d) if c.num_classes is not None else None
+        self.context_embed = nn.Linear(c.context_dim, d) if c.pooled_context else None  # pooled text, into the condition
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 d, c.num_heads, c.mlp_ratio, qkv_bias=True, mlp_act="gelu_tanh", norm_eps=1e-6, cond_dim=d,
@@ -144,6 +153,8 @@ class DiT(nn.Module):
                 drop = torch.rand(b, device=x.device) < c.class_dropout_prob
                 labels = labels.masked_fill(drop, c.num_classes)
             cond = cond + self.class_embed(labels)
+        if self.context_embed is not None:
+            cond = cond + self.context_embed(pooled_context(context, context_mask))
 
         h = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
         for block in self.blocks:

@@ -21,7 +21,7 @@ from visionformers._validate import check_bool, check_choice, check_image, check
 from visionformers.nn import TimestepEmbedding
 from visionformers.nn.grad_checkpoint import checkpointed
 from visionformers.nn.timestep import FourierFeatures
-from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null
+from visionformers.vision.denoiser_inputs import check_context, check_timesteps, class_labels_or_null, pooled_context
 from visionformers.vision.unet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, zero_init_
 
 __all__ = ["UNetConfig", "UNet"]
@@ -51,6 +51,7 @@ class UNetConfig:
     time_freq_shift: float = 1.0  # DDPM divides log(10000) by (half - 1)
     num_classes: int | None = None  # None: unconditional; id num_classes is the learned null class (CFG)
     context_dim: int | None = None  # width of a context sequence to cross-attend (text); None: no cross-attention
+    pooled_context: bool = False  # also add a projection of the context's mean to the time embedding (Imagen)
     self_condition: bool = False  # extra input channels for the model's own previous x0 estimate
     learn_sigma: bool = False  # output 2x channels: the prediction, then the variance interpolation v
     # Layout options of published ports (diffusers' UNet2DModel); the defaults are the layout above.
@@ -59,13 +60,14 @@ class UNetConfig:
     mid_attention_norm: bool = True  # GroupNorm before the middle attention (diffusers' scale-shift UNet has none)
 
     # Fields newer than the first saved UNets: a config.json without them loads with these defaults (the old network).
-    added_fields: ClassVar[frozenset[str]] = frozenset({"downsample_padding", "time_embedding_type", "mid_attention_norm"})
+    added_fields: ClassVar[frozenset[str]] = frozenset({"downsample_padding", "time_embedding_type", "mid_attention_norm",
+                                                        "pooled_context"})
 
     def __post_init__(self):
         for name in ("sample_size", "in_channels", "base_channels", "num_res_blocks", "norm_groups"):
             check_int(name, getattr(self, name))
         for name in ("mid_attention", "use_scale_shift_norm", "time_flip_sin_to_cos", "self_condition", "learn_sigma",
-                     "mid_attention_norm"):
+                     "mid_attention_norm", "pooled_context"):
             check_bool(name, getattr(self, name))
         check_choice("downsample_padding", self.downsample_padding, (0, 1))
         check_choice("time_embedding_type", self.time_embedding_type, TIME_EMBEDDINGS)
@@ -98,6 +100,8 @@ class UNetConfig:
             fail("num_classes", self.num_classes, "None (unconditional) or a positive int")
         if self.context_dim is not None and (not is_int(self.context_dim) or self.context_dim <= 0):
             fail("context_dim", self.context_dim, "None (no cross-attention) or a positive int")
+        if self.pooled_context and self.context_dim is None:
+            fail("pooled_context", self.pooled_context, "False unless context_dim is set (it pools the text context)")
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -135,6 +139,8 @@ class UNet(nn.Module):
         self.time_fourier = FourierFeatures(2 * ch, scale=16.0) if fourier else None
         # one row per class plus the null class, added to the time embedding (guided-diffusion's label_emb)
         self.class_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes is not None else None
+        # the pooled text embedding, added to the time embedding as the class embedding is (Imagen)
+        self.context_embed = nn.Linear(c.context_dim, emb_dim) if c.pooled_context else None
         self.conv_in = nn.Conv2d(c.in_channels * (2 if c.self_condition else 1), ch, 3, padding=1)
 
         res_kw = dict(dropout=c.dropout, norm_groups=c.norm_groups, norm_eps=c.norm_eps,
@@ -221,6 +227,8 @@ class UNet(nn.Module):
             emb = self.time_embed(t)  # (B, 4 * base_channels)
         if labels is not None:
             emb = emb + self.class_embed(labels)
+        if self.context_embed is not None:
+            emb = emb + self.context_embed(pooled_context(context, context_mask))
         emb = F.silu(emb)  # every residual block applies SiLU before its projection: do it once
 
         h = self.conv_in(x)  # (B, C0, H, W)
