@@ -38,10 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="class: the labels of class subfolders (or the digits); text: captions; none: unconditional")
     a("--text_encoder", default="t5_tiny_encoder",
       help="for --conditioning text: a text preset (randomly initialised) or a transformers model dir (T5 / T5 "
-           "encoder, BERT, GPT-2 written by save_pretrained, with its tokenizer.json); frozen unless "
-           "--train_text_encoder")
-    a("--train_text_encoder", action="store_true", help="train the text encoder jointly with the denoiser (one "
-      "optimizer, gradient sync and EMA over both); the export carries the trained encoder")
+           "encoder, BERT, GPT-2 written by save_pretrained, with its tokenizer.json)")
+    a("--train_text_encoder", action=argparse.BooleanOptionalAction, default=None, help="train the text encoder "
+      "jointly with the denoiser (one optimizer, gradient sync and EMA over both; the export carries the trained "
+      "encoder). Default: trained for a text preset, whose weights are random; frozen for a pretrained directory")
     a("--text_encoder_learning_rate", type=float, default=None, help="peak learning rate of the text encoder with "
       "--train_text_encoder (default: --learning_rate; a pretrained encoder usually wants a smaller one)")
     a("--cond_drop_prob", type=float, default=0.1, help="label/caption dropout for classifier-free guidance")
@@ -103,6 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("--no-center_crop is not accepted with --vae: cached latents need a deterministic crop")
     if args.latent_cache_dir is not None and args.vae is None:
         raise ValueError("--latent_cache_dir applies to --vae, which is not given")
+    if args.train_text_encoder is None:  # a random encoder is worth training; a pretrained one is kept (Imagen)
+        from visionformers.text.pretrained import is_transformers_dir
+
+        args.train_text_encoder = args.conditioning == "text" and not is_transformers_dir(args.text_encoder)
     if args.train_text_encoder and args.conditioning != "text":
         raise ValueError(f"--train_text_encoder needs --conditioning text (given: --conditioning {args.conditioning}); "
                          "class labels and unconditional models have no text encoder")

@@ -59,12 +59,16 @@ def test_bad_inputs_are_named(trained, tmp_path):
         sample.main(["--model_path", str(tmp_path / "nope")])
 
 
-def test_text_conditioning_trains_exports_and_samples(tmp_path):
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_text_conditioning_trains_exports_and_samples(tmp_path, train_text_encoder):
     out = tmp_path / "text"
+    flag = "--train_text_encoder" if train_text_encoder else "--no-train_text_encoder"
     load_script(TRAIN).main([*TINY, "--max_train_steps", "2", "--checkpointing_steps", "2", "--conditioning", "text",
-                             "--output_dir", str(out)])
+                             flag, "--output_dir", str(out)])
     assert (out / "model" / "text_encoder" / "model.safetensors").is_file()
-    assert "text_encoder/model.safetensors" in json.loads((out / "checkpoint-2" / "state.json").read_text())["files"]
+    # a frozen encoder is a model directory of the checkpoint; a trained one is in the checkpoint's own state dict
+    files = json.loads((out / "checkpoint-2" / "state.json").read_text())["files"]
+    assert ("text_encoder/model.safetensors" in files) != train_text_encoder and "text_encoder/config.json" in files
     sample = load_script(SAMPLE)
     args = ["--prompts", "the digit three", "7", "--num_images", "3", "--num_inference_steps", "2"]
     sample.main(["--model_path", str(out / "model"), *args, "--output_dir", str(tmp_path / "a")])

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from _unet_script_helpers import SAMPLE, TINY, TRAIN, assert_same_files, load_script, run, tensors
+
+from visionformers.training import checkpoint as ckpt
 from PIL import Image
 from safetensors import safe_open
 
@@ -127,7 +129,8 @@ def test_train_text_encoder_two_processes_resume(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--train_text_encoder"], "--train_text_encoder needs --conditioning text"),
-    (["--conditioning", "text", "--text_encoder_learning_rate", "1e-4"], "applies to --train_text_encoder"),
+    (["--conditioning", "text", "--no-train_text_encoder", "--text_encoder_learning_rate", "1e-4"],
+     "applies to --train_text_encoder"),
     (["--conditioning", "text", "--train_text_encoder", "--text_encoder_learning_rate", "0"],
      "--text_encoder_learning_rate"),
 ])
@@ -140,6 +143,48 @@ def test_resume_must_keep_train_text_encoder(tmp_path):
     common = [*TINY, "--conditioning", "text", "--max_train_steps", "4", "--checkpointing_steps", "2",
               "--output_dir", str(tmp_path)]
     train = load_script(TRAIN)
-    train.main([*common, "--train_text_encoder", "--stop_after_steps", "2"])
+    train.main([*common, "--stop_after_steps", "2"])  # a preset encoder (random weights) is trained by default
+    assert ckpt.read_state(tmp_path / "checkpoint-2")["config"]["train_text_encoder"] is True
     with pytest.raises(ValueError, match="--train_text_encoder false"):
+        train.main([*common, "--no-train_text_encoder", "--resume_from_checkpoint", "latest"])
+    # a run saved before the flag existed kept its encoder frozen: resuming it must say so, not train it
+    state = json.loads((tmp_path / "checkpoint-2" / "state.json").read_text())
+    del state["config"]["train_text_encoder"]
+    (tmp_path / "checkpoint-2" / "state.json").write_text(json.dumps(state))
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(ValueError, match="--train_text_encoder true \\(saved: false\\)"):
         train.main([*common, "--resume_from_checkpoint", "latest"])
+
+
+def test_text_defaults_pretrained_frozen_preset_trained_both_pooled(tmp_path):
+    train = load_script(TRAIN)
+    preset = train.parse_args(["--conditioning", "text"])
+    pretrained = train.parse_args(["--conditioning", "text", "--text_encoder", str(_t5_dir(tmp_path / "t5"))])
+    assert preset.train_text_encoder is True and pretrained.train_text_encoder is False
+    assert train.parse_args([]).train_text_encoder is False  # class conditioning: no text encoder
+    from visionformers.training import pipeline
+
+    assert pipeline.build_denoiser("unet_tiny", 1, 8, context_dim=16).config.pooled_context is True
+    assert pipeline.build_denoiser("dit_tiny", 1, 8, context_dim=16).config.pooled_context is True
+    assert pipeline.build_denoiser("unet_tiny", 1, 8, context_dim=16,
+                                   overrides={"pooled_context": False}).config.pooled_context is False
+    assert pipeline.build_denoiser("unet_tiny", 1, 8, num_classes=3).config.pooled_context is False
+
+
+def test_prompt_following_example(tmp_path):
+    import importlib.util
+
+    from visionformers.data import CAPTION_TEMPLATES, digit_caption
+
+    spec = importlib.util.spec_from_file_location("prompt_following", TRAIN.parents[1] / "examples" / "prompt_following.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    prompts, digits = example.prompts_of(30, 1)
+    assert digits.tolist() == [i % 10 for i in range(30)]
+    assert prompts[0] == digit_caption(0, 1) and prompts[10] == digit_caption(0, 2) and len(CAPTION_TEMPLATES) > 3
+    load_script(TRAIN).main([*TINY, "--max_train_steps", "2", "--conditioning", "text", "--output_dir", str(tmp_path)])
+    rows = example.main([f"tiny={tmp_path / 'model'}", "--num_images", "10", "--rounds", "2", "--num_inference_steps",
+                         "2", "--output", str(tmp_path / "pf.json")])
+    assert json.loads((tmp_path / "pf.json").read_text()) == rows
+    (row,) = rows
+    assert row["prompts"] == 20 and len(row["per_round"]) == 2 and row["followed"] == round(sum(row["per_round"]) * 10)

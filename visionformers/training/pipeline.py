@@ -85,6 +85,8 @@ def build_denoiser(name: str, in_channels: int, sample_size: int, num_classes: i
                    context_dim: int | None = None, overrides: dict | None = None) -> nn.Module:
     """A UNet / DiT preset sized for the data. Our objective is L_simple with label dropout done by the caller,
     so a preset's learned variance (``learn_sigma``) and in-model label dropout are turned off unless overridden.
+    A text-conditional denoiser (``context_dim``) also gets the pooled text embedding (``pooled_context``, Imagen's)
+    unless overridden: on the digits it lifts prompt following from about half to over four fifths.
     JSON lists in ``overrides`` become the tuples configs expect."""
     from visionformers import registry
 
@@ -99,6 +101,8 @@ def build_denoiser(name: str, in_channels: int, sample_size: int, num_classes: i
     config.update(in_channels=in_channels, sample_size=sample_size, num_classes=num_classes)
     if context_dim is not None:
         config["context_dim"] = context_dim
+        if "pooled_context" in fields:
+            config.setdefault("pooled_context", True)
     try:
         return registry.create_model(name, **config)
     except ValueError as e:

@@ -33,6 +33,8 @@ RUN_FILE = "run.json"
 MUST_MATCH = ("model", "model_overrides", "resolution", "image_size", "channels", "conditioning", "text_encoder",
               "train_text_encoder", "vae", "noise_schedule", "prediction_type", "num_train_timesteps", "flow_shift",
               "tokenizer", "vocab_size", "block_size")
+# Arguments newer than some saved runs, with the value they had before they existed (when a stored config lacks them).
+SAVED_DEFAULTS = {"train_text_encoder": False}
 # Arguments that do not change what a run computes (logging, sampling, bookkeeping): ignored when deciding whether
 # a directory holds another run.
 IGNORED = frozenset({
@@ -50,6 +52,7 @@ def _jsonable(config: dict) -> dict:
 
 
 def _flag_diffs(stored: dict, current: dict, keys) -> list[str]:
+    stored = {**{k: v for k, v in SAVED_DEFAULTS.items() if k not in stored}, **stored}
     return [f"--{k} {json.dumps(current[k])} (saved: {json.dumps(stored[k])})"
             for k in keys if k in stored and k in current and stored[k] != current[k]]
 
