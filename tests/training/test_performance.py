@@ -57,6 +57,22 @@ def test_blocks_compile_once_and_never_again(fresh_dynamo):
     assert compiled_graphs() == 1
 
 
+@torch._dynamo.config.patch(recompile_limit=8)  # dynamo's default, restored after the test
+def test_every_unet_block_structure_gets_a_graph(fresh_dynamo):
+    """unet_tiny on 8x8 digits, run in training and in eval mode (sampling during training), needs more than dynamo's
+    8 graphs per function for its residual blocks: without the raised limit some would run eagerly."""
+    model = vf.create_model("unet_tiny", sample_size=8, context_dim=16)
+    structures = performance.block_structures(performance.repeated_blocks(model))
+    assert {cls.__name__: n for cls, n in structures.items()} == {"ResBlock": 7, "SpatialAttention": 2}
+    performance.compile_blocks(model, backend="eager")
+    assert torch._dynamo.config.recompile_limit == 7 * performance.GRAPHS_PER_STRUCTURE
+    for training in (True, False):
+        model.train(training)
+        model(torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0]), context=torch.randn(2, 5, 16))
+    assert compiled_graphs() == 2 * 9  # each structure once per mode, none left to eager
+    assert not any("recompile limit" in reason for reason in counters["unimplemented"])
+
+
 def test_compile_needs_blocks_and_a_known_backend():
     with pytest.raises(ValueError, match="model"):
         performance.compile_blocks(torch.nn.Linear(2, 2))
