@@ -43,12 +43,17 @@ def test_pretrained_t5_dir_trains_exports_and_samples(tmp_path):
     (tmp_path / "imgs").mkdir()
     images = _folder(tmp_path / "imgs")
     out = tmp_path / "out"
-    load_script(TRAIN).main([*TINY, "--max_train_steps", "2", "--checkpointing_steps", "2", "--conditioning", "text",
+    load_script(TRAIN).main([*TINY, "--max_train_steps", "4", "--checkpointing_steps", "2", "--conditioning", "text",
                              "--text_encoder", str(t5), "--train_data_dir", str(images),
                              "--captions_file", str(images / "captions.jsonl"), "--train_batch_size", "4",
                              "--output_dir", str(out)])
     saved = json.loads((out / "model" / "text_encoder" / "tokenizer.json").read_text())
     assert saved["type"] == "pretrained" and saved["pad_token_id"] == 0
+    # the frozen encoder's weights are written once: the second checkpoint links them, and keeps its tokenizer
+    first, second = (out / f"checkpoint-{i}" / "text_encoder" for i in (2, 4))
+    assert (first / "model.safetensors").stat().st_ino == (second / "model.safetensors").stat().st_ino
+    assert json.loads((second / "tokenizer.json").read_text()) == saved
+    assert ckpt.checkpoint_problem(second.parent, verify=True) is None
     from visionformers.training import pipeline
 
     _, _, conditioner = pipeline.load_denoiser(out / "model")

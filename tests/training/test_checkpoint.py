@@ -217,11 +217,14 @@ def test_load_rejects_incomplete(tmp_path):
 def test_an_unchanged_extra_model_is_hard_linked_not_written_again(tmp_path, monkeypatch):
     model, opt, sched, ema, gen = _setup()
     frozen = Net(NetConfig(width=5))  # a frozen VAE / text encoder stand-in
-    first = _save(tmp_path, 1, model, opt, sched, ema, gen, extra_models={"vae": frozen})
-    second = _save(tmp_path, 2, model, opt, sched, ema, gen, extra_models={"vae": frozen})
+    tokenizer = {"vae/tokenizer.json": {"vocab": 1}}  # a file of extra_files in the same directory, written each time
+    first = _save(tmp_path, 1, model, opt, sched, ema, gen, extra_models={"vae": frozen}, extra_files=tokenizer)
+    second = _save(tmp_path, 2, model, opt, sched, ema, gen, extra_models={"vae": frozen}, extra_files=tokenizer)
     for name in ("vae/model.safetensors", "vae/config.json"):
         a, b = (first / name).stat(), (second / name).stat()
         assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev) and a.st_nlink == 2, name
+    assert (second / "vae/tokenizer.json").stat().st_nlink == 1 and ckpt.checkpoint_problem(second) is None
+    assert ckpt.read_state(second)["extra_models"]["vae"]["files"] == ["vae/config.json", "vae/model.safetensors"]
     records = [ckpt.read_state(c)["files"]["vae/model.safetensors"] for c in (first, second)]
     assert records[0] == records[1]  # size and SHA-256 carried over
     ckpt.prune_checkpoints(tmp_path, 1)  # the first goes; the second keeps its bytes
@@ -238,8 +241,8 @@ def test_an_unchanged_extra_model_is_hard_linked_not_written_again(tmp_path, mon
         raise OSError("links not supported")
 
     monkeypatch.setattr(ckpt.os, "link", no_links)
-    fourth = _save(tmp_path, 4, model, opt, sched, ema, gen, extra_models={"vae": frozen})
-    assert (fourth / "vae/model.safetensors").stat().st_nlink == 1
+    fourth = _save(tmp_path, 4, model, opt, sched, ema, gen, extra_models={"vae": frozen}, extra_files=tokenizer)
+    assert (fourth / "vae/model.safetensors").stat().st_nlink == 1 and (fourth / "vae/tokenizer.json").is_file()
     assert ckpt.checkpoint_problem(fourth, verify=True) is None
 
 

@@ -166,33 +166,45 @@ def model_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _link_unchanged(previous: Path | None, name: str, fingerprint: str, tmp: Path) -> dict | None:
-    """Hard-link ``previous/<name>/*`` into ``tmp/<name>`` when ``previous`` (the newest checkpoint) recorded the
-    same fingerprint for that extra model; returns the linked files' entries of its state.json, or None (nothing
-    linked: the caller writes the model)."""
+def _save_extra_model(module: nn.Module, name: str, tmp: Path, previous: Path | None) -> tuple[dict, dict]:
+    """Save an extra model in ``tmp/<name>``, or hard-link its files from ``previous`` (the newest checkpoint)
+    when that one recorded the same fingerprint for it. Returns (its record for state.json: fingerprint and the
+    files it wrote, {linked file: its size and SHA-256 entry of ``previous``})."""
+    fingerprint = model_fingerprint(module)
+    record = _previous_record(previous, name)
+    if record is not None and record["fingerprint"] == fingerprint:
+        entries, linked = read_state(previous)["files"], []
+        try:
+            for rel in record["files"]:
+                source, target = previous / rel, tmp / rel
+                if rel not in entries or source.is_symlink() or source.stat().st_size != entries[rel]["size"]:
+                    raise OSError(f"{source} is not the file recorded")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(source, target)
+                linked.append(rel)
+            return record, {rel: entries[rel] for rel in linked}
+        except OSError as e:
+            logger.info("writing %s again instead of linking the copy in %s (%s)", name, previous, e)
+            for rel in linked:  # only what was linked here: files of extra_files may share the directory
+                (tmp / rel).unlink()
+    before = {p for p in tmp.rglob("*") if p.is_file()}
+    save_pretrained(module, tmp / name)
+    written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and p not in before)
+    return {"fingerprint": fingerprint, "files": written}, {}
+
+
+def _previous_record(previous: Path | None, name: str) -> dict | None:
+    """What ``previous`` recorded of its extra model ``name`` (fingerprint, files), or None."""
     if previous is None:
         return None
     try:
-        state = read_state(previous)
+        record = (read_state(previous).get("extra_models") or {}).get(name)
     except (FileNotFoundError, ValueError, OSError):
         return None
-    if (state.get("extra_models") or {}).get(name) != fingerprint:
-        return None
-    entries = {rel: entry for rel, entry in state["files"].items() if rel.startswith(name + "/")}
-    try:
-        if not entries:
-            return None
-        for rel, entry in entries.items():
-            source, target = previous / rel, tmp / rel
-            if source.is_symlink() or source.stat().st_size != entry["size"]:
-                raise OSError(f"{source} is not the file recorded")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(source, target)
-    except OSError as e:
-        logger.info("writing %s again instead of linking the copy in %s (%s)", name, previous, e)
-        shutil.rmtree(tmp / name, ignore_errors=True)
-        return None
-    return entries
+    ok = (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)
+          and isinstance(record.get("files"), list) and record["files"]
+          and all(isinstance(f, str) and f.startswith(name + "/") and ".." not in f.split("/") for f in record["files"]))
+    return record if ok else None
 
 
 def save_checkpoint(
@@ -257,21 +269,17 @@ def save_checkpoint(
             _write_json(tmp / SCALER_FILE, scaler.state_dict())
         for name, content in (extra_files or {}).items():
             _write_json(tmp / name, content)
-        previous, fingerprints, linked = latest_checkpoint(output_dir), {}, {}
+        previous, records, linked = latest_checkpoint(output_dir), {}, {}
         for name, module in (extra_models or {}).items():
-            fingerprints[name] = model_fingerprint(module)
-            entries = _link_unchanged(previous, name, fingerprints[name], tmp)
-            if entries is None:
-                save_pretrained(module, tmp / name)
-            else:
-                linked.update(entries)  # the same bytes: their recorded size and SHA-256 carry over
+            records[name], entries = _save_extra_model(module, name, tmp, previous)
+            linked.update(entries)  # the same bytes: their recorded size and SHA-256 carry over
     dist.barrier()  # every rank's RNG file is on disk
     if dist.is_main:
         files = {rel: linked.get(rel) or {"size": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file() for rel in [p.relative_to(tmp).as_posix()]}
         state = {"format_version": FORMAT_VERSION, "step": int(step), "world_size": dist.world,
                  "train_state": train_state or {}, "config": config or {}, "files": files,
-                 "extra_models": fingerprints, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                 "extra_models": records, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _pause()
         _write_json(tmp / STATE_NAME, state)
         _publish(tmp, final)  # an existing step (a resumed run reaching it again) is replaced keeping a copy
