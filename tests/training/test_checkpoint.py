@@ -252,6 +252,8 @@ def test_model_fingerprint():
     b.load_state_dict(a.state_dict())
     assert ckpt.model_fingerprint(a) == ckpt.model_fingerprint(b)
     assert ckpt.model_fingerprint(a) != ckpt.model_fingerprint(b.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="module="):
+        ckpt.model_fingerprint({"a": torch.zeros(1)})
 
 
 def test_resuming_into_another_network_names_the_fields(tmp_path):

@@ -155,6 +155,8 @@ def _publish(tmp: Path, final: Path) -> None:
 def model_fingerprint(module: nn.Module) -> str:
     """SHA-256 of a module's class, config and state dict (names, dtypes, shapes and bytes): equal fingerprints,
     equal ``save_pretrained`` directories."""
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module={type(module).__name__} is not accepted; expected a torch.nn.Module")
     h = hashlib.sha256(type(module).__name__.encode())
     config = getattr(module, "config", None)
     if config is not None:
