@@ -138,6 +138,7 @@ def test_train_text_encoder_two_processes_resume(tmp_path):
      "applies to --train_text_encoder"),
     (["--conditioning", "text", "--train_text_encoder", "--text_encoder_learning_rate", "0"],
      "--text_encoder_learning_rate"),
+    (["--conditioning", "text", "--text_encoder", "no/such/dir"], "text_encoder='no/such/dir'.*transformers model"),
 ])
 def test_train_text_encoder_bad_flags(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):

@@ -174,6 +174,12 @@ def build_text_conditioner(preset: str, device: torch.device | str = "cpu", seed
 
     if encoder is None and is_transformers_dir(preset):
         encoder, tokenizer = load_text_encoder(preset)
+    elif encoder is None:
+        from visionformers.registry import list_models
+
+        if preset not in list_models():
+            fail("text_encoder", preset, "a text preset (t5_tiny_encoder, t5_base_encoder, bert_base, gpt2, ...: "
+                 "vf.list_models()) or a transformers model directory (config.json with model_type, tokenizer.json)")
     if encoder is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(seed, 0x7E47))
