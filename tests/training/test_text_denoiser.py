@@ -134,3 +134,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_bf16_autocast_trains_both_parts(device):
+    """Mixed precision as accelerate runs it: the encoder's context comes out in bf16 and the denoiser takes it."""
+    model = _joint().to(device).train()
+    x, t = torch.randn(3, 1, 8, 8, device=device), torch.tensor([1.0, 500.0, 999.0], device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = model(x, t, captions=PROMPTS)
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert model.text_encoder.encoder.embed.weight.grad.abs().sum() > 0
