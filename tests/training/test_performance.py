@@ -58,19 +58,24 @@ def test_blocks_compile_once_and_never_again(fresh_dynamo):
 
 
 @torch._dynamo.config.patch(recompile_limit=8)  # dynamo's default, restored after the test
-def test_every_unet_block_structure_gets_a_graph(fresh_dynamo):
-    """unet_tiny on 8x8 digits, run in training and in eval mode (sampling during training), needs more than dynamo's
-    8 graphs per function for its residual blocks: without the raised limit some would run eagerly."""
+def test_every_block_runs_compiled_in_training_and_eval(fresh_dynamo):
+    """unet_tiny's 17 residual blocks (7 widths), run in training and in eval mode (sampling during training), need
+    more graphs than dynamo's 8 per function, past which it would run them eagerly."""
     model = vf.create_model("unet_tiny", sample_size=8, context_dim=16)
-    structures = performance.block_structures(performance.repeated_blocks(model))
-    assert {cls.__name__: n for cls, n in structures.items()} == {"ResBlock": 7, "SpatialAttention": 2}
     performance.compile_blocks(model, backend="eager")
-    assert torch._dynamo.config.recompile_limit == 7 * performance.GRAPHS_PER_STRUCTURE
+    assert torch._dynamo.config.recompile_limit == 17 * performance.GRAPHS_PER_BLOCK
     for training in (True, False):
         model.train(training)
-        model(torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0]), context=torch.randn(2, 5, 16))
-    assert compiled_graphs() == 2 * 9  # each structure once per mode, none left to eager
+        with torch.no_grad():
+            model(torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0]), context=torch.randn(2, 5, 16))
+    assert compiled_graphs() == 18  # 9 block variants in each mode
     assert not any("recompile limit" in reason for reason in counters["unimplemented"])
+    # Swin-T's blocks differ in shift and stochastic-depth rate: each of the 12 may need its graphs
+    with torch.device("meta"):
+        swin = vf.create_model("swin_tiny_patch4_window7_224")
+    with torch._dynamo.config.patch(recompile_limit=8):
+        performance.compile_blocks(swin, backend="eager")
+        assert torch._dynamo.config.recompile_limit == 12 * performance.GRAPHS_PER_BLOCK
 
 
 def test_compile_needs_blocks_and_a_known_backend():

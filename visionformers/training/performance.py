@@ -15,7 +15,7 @@ from torch import nn
 
 from visionformers._validate import check_bool, fail
 
-__all__ = ["repeated_blocks", "block_structures", "compile_blocks", "enable_grad_checkpointing", "use_tf32", "is_convolutional",
+__all__ = ["repeated_blocks", "compile_blocks", "enable_grad_checkpointing", "use_tf32", "is_convolutional",
            "channels_last_format", "add_performance_arguments", "configure_training"]
 
 logger = logging.getLogger(__name__)
@@ -39,36 +39,29 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-# Graphs one block structure may need: training and eval mode (sampling during training), each at a first input
-# shape and once more where dynamo makes a dimension dynamic on meeting a second (a UNet block on two resolutions).
-GRAPHS_PER_STRUCTURE = 4
-
-
-def block_structures(blocks: list[nn.Module]) -> dict[type, int]:
-    """{block class: how many distinct structures (its sub-modules and parameter shapes) its blocks have}."""
-    seen: dict[type, set] = {}
-    for block in blocks:
-        layout = tuple((name, type(m).__name__) for name, m in block.named_modules())
-        shapes = tuple((name, tuple(p.shape)) for name, p in block.named_parameters())
-        seen.setdefault(type(block), set()).add((layout, shapes))
-    return {cls: len(structures) for cls, structures in seen.items()}
+# Graphs one block may need: training and eval mode (sampling during training), each at a first input shape and
+# once more where dynamo makes a dimension dynamic on meeting a second (a UNet block on two resolutions).
+GRAPHS_PER_BLOCK = 4
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor", **compile_kwargs) -> int:
     """Compile every repeated block in place (``block.compile(backend=...)``); returns how many. Blocks of the
     same code and shapes reuse one graph; later steps, and a resumed run's steps, reuse the same graphs.
 
-    Dynamo keeps at most ``recompile_limit`` graphs (8) per function and runs every further variant eagerly,
-    without a word beyond one warning: a UNet's residual blocks have more structures than that (9 in
-    ``unet_tiny``, 8 plus a second resolution in ``unet_ddpm_cifar10``). The limit is raised to what the model's
-    blocks need (:data:`GRAPHS_PER_STRUCTURE` per structure of the most varied block class), never lowered."""
+    Dynamo keeps at most ``recompile_limit`` graphs (8) per function and runs every further variant eagerly, with
+    one warning. Blocks of one class can each need their own graphs: a UNet's residual blocks differ in widths,
+    Swin's blocks in shift and stochastic-depth rate. The limit is raised to :data:`GRAPHS_PER_BLOCK` per block of
+    the most numerous block class (never lowered), so every block runs compiled."""
     blocks = repeated_blocks(model)
     if not blocks:
         fail("model", type(model).__name__, "a model with repeated blocks to compile (ViT, Swin, DiT, UNet, text)")
-    needed = GRAPHS_PER_STRUCTURE * max(block_structures(blocks).values())
+    per_class: dict[type, int] = {}
+    for block in blocks:
+        per_class[type(block)] = per_class.get(type(block), 0) + 1
+    needed = GRAPHS_PER_BLOCK * max(per_class.values())
     config = torch._dynamo.config
     if needed > config.recompile_limit:
-        logger.info("raising torch._dynamo.config.recompile_limit from %d to %d for %s's block structures",
+        logger.info("raising torch._dynamo.config.recompile_limit from %d to %d for %s's blocks",
                     config.recompile_limit, needed, type(model).__name__)
         config.recompile_limit = needed
     for block in blocks:
