@@ -168,14 +168,15 @@ def model_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _save_extra_model(module: nn.Module, name: str, tmp: Path, previous: Path | None) -> tuple[dict, dict]:
-    """Save an extra model in ``tmp/<name>``, or hard-link its files from ``previous`` (the newest checkpoint)
-    when that one recorded the same fingerprint for it. Returns (its record for state.json: fingerprint and the
-    files it wrote, {linked file: its size and SHA-256 entry of ``previous``})."""
+def _save_extra_model(module: nn.Module, name: str, tmp: Path, previous: Path | None,
+                      previous_state: dict | None) -> tuple[dict, dict]:
+    """Save an extra model in ``tmp/<name>``, or hard-link its files from ``previous`` (the newest checkpoint,
+    whose state.json is ``previous_state``) when that one recorded the same fingerprint for it. Returns (its record
+    for state.json: fingerprint and the files it wrote, {linked file: its size and SHA-256 entry of ``previous``})."""
     fingerprint = model_fingerprint(module)
-    record = _previous_record(previous, name)
+    record = _previous_record(previous_state, name)
     if record is not None and record["fingerprint"] == fingerprint:
-        entries, linked = read_state(previous)["files"], []
+        entries, linked = previous_state["files"], []
         try:
             for rel in record["files"]:
                 source, target = previous / rel, tmp / rel
@@ -195,14 +196,11 @@ def _save_extra_model(module: nn.Module, name: str, tmp: Path, previous: Path | 
     return {"fingerprint": fingerprint, "files": written}, {}
 
 
-def _previous_record(previous: Path | None, name: str) -> dict | None:
-    """What ``previous`` recorded of its extra model ``name`` (fingerprint, files), or None."""
-    if previous is None:
+def _previous_record(previous_state: dict | None, name: str) -> dict | None:
+    """What the newest checkpoint's state.json recorded of its extra model ``name`` (fingerprint, files), or None."""
+    if previous_state is None:
         return None
-    try:
-        record = (read_state(previous).get("extra_models") or {}).get(name)
-    except (FileNotFoundError, ValueError, OSError):
-        return None
+    record = (previous_state.get("extra_models") or {}).get(name)
     ok = (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)
           and isinstance(record.get("files"), list) and record["files"]
           and all(isinstance(f, str) and f.startswith(name + "/") and ".." not in f.split("/") for f in record["files"]))
@@ -271,9 +269,14 @@ def save_checkpoint(
             _write_json(tmp / SCALER_FILE, scaler.state_dict())
         for name, content in (extra_files or {}).items():
             _write_json(tmp / name, content)
-        previous, records, linked = latest_checkpoint(output_dir), {}, {}
+        previous, previous_state, records, linked = latest_checkpoint(output_dir), None, {}, {}
+        if previous is not None and extra_models:
+            try:
+                previous_state = read_state(previous)
+            except (FileNotFoundError, ValueError, OSError):
+                pass  # unreadable now: the extra models are written
         for name, module in (extra_models or {}).items():
-            records[name], entries = _save_extra_model(module, name, tmp, previous)
+            records[name], entries = _save_extra_model(module, name, tmp, previous, previous_state)
             linked.update(entries)  # the same bytes: their recorded size and SHA-256 carry over
     dist.barrier()  # every rank's RNG file is on disk
     if dist.is_main:
@@ -390,6 +393,12 @@ def split_state_dict(state: dict[str, torch.Tensor], parts: dict[str, str]) -> d
     return out
 
 
+def _main_part(model: nn.Module) -> nn.Module:
+    """The unwrapped model, or for a module of :func:`exported_parts` the part exported in the directory itself."""
+    base = unwrap_model(model)
+    return base.get_submodule(exported_parts(base)[""])
+
+
 def check_model_config(path: str | os.PathLike, model: nn.Module) -> None:
     """A ValueError naming the fields when the checkpoint's ``config.json`` (where it has one) describes another
     network than ``model``: a preset whose defaults changed, or other ``--model_overrides``, would otherwise fail
@@ -398,8 +407,7 @@ def check_model_config(path: str | os.PathLike, model: nn.Module) -> None:
     if not (path / CONFIG_NAME).is_file():
         return
     cls, saved = read_config(path)  # fields added since the checkpoint was written read as their defaults
-    base = unwrap_model(model)
-    base = base.get_submodule(exported_parts(base)[""])
+    base = _main_part(model)
     if cls is not _model_class(base):
         raise ValueError(f"checkpoint {str(path)!r} holds a {cls.__name__}; this run builds a "
                          f"{_model_class(base).__name__}: pass the checkpoint's --model")
@@ -413,8 +421,7 @@ def check_model_config(path: str | os.PathLike, model: nn.Module) -> None:
 def model_config_json(model: nn.Module) -> dict:
     """The ``config.json`` content of ``save_pretrained`` for ``model`` (for a module of :func:`exported_parts`, its
     main part, the one exported in the directory itself), so a checkpoint rebuilds its model."""
-    base = unwrap_model(model)
-    base = base.get_submodule(exported_parts(base)[""])
+    base = _main_part(model)
     return {"architecture": _model_class(base).__name__, "format_version": HUB_FORMAT_VERSION,
             "config": config_to_dict(base.config)}
 
